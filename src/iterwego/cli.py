@@ -1,0 +1,151 @@
+"""The ``iterwego`` command line.
+
+Every sub-command lives in its own small ``_cmd_*`` function that parses
+nothing itself and calls the library: the CLI owns argument parsing, progress
+output and the error policy (one line on stderr, non-zero exit, no traceback
+unless ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import IterWeGOError
+
+EXIT_USER_ERROR = 2
+
+
+def _parse_lengths(text: str) -> tuple[int, int]:
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-", 1))
+        else:
+            lo = hi = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected LO-HI such as 3-8, got {text!r}") from None
+    if lo < 1 or hi < lo:
+        raise argparse.ArgumentTypeError(f"lengths must satisfy 1 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
+def _add_data_args(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
+    if positional:
+        p.add_argument("data", help="data directory in the standard layout (DIR/{split}.story-in-sequence.json, DIR/images/{split}/) or DIR/{split}.jsonl")
+    else:
+        p.add_argument("--data", required=True, help="data directory in the standard layout")
+    p.add_argument("--format", dest="fmt", default="vist", choices=["vist", "tacos", "jsonl"], help="reader to use (default: vist)")
+    p.add_argument("--image-dir", default=None, help="where the images are, if not DIR/images/{split}/ (SIND keeps them elsewhere)")
+    p.add_argument("--text-field", default="text", choices=["text", "original_text"], help="VIST/TACoS field to read sentences from (default: text)")
+
+
+# ----------------------------------------------------------------- foundation
+def _cmd_synth(a: argparse.Namespace) -> int:
+    from .synth import SynthConfig, synthesize
+
+    cfg = SynthConfig(stories=a.stories, seed=a.seed, lengths=a.lengths, image_size=a.image_size)
+    summary = synthesize(a.out, cfg, progress=not a.quiet)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_stats(a: argparse.Namespace) -> int:
+    from .data import dataset_stats, format_stats
+
+    stats = dataset_stats(a.data, fmt=a.fmt, image_dir=a.image_dir, text_field=a.text_field, splits=a.splits)
+    if a.json:
+        print(json.dumps(stats, indent=2))
+    else:
+        print(format_stats(stats))
+    return 1 if a.strict and stats.get("problems") else 0
+
+
+def _cmd_resize(a: argparse.Namespace) -> int:
+    from .images import resize_tree
+
+    report = resize_tree(a.src, a.dst, size=a.size, workers=a.workers, progress=not a.quiet)
+    print(report.summary())
+    for path, why in report.failures:
+        print(f"failed: {path}: {why}", file=sys.stderr)
+    return 1 if report.failures else 0
+
+
+def _cmd_prepare_pairs(a: argparse.Namespace) -> int:
+    from .data import load_split
+    from .pairs import write_pairs
+
+    stories = load_split(a.data, a.split, fmt=a.fmt, image_dir=a.image_dir, text_field=a.text_field, check_images=a.modality == "image")
+    out = write_pairs(stories, a.out, split=a.split, modality=a.modality, seed=a.seed)
+    print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="iterwego", description="Order unordered images and sentences of one story with weak cross-modal guidance (IterWeGO).")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    p.add_argument("--version", action="version", version=f"iterwego {__import__('iterwego').__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("synth", help="write a synthetic visual-story dataset (the embedded default data)")
+    s.add_argument("out", help="output directory (SIND layout)")
+    s.add_argument("--stories", type=int, default=600, help="total number of stories over train/val/test (default 600)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--lengths", type=_parse_lengths, default=(3, 8), help="story length range LO-HI (default 3-8)")
+    s.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_synth)
+
+    s = sub.add_parser("stats", help="stories, items, length histogram, missing or unreadable files")
+    _add_data_args(s, positional=True)
+    s.add_argument("--splits", nargs="+", default=["train", "val", "test"], help="splits to inspect (default: train val test)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--strict", action="store_true", help="exit 1 if any file is missing or unreadable")
+    s.set_defaults(func=_cmd_stats)
+
+    s = sub.add_parser("resize", help="resize every image under SRC into DST (parallel, resumable)")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--size", type=int, default=256, help="shorter side in pixels (default 256)")
+    s.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: all cores)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_resize)
+
+    s = sub.add_parser("prepare-pairs", help="export a split as the authors' pair TSV")
+    _add_data_args(s, positional=True)
+    s.add_argument("--split", default="test")
+    s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--modality", default="sentence", choices=["sentence", "image"], help="items written into the TSV (default: sentence)")
+    s.add_argument("--seed", type=int, default=0, help="seed for the random pair directions")
+    s.set_defaults(func=_cmd_prepare_pairs)
+
+    try:  # model commands arrive with the model issue
+        from . import cli_model
+
+        cli_model.register(sub, _add_data_args)
+    except ImportError as err:  # pragma: no cover - only while the model module is absent
+        if "cli_model" not in str(err):
+            raise
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except IterWeGOError as err:
+        if args.debug:
+            raise
+        print(f"iterwego {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(f"iterwego {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Model sub-commands: ``train``, ``evaluate``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _eval_run(run: Path, data: Path, split: str, *, fmt="vist", image_dir=None, text_field="text", decoder="exact", progress=True, keep_orders=False):
+    """Evaluate a run on ``split``; the inference round comes from validation (saved at training, or computed here)."""
+    import torch
+
+    from .data import load_split
+    from .evaluate import Evaluator
+    from .features import FeatureBank, index_stories
+    from .run import load_run
+
+    model, meta = load_run(run, "cuda" if torch.cuda.is_available() else "cpu")
+    cfg = model.cfg
+    read = dict(fmt=fmt, image_dir=image_dir, text_field=text_field)
+    banks = {"image": FeatureBank(model.image_encoder), "text": FeatureBank(model.text_encoder)}
+    sets = {}
+    for sp in dict.fromkeys([split] + ([] if meta.get("chosen_rounds") else ["val"])):
+        stories = load_split(data, sp, **read)
+        sets[sp] = index_stories(stories, banks["image"], banks["text"], cross_modal=True, where=str(Path(data) / sp))
+    feats = {m: b.build(progress=progress) for m, b in banks.items()}
+    device = next(model.parameters()).device
+    ev = lambda ss: Evaluator(ss, feats, cfg.guidance, mapping=cfg.aligner.mapping, decoder=decoder, seed=cfg.train.seed + 2, device=device)  # noqa: E731
+    chosen = meta.get("chosen_rounds") or ev(sets["val"])(model).choose_rounds()
+    result = ev(sets[split])(model, keep_orders=keep_orders)
+    return result, chosen, sets[split], meta
+
+
+def _ceilings(data: Path, split: str) -> dict | None:
+    p = Path(data) / "ceilings.json"
+    if not p.is_file():
+        return None
+    try:
+        c = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+    c = c.get(split, c)
+    keys = {"image": ("image_pmr", "image"), "text": ("text_pmr", "text"), "fused": ("fused_pmr", "fused")}
+    out = {}
+    for k, alts in keys.items():
+        for a in alts:
+            if isinstance(c.get(a), (int, float)):
+                out[k] = float(c[a])
+                break
+            if isinstance(c.get(a), dict) and "pmr" in c[a]:
+                out[k] = float(c[a]["pmr"])
+                break
+    return out if len(out) == 3 else None
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .config import preset
+    from .train import TrainRecipe
+
+    cfg = preset(a.preset).override(a.set)
+    if a.print_config:
+        print(cfg.to_json())
+        return 0
+    recipe = TrainRecipe(cfg, a.data, a.out, fmt=a.fmt, image_dir=a.image_dir, text_field=a.text_field, progress=not a.quiet)
+    try:
+        recipe.setup().train().save()
+    finally:
+        recipe.cleanup() if hasattr(recipe, "_tb") else None
+    print(f"saved run to {a.out}")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .evaluate import format_table
+
+    t0 = time.time()
+    result, chosen, _, _ = _eval_run(Path(a.run), Path(a.data), a.split, fmt=a.fmt, image_dir=a.image_dir, text_field=a.text_field, decoder=a.decoder, progress=not a.quiet)
+    report = result.report(chosen)
+    print(format_table(report, _ceilings(a.data, a.split), title=f"{a.split} split, decoder {a.decoder}, {len(result.story_ids)} stories", fused_text=(result.fused or {}).get("text")))
+    if result.decoder_fallbacks:
+        print(f"note: {result.decoder_fallbacks} story decode(s) longer than 12 items used the beam decoder")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {a.json}")
+    print(f"evaluated in {time.time() - t0:.1f}s")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    """synth -> train --preset tiny -> evaluate on the synthetic test split."""
+    from .config import preset
+    from .evaluate import format_table
+    from .synth import SynthConfig, synthesize
+    from .train import TrainRecipe
+
+    t0 = time.time()
+    out = Path(a.out)
+    data, run = out / "data", out / "run"
+    print(f"[1/3] synthesising {a.stories} stories into {data}", flush=True)
+    synthesize(data, SynthConfig(stories=a.stories, seed=a.seed), progress=not a.quiet)
+    print("[2/3] training the tiny preset (unimodal orderers, aligner, iterative guidance)", flush=True)
+    cfg = preset("tiny").override([f"train.seed={a.seed}"] + (a.set or []))
+    recipe = TrainRecipe(cfg, data, run, progress=not a.quiet)
+    try:
+        recipe.setup().train().save()
+    finally:
+        recipe.cleanup()
+    print("[3/3] evaluating on the test split (inference round chosen on validation)", flush=True)
+    result, chosen, _, _ = _eval_run(run, data, "test", progress=False)
+    report = result.report(chosen)
+    (out / "test_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(format_table(report, _ceilings(data, "test"), title=f"iterwego demo: synthetic test split, {len(result.story_ids)} stories, exact decoder", fused_text=(result.fused or {}).get("text")))
+    print(f"\nrun saved in {run}; metrics in {out / 'test_metrics.json'}; total {time.time() - t0:.0f}s")
+    return 0
+
+
+def register(sub, add_data_args) -> None:
+    s = sub.add_parser("train", help="train everything (unimodal orderers, aligner, iterative guidance) into a run directory")
+    add_data_args(s)
+    s.add_argument("--out", required=True, help="run directory to write")
+    s.add_argument("--preset", default="tiny", choices=["tiny", "paper"], help="named config preset (default tiny)")
+    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field, e.g. --set train.unimodal_epochs=5 (repeatable)")
+    s.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("evaluate", help="Acc / PMR / tau per round, the validation-chosen round and fused decoding")
+    add_data_args(s)
+    s.add_argument("--split", default="test")
+    s.add_argument("--run", required=True, help="run directory from `iterwego train`")
+    s.add_argument("--decoder", default="exact", choices=["exact", "tsort", "beam"])
+    s.add_argument("--json", default=None, help="write the metrics JSON here")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("demo", help="synth -> train (tiny) -> evaluate on embedded synthetic data, in a few minutes on a CPU")
+    s.add_argument("--out", default="demo-out", help="working directory (default ./demo-out)")
+    s.add_argument("--stories", type=int, default=600, help="synthetic stories (default 600)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a tiny-preset config field (repeatable)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_demo)

@@ -1,0 +1,178 @@
+"""Typed configs and the named presets (``tiny``, ``paper``).
+
+Every field carries a comment; ``Config.override(["train.epochs=3", ...])``
+applies dotted ``key=value`` overrides from the CLI, parsed as JSON where
+possible so numbers, booleans and null work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+CONFIG_VERSION = 1  # bump when a saved run can no longer be rebuilt from its config
+
+
+@dataclass
+class EncoderConfig:
+    image: str = "cnn"  # "cnn" | "clip:<hf-name-or-local-dir>"
+    text: str = "minilm"  # "minilm" | "bert:<hf-name-or-local-dir>" | "tokens"
+    image_size: int = 64  # side the image is resized to (cnn); CLIP uses its own processor size
+    cnn_width: int = 32  # channels of the first conv layer of the cnn encoder (doubles twice)
+    text_max_length: int = 40  # tokens per sentence; longer sentences are truncated and counted
+    text_train_layers: int = 0  # top transformer layers of the text backbone that train (paper: 2)
+    image_train_projection: bool = True  # CLIP: train the visual projection (the only trainable part by default)
+    local_files_only: bool = True  # never reach the network for weights; point names at local dirs instead
+    official_text_pooling: bool = False  # authors' numerics: mean over ALL token positions, padding included
+
+
+@dataclass
+class OrdererConfig:
+    d_model: int = 128  # width of the set transformer; item features are projected to it if they differ
+    layers: int = 2  # set-transformer layers (post-norm, no positional encoding)
+    heads: int = 4  # attention heads
+    ffn: int = 256  # hidden width of the feed-forward block
+    dropout: float = 0.1  # dropout in attention, FFN, residuals and the pair head
+    input_dropout: float = 0.0  # dropout on the item features before the set transformer
+
+
+@dataclass
+class AlignerConfig:
+    kind: str = "learned"  # "learned" (InfoNCE heads, trained here) | "clip" (zero-shot CLIP similarity)
+    dim: int = 64  # joint embedding width of the learned heads
+    mapping: str = "hungarian"  # "argmax" per row (paper) | "hungarian" one-to-one within the story
+    epochs: int = 15  # training epochs of the learned aligner
+    lr: float = 2e-3  # learning rate of the learned aligner
+    temperature: float = 0.07  # initial InfoNCE temperature (learned)
+
+
+@dataclass
+class GuidanceConfig:
+    threshold_t2i: float = 0.8  # theta: text pairs more confident than this guide image pairs
+    threshold_i2t: float = 0.9  # theta: image pairs more confident than this guide text pairs
+    weight_t2i: float = 1.0  # lambda for text -> image
+    weight_i2t: float = 0.25  # lambda for image -> text
+    train_rule: str = "class0"  # selection rule in training: "class0" (authors) | "any"
+    eval_rule: str = "any"  # selection rule at inference
+    max_rounds: int = 3  # inference rounds evaluated; the best on validation is chosen per modality
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0  # seeds python, numpy and torch; shuffles are drawn from it
+    batch_size: int = 16  # stories per optimiser step
+    lr: float = 1e-3  # base learning rate (Adam)
+    weight_decay: float = 1e-5  # Adam weight decay
+    backbone_lr_mult: float = 0.1  # trainable backbone parts (CLIP projection, top BERT layers) learn at lr * this
+    head_lr_mult: float = 1.0  # set transformer and pair head learn at lr * this (paper: 0.5)
+    unimodal_epochs: int = 20  # round-0 pre-training epochs of each orderer alone
+    iterative_epochs: int = 4  # epochs of alternating guided training (image phase, then text phase)
+    early_stop: int = 5  # stop a stage after this many epochs without validation improvement (0: never)
+    grad_clip: float = 1.0  # max gradient norm (0: off)
+    decoder: str = "exact"  # decoder used for validation metrics during training
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    num_threads: int = 0  # torch CPU threads (0: torch default)
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"  # the preset this config started from
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    orderer: OrdererConfig = field(default_factory=OrdererConfig)
+    aligner: AlignerConfig = field(default_factory=AlignerConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    version: int = CONFIG_VERSION  # format of this config; a run with another version refuses to load
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        from .errors import ModelLoadError
+
+        if d.get("version") != CONFIG_VERSION:
+            raise ModelLoadError(f"config version {d.get('version')!r} is not supported by this iterwego (expects {CONFIG_VERSION}); retrain or use the iterwego version that wrote it")
+        kw: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in d:
+                continue
+            v = d[f.name]
+            sub = _SECTIONS.get(f.name)
+            if sub is not None:
+                known = {x.name for x in fields(sub)}
+                unknown = set(v) - known
+                if unknown:
+                    raise ModelLoadError(f"config section {f.name!r} has unknown keys {sorted(unknown)}: written by another iterwego version?")
+                v = sub(**v)
+            kw[f.name] = v
+        return cls(**kw)
+
+    def override(self, assignments: list[str] | None) -> "Config":
+        """Return a copy with dotted ``section.key=value`` assignments applied."""
+        cfg = Config.from_dict(json.loads(self.to_json()))
+        for a in assignments or []:
+            if "=" not in a:
+                raise ValueError(f"override {a!r} is not of the form section.key=value")
+            key, raw = a.split("=", 1)
+            parts = key.strip().split(".")
+            if len(parts) != 2 or parts[0] not in _SECTIONS:
+                raise ValueError(f"override key {key!r} must be one of {sorted(_SECTIONS)} followed by .field")
+            section = getattr(cfg, parts[0])
+            names = {x.name: x for x in fields(section)}
+            if parts[1] not in names:
+                raise ValueError(f"{parts[0]} has no field {parts[1]!r}; fields: {sorted(names)}")
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw
+            current = getattr(section, parts[1])
+            if isinstance(current, bool) and not isinstance(value, bool):
+                raise ValueError(f"{key} expects true/false, got {raw!r}")
+            if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            setattr(section, parts[1], value)
+        return cfg
+
+
+_SECTIONS = {"encoder": EncoderConfig, "orderer": OrdererConfig, "aligner": AlignerConfig, "guidance": GuidanceConfig, "train": TrainConfig}
+
+
+def preset(name: str) -> Config:
+    """The named presets.
+
+    ``tiny``: a from-scratch CNN for images and frozen all-MiniLM-L6-v2 for
+    sentences, sized to train on 2 CPU cores in a few minutes.
+
+    ``paper``: the authors' defaults: CLIP ViT-L/14 + bert-base-uncased,
+    2-layer / 4-head / FFN-512 set transformer with dropout 0.2, Adam at
+    2e-4 (backbone parts 0.1x, set transformer and head 0.5x), batch 64,
+    up to 5 epochs with early stopping, theta 0.8 / 0.9, lambda 1 / 0.25.
+    """
+    if name == "tiny":
+        return Config(
+            preset="tiny",
+            guidance=GuidanceConfig(threshold_t2i=0.8, threshold_i2t=0.8, weight_t2i=1.0, weight_i2t=1.0),
+        )
+    if name == "paper":
+        return Config(
+            preset="paper",
+            encoder=EncoderConfig(image="clip:openai/clip-vit-large-patch14", text="bert:bert-base-uncased", text_train_layers=2, image_size=224),
+            orderer=OrdererConfig(d_model=768, layers=2, heads=4, ffn=512, dropout=0.2),
+            aligner=AlignerConfig(kind="learned", dim=256, mapping="argmax", epochs=5, lr=1e-3),
+            guidance=GuidanceConfig(threshold_t2i=0.8, threshold_i2t=0.9, weight_t2i=1.0, weight_i2t=0.25),
+            train=TrainConfig(batch_size=64, lr=2e-4, weight_decay=1e-5, backbone_lr_mult=0.1, head_lr_mult=0.5, unimodal_epochs=5, iterative_epochs=5, early_stop=2),
+        )
+    raise ValueError(f"unknown preset {name!r}; choose 'tiny' or 'paper'")
+
+
+PRESETS = ("tiny", "paper")
+
+
+def replace(cfg: Config, **kw) -> Config:
+    return dataclasses.replace(cfg, **kw)

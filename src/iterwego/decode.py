@@ -1,0 +1,381 @@
+"""Turn pairwise order predictions into one permutation of a story's items.
+
+Conventions
+-----------
+The pair classifier gives, for every ordered pair ``(i, j)`` of a story's ``n``
+items, two logits; class index 1 means "i comes before j" and class 0 means
+"j comes before i" (the IterWeGO authors' convention). :func:`pair_logprobs`
+turns them into ``logprobs[i, j] = log P_ij(i before j)``: the log-probability
+that i precedes j *as predicted when the pair is presented as (i, j)*.
+
+Both presentations ``(i, j)`` and ``(j, i)`` are predicted and need not agree,
+so every decoder first combines them (:func:`combine`):
+
+* ``p = clip(exp(logprobs[i, j]), 1e-7, 1 - 1e-7)`` and
+  ``z[i, j] = log p - log(1 - p)`` (the logit of P_ij(i before j)), computed in
+  log space (``log(-expm1(.))``) so confident predictions keep their precision;
+* ``c[i, j] = (z[i, j] - z[j, i]) / 2``, an antisymmetric score (``c[j, i] = -c[i, j]``);
+* ``S[i, j] = logsigmoid(c[i, j])``, the combined log P(i before j); by
+  construction ``exp(S[i, j]) + exp(S[j, i]) = 1``.
+
+When the two presentations already agree (``P_ji(j before i) = 1 - P_ij(i before j)``)
+``S`` equals ``logprobs`` up to the clipping. The diagonal of the input is
+ignored (it may hold anything, NaN included); ``S`` has a zero diagonal.
+Values are clipped, not rejected, so slightly positive "log-probabilities" from
+rounding are accepted; only non-finite off-diagonal values raise ``ValueError``.
+
+Decoders (``DECODERS``)
+-----------------------
+``"exact"``
+    The order maximising ``order_score``: the sum of ``S[i, j]`` over all pairs it
+    puts i before j. Dynamic programming over subsets (``O(n 2^n)``, vectorised),
+    for ``n <= max_exact`` (default 12, at most 16); larger n raises
+    :class:`~iterwego.errors.DecodeError`. Ties: the lexicographically smallest
+    optimal order (item indices compared from the front), with scores within
+    1e-9 treated as equal so the choice does not depend on rounding.
+``"tsort"``
+    The authors' rule: an edge i -> j for every pair the combined prediction puts
+    i first (``c[i, j] > 0``; an exact tie ``c[i, j] == 0`` gives an edge from the
+    lower index), then while the graph has a cycle delete the back edge a
+    depth-first search meets, then sort topologically. Made deterministic here:
+    every DFS starts from the roots 0, 1, ..., n-1 and follows out-edges in
+    ascending target index, and the order is the reverse DFS finishing order.
+    Ignores confidence: a strong prediction on a back edge is dropped like a weak one.
+``"beam"``
+    Beam search building the order front to back on the same objective (each
+    placed item is charged for its pairs with every item still unplaced, so
+    partial scores are comparable), merging partial orders over the same item
+    set, then a best-improvement local search over single-item moves. For long
+    stories (n up to hundreds). Exact whenever every layer of subsets fits in the
+    beam (e.g. n <= 7 with the default ``beam_size=64``).
+``"auto"``
+    ``"exact"`` if ``n <= max_exact`` else ``"beam"``.
+
+All decoders are deterministic.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+from typing import Any, Sequence
+
+import numpy as np
+
+from iterwego.errors import DecodeError
+
+__all__ = ["DECODERS", "EXACT_HARD_LIMIT", "pair_logprobs", "combine", "decode", "order_score"]
+
+DECODERS = ("exact", "tsort", "beam", "auto")
+
+EXACT_HARD_LIMIT = 16  # 2^16 subsets x 16 items of float64 is ~8 MB; beyond that memory and time explode
+
+_EPS = 1e-7
+_LOG_LO = float(np.log(_EPS))
+_LOG_HI = float(np.log1p(-_EPS))
+_TIE_TOL = 1e-9  # well above float rounding of sums of <= 120 terms of size <= 17, far below any real difference
+
+
+def _torch_tensor_type() -> Any:
+    # A torch tensor can only exist if torch was already imported, so never import it here.
+    torch = sys.modules.get("torch")
+    return None if torch is None else torch.Tensor
+
+
+def _to_numpy(x: Any, what: str) -> np.ndarray:
+    tensor_type = _torch_tensor_type()
+    if tensor_type is not None and isinstance(x, tensor_type):
+        x = x.detach().cpu().double().numpy()
+    try:
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what} must be a numeric array (numpy, torch or nested lists): {err}") from None
+
+
+def pair_logprobs(logits: Any) -> Any:
+    """Log-probability that i precedes j from a pair classifier's 2 logits per ordered pair.
+
+    Args:
+        logits: ``(..., n, n, 2)`` logits, class 1 = "i before j"; a numpy array,
+            a torch tensor or nested lists.
+
+    Returns:
+        ``(..., n, n)`` ``log_softmax(logits)[..., 1]``, a torch tensor for torch
+        input (same device and dtype, differentiable) and a numpy array otherwise.
+    """
+    tensor_type = _torch_tensor_type()
+    if tensor_type is not None and isinstance(logits, tensor_type):
+        if logits.ndim < 1 or logits.shape[-1] != 2:
+            raise ValueError(f"pair logits must have a last dimension of size 2, got shape {tuple(logits.shape)}")
+        return logits.log_softmax(dim=-1)[..., 1]
+    arr = np.asarray(logits)
+    if not np.issubdtype(arr.dtype, np.floating):
+        arr = _to_numpy(arr, "pair logits")
+    if arr.ndim < 1 or arr.shape[-1] != 2:
+        raise ValueError(f"pair logits must have a last dimension of size 2, got shape {arr.shape}")
+    return arr[..., 1] - np.logaddexp(arr[..., 0], arr[..., 1])
+
+
+def _validated(logprobs: Any, *, batched: bool) -> np.ndarray:
+    a = _to_numpy(logprobs, "logprobs")
+    if a.shape == (0,):  # [] is how a nested list spells an empty story
+        a = a.reshape(0, 0)
+    if a.ndim < 2 or (not batched and a.ndim != 2) or a.shape[-1] != a.shape[-2]:
+        want = "(..., n, n)" if batched else "(n, n)"
+        hint = "; for (n, n, 2) pair logits call pair_logprobs(logits) first" if a.ndim >= 3 and a.shape[-1] == 2 else ""
+        raise ValueError(f"logprobs must be a square {want} matrix of pair log-probabilities, got shape {a.shape}{hint}")
+    n = a.shape[-1]
+    off = ~np.eye(n, dtype=bool)
+    bad = ~np.isfinite(a) & off
+    if bad.any():
+        idx = tuple(int(k) for k in np.argwhere(bad)[0])
+        raise ValueError(f"logprobs must be finite off the diagonal; found {a[idx]} at index {idx}")
+    return a
+
+
+def _combined_scores(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(c, S) for validated logprobs ``a`` of shape (..., n, n); see the module docstring."""
+    n = a.shape[-1]
+    diag = np.eye(n, dtype=bool)
+    lp = np.clip(np.where(diag, np.log(0.5), a), _LOG_LO, _LOG_HI)
+    z = lp - np.log(-np.expm1(lp))
+    c = 0.5 * (z - np.swapaxes(z, -1, -2))
+    c = np.where(diag, 0.0, c)
+    s = -np.logaddexp(0.0, -c)
+    s = np.where(diag, 0.0, s)
+    return c, s
+
+
+def combine(logprobs: Any) -> np.ndarray:
+    """Combine both presentations of every pair into one consistent log P(i before j).
+
+    Args:
+        logprobs: ``(..., n, n)`` with ``logprobs[i, j] = log P_ij(i before j)``
+            (numpy, torch or nested lists); the diagonal is ignored.
+
+    Returns:
+        float64 ``S`` of the same shape with ``S[i, j] = logsigmoid((z[i, j] - z[j, i]) / 2)``,
+        ``z`` the clipped logit of the input, so ``exp(S[i, j]) + exp(S[j, i]) = 1``; zero diagonal.
+
+    Raises:
+        ValueError: non-square input or a non-finite value off the diagonal.
+    """
+    _, s = _combined_scores(_validated(logprobs, batched=True))
+    return s
+
+
+def order_score(logprobs: Any, order: Sequence[int]) -> float:
+    """The decoders' objective: sum of the combined ``S[i, j]`` over all pairs ``order`` puts i before j.
+
+    Args:
+        logprobs: ``(n, n)`` pair log-probabilities (see :func:`combine`).
+        order: a permutation of ``range(n)``, first item first.
+
+    Returns:
+        The log-probability of the order under independent combined pair
+        predictions (0 is best; always <= 0).
+    """
+    a = _validated(logprobs, batched=False)
+    _, s = _combined_scores(a)
+    pos = _positions(order, a.shape[0])
+    return float(s[pos[:, None] < pos[None, :]].sum())
+
+
+def _positions(order: Sequence[int], n: int) -> np.ndarray:
+    o = np.asarray(order)
+    if o.shape != (n,) or (n and not np.issubdtype(o.dtype, np.integer)) or not np.array_equal(np.sort(o), np.arange(n)):
+        raise ValueError(f"order must be a permutation of range({n}), got {list(np.asarray(order).ravel())[:20]}")
+    pos = np.empty(n, dtype=np.int64)
+    pos[o.astype(np.int64)] = np.arange(n)
+    return pos
+
+
+def decode(logprobs: Any, method: str = "exact", *, beam_size: int = 64, max_exact: int = 12) -> list[int]:
+    """Predict a story's order from its pairwise log-probabilities.
+
+    Args:
+        logprobs: ``(n, n)`` with ``logprobs[i, j] = log P_ij(i before j)`` (numpy,
+            torch or nested lists); the diagonal is ignored.
+        method: one of ``DECODERS``: ``"exact"``, ``"tsort"``, ``"beam"`` or ``"auto"``
+            (see the module docstring).
+        beam_size: partial orders kept per step by ``"beam"`` (and ``"auto"`` above ``max_exact``).
+        max_exact: largest n that ``"exact"`` accepts and that ``"auto"`` decodes exactly;
+            at most ``EXACT_HARD_LIMIT`` (16).
+
+    Returns:
+        The item indices in predicted order, first item first (a permutation of ``range(n)``).
+
+    Raises:
+        ValueError: bad input (non-square, non-finite off-diagonal), unknown method or bad option.
+        DecodeError: ``method="exact"`` with ``n > max_exact``.
+    """
+    if method not in DECODERS:
+        raise ValueError(f"unknown decoding method {method!r}; choose one of {', '.join(DECODERS)}")
+    if not isinstance(max_exact, (int, np.integer)) or not 0 <= max_exact <= EXACT_HARD_LIMIT:
+        raise ValueError(f"max_exact must be an integer in 0..{EXACT_HARD_LIMIT}, got {max_exact!r}")
+    if not isinstance(beam_size, (int, np.integer)) or beam_size < 1:
+        raise ValueError(f"beam_size must be a positive integer, got {beam_size!r}")
+    a = _validated(logprobs, batched=False)
+    n = a.shape[0]
+    if method == "auto":
+        method = "exact" if n <= max_exact else "beam"
+    if method == "exact" and n > max_exact:
+        raise DecodeError(
+            f"exact decoding supports at most {max_exact} items (max_exact, up to {EXACT_HARD_LIMIT}), "
+            f"got n={n}; use method='beam'"
+        )
+    if n <= 1:
+        return list(range(n))
+    c, s = _combined_scores(a)
+    if method == "tsort":
+        return _tsort(c)
+    if method == "exact":
+        return _exact(s)
+    return _local_search(s, _beam(s, int(beam_size)))
+
+
+# --------------------------------------------------------------------------- tsort
+
+
+def _tsort(c: np.ndarray) -> list[int]:
+    """The authors' cycle-breaking topological sort, in one DFS.
+
+    Restarting the search after each deleted back edge (as the authors do) revisits
+    exactly the same nodes in the same order up to the deleted edge, because a DFS
+    examines each edge once and the deleted one had not influenced anything before
+    it. So one DFS that skips back edges deletes the same edges, and the later
+    topological DFS over the resulting DAG (same roots, same edge order) finishes
+    nodes in the same order as this one.
+    """
+    n = c.shape[0]
+    lower = np.triu(np.ones((n, n), dtype=bool), k=1)
+    edge = (c > 0) | ((c == 0) & lower)
+    adj = [np.flatnonzero(edge[u]).tolist() for u in range(n)]  # ascending targets
+    state = [0] * n  # 0 unvisited, 1 on the DFS stack, 2 finished
+    finished: list[int] = []
+    for root in range(n):
+        if state[root]:
+            continue
+        state[root] = 1
+        stack = [(root, iter(adj[root]))]
+        while stack:
+            u, targets = stack[-1]
+            for v in targets:
+                if state[v] == 0:
+                    state[v] = 1
+                    stack.append((v, iter(adj[v])))
+                    break
+                # state 1: a back edge, deleted by the authors' rule; state 2: already finished.
+            else:
+                state[u] = 2
+                finished.append(u)
+                stack.pop()
+    return finished[::-1]
+
+
+# --------------------------------------------------------------------------- exact
+
+
+@lru_cache(maxsize=EXACT_HARD_LIMIT + 1)
+def _subset_layers(n: int) -> tuple[np.ndarray, ...]:
+    """All masks over n items grouped by popcount (layer k holds the k-item subsets, ascending)."""
+    masks = np.arange(1 << n, dtype=np.int64)
+    pc = np.zeros(1 << n, dtype=np.int64)
+    for b in range(n):
+        pc += (masks >> b) & 1
+    order = np.argsort(pc, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(pc, minlength=n + 1))])
+    layers = tuple(order[bounds[k] : bounds[k + 1]] for k in range(n + 1))
+    for layer in layers:
+        layer.setflags(write=False)
+    return layers
+
+
+def _exact(s: np.ndarray) -> list[int]:
+    """Subset DP over suffixes: best[m] = best score of ordering the items of mask m among themselves.
+
+    Building suffixes (choose the *first* item of each remaining set) makes the
+    lowest-index tie-break at reconstruction give the lexicographically smallest
+    optimal order.
+    """
+    n = s.shape[0]
+    full = (1 << n) - 1
+    # row[m, j] = sum_{k in m} S[j, k]: the gain of putting j before every item of m.
+    row = np.zeros((1 << n, n))
+    for b in range(n):
+        row[1 << b : 2 << b] = row[: 1 << b] + s[:, b]
+    best = np.full(1 << n, -np.inf)
+    best[0] = 0.0
+    first = np.zeros(1 << n, dtype=np.int8)
+    bits = np.int64(1) << np.arange(n, dtype=np.int64)
+    for layer in _subset_layers(n)[1:]:
+        inside = (layer[:, None] & bits) != 0
+        rest = layer[:, None] ^ bits  # for j outside the mask this is a superset; masked out below
+        cand = np.where(inside, row[rest, np.arange(n)] + best[rest], -np.inf)
+        top = cand.max(axis=1)
+        best[layer] = top
+        first[layer] = np.argmax(cand >= (top - _TIE_TOL)[:, None], axis=1)
+    order, m = [], full
+    for _ in range(n):
+        j = int(first[m])
+        order.append(j)
+        m ^= 1 << j
+    return order
+
+
+# --------------------------------------------------------------------------- beam
+
+
+def _beam(s: np.ndarray, beam_size: int) -> list[int]:
+    """Front-to-back beam search; partial score = sum of S over pairs with an item already placed."""
+    n = s.shape[0]
+    # Random 64-bit keys identify an item set by XOR; a collision (~2^-64 per pair of states)
+    # could only drop a candidate, never produce an invalid order.
+    keys = np.random.default_rng(0x17E4).integers(0, np.iinfo(np.int64).max, size=n, dtype=np.int64).astype(np.uint64)
+    score = np.zeros(1)
+    todo = s.sum(axis=1)[None, :]  # todo[b, j] = sum over unplaced k of S[j, k] (S[j, j] = 0)
+    placed = np.zeros((1, n), dtype=bool)
+    sets = np.zeros(1, dtype=np.uint64)
+    orders = np.zeros((1, 0), dtype=np.int64)
+    for _ in range(n):
+        cand = np.where(placed, -np.inf, score[:, None] + todo).ravel()
+        ranked = np.argsort(-cand, kind="stable")  # ties: earlier beam, then lower item index
+        ranked = ranked[np.isfinite(cand[ranked])]
+        b, j = np.divmod(ranked, n)
+        child = sets[b] ^ keys[j]
+        _, first = np.unique(child, return_index=True)  # best-ranked candidate per item set
+        keep = np.sort(first)[:beam_size]
+        b, j = b[keep], j[keep]
+        score = cand[ranked[keep]]
+        todo = todo[b] - s[:, j].T
+        placed = placed[b]
+        placed[np.arange(len(j)), j] = True
+        sets = child[keep]
+        orders = np.concatenate([orders[b], j[:, None]], axis=1)
+    return orders[0].tolist()
+
+
+def _local_search(s: np.ndarray, order: list[int], max_rounds: int | None = None) -> list[int]:
+    """Best-improvement hill climbing over "move one item to another position".
+
+    With ``e[p, t] = S[o_t, o_p] - S[o_p, o_t]`` (order-permuted), moving the item at
+    position p to q > p changes the score by ``sum_{t=p+1..q} e[p, t]`` and to q < p
+    by ``-sum_{t=q..p-1} e[p, t]``; one cumulative sum gives all n^2 moves at once.
+    """
+    n = len(order)
+    o = np.asarray(order, dtype=np.int64)
+    rounds = 10 * n + 100 if max_rounds is None else max_rounds
+    cols = np.arange(n)
+    for _ in range(rounds):
+        a = s[np.ix_(o, o)]
+        e = a.T - a
+        cum = np.concatenate([np.zeros((n, 1)), np.cumsum(e, axis=1)], axis=1)  # cum[p, t] = sum_{u<t} e[p, u]
+        target = cols[None, :] + (cols[None, :] > cols[:, None])
+        gain = cum[cols[:, None], target] - cum[cols, cols + 1][:, None]
+        flat = int(np.argmax(gain))
+        if gain.flat[flat] <= _TIE_TOL:
+            break
+        p, q = divmod(flat, n)
+        item = o[p]
+        o = np.insert(np.delete(o, p), q, item)
+    return o.tolist()

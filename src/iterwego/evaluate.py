@@ -1,0 +1,237 @@
+"""The evaluator: one object used by training (validation) and by ``iterwego evaluate``.
+
+For each story it computes both orderers' pair logits, the aligner's
+scores, every inference round 0..R of the shared guidance step, decodes each
+round into an order per modality, and fused decoding (both modalities'
+evidence on one-to-one aligned pairs, decoded once and mapped back).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import GuidanceConfig
+from .decode import decode, pair_logprobs
+from .features import Batch, StorySet, batches
+from .guidance import align, iterate
+from .metrics import order_metrics
+
+HEADLINE = ("acc", "pmr", "tau")
+
+
+def pick(m: dict) -> dict:
+    return {k: float(m[k]) for k in HEADLINE}
+
+
+@dataclass
+class EvalResult:
+    """Metrics per round and modality; ``orders`` keeps predictions (gold ids) for reports."""
+
+    rounds: dict[str, list[dict]] = field(default_factory=dict)  # modality -> [full metrics dict per round]
+    fused: dict | None = None
+    alignment_accuracy: float | None = None
+    orders: dict[str, list[list[list[int]]]] = field(default_factory=dict)  # key -> per round/variant -> per story
+    confidences: dict[str, list[list[float]]] = field(default_factory=dict)  # modality -> per story adjacent-pair P (round 0)
+    story_ids: list[str] = field(default_factory=list)
+    decoder_fallbacks: int = 0
+
+    def choose_rounds(self) -> dict[str, int]:
+        """Best round per modality by PMR, then tau, then fewer rounds. Call this on validation results only."""
+        out = {}
+        for mod, rs in self.rounds.items():
+            keyed = [(m["pmr"], m["tau"] if not math.isnan(m["tau"]) else -2.0, -r) for r, m in enumerate(rs)]
+            out[mod] = -max(keyed)[2]
+        return out
+
+    def selection_score(self) -> float:
+        """Validation score for model selection: mean PMR of each modality's best round."""
+        ch = self.choose_rounds()
+        vals = [self.rounds[m][r]["pmr"] for m, r in ch.items()]
+        return float(np.mean(vals)) if vals else 0.0
+
+    def report(self, chosen: dict[str, int]) -> dict:
+        """The documented JSON shape; ``chosen`` must come from validation."""
+        out: dict = {}
+        for mod in ("image", "text"):
+            if mod not in self.rounds:
+                continue
+            rs = self.rounds[mod]
+            r = min(chosen.get(mod, 0), len(rs) - 1)
+            out[mod] = {"unimodal": pick(rs[0]), "rounds": [pick(m) for m in rs], "chosen_round": r, "guided": pick(rs[r])}
+        if self.fused is not None:
+            out["fused"] = pick(self.fused)
+        if self.alignment_accuracy is not None:
+            out["alignment_accuracy"] = float(self.alignment_accuracy)
+        return out
+
+
+def _decode_batch(lp: Tensor, index: Tensor, pos: Tensor, method: str) -> tuple[list[list[int]], int]:
+    """Decode each story; returns orders as gold ids, plus how many stories fell back to beam."""
+    lp_np, n_valid, pos_np = lp.float().cpu().numpy(), (index >= 0).sum(1).tolist(), pos.cpu().numpy()
+    orders, fallbacks = [], 0
+    for b, n in enumerate(n_valid):
+        m = method
+        if method == "exact" and n > 12:
+            m, fallbacks = "beam", fallbacks + 1
+        slots = decode(lp_np[b, :n, :n], method=m)
+        orders.append([int(pos_np[b, s]) for s in slots])
+    return orders, fallbacks
+
+
+class Evaluator:
+    """Evaluate a model on a fixed, seeded presentation of a story set."""
+
+    def __init__(self, ss: StorySet, feats: dict[str, Tensor], guidance: GuidanceConfig, *, mapping: str = "hungarian", decoder: str = "exact", rounds: int | None = None, batch_size: int = 64, seed: int = 1234, device: str | torch.device = "cpu"):
+        self.ss, self.feats, self.g, self.mapping, self.decoder = ss, feats, guidance, mapping, decoder
+        self.rounds = guidance.max_rounds if rounds is None else rounds
+        rng = np.random.default_rng(seed)
+        self.batches: list[Batch] = list(batches(ss, batch_size, rng, feats, shuffle_stories=False))
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, model, *, keep_orders: bool = False, only: str | None = None) -> EvalResult:
+        """Evaluate ``model``; ``only="image"|"text"`` evaluates that orderer alone (round 0)."""
+        was = model.training
+        model.eval()
+        res = EvalResult(story_ids=[s.id for s in self.ss.stories])
+        mods = [m for m in ("image", "text") if getattr(model, m) is not None and m in self.feats and only in (None, m)]
+        cross = len(mods) == 2 and model.aligner is not None
+        n_rounds = self.rounds if cross else 0
+        preds: dict[str, list[list[list[int]]]] = {m: [[] for _ in range(n_rounds + 1)] for m in mods}
+        fused_img, fused_txt, gold = [], [], {m: [] for m in mods}
+        align_hits, align_total = 0, 0
+        for batch in self.batches:
+            batch = batch.to(self.device)
+            logits = {m: model.orderer(m)(batch.feats[m], batch.index[m]) for m in mods}
+            for m in mods:
+                gold[m].extend([list(range(int(n))) for n in batch.valid(m).sum(1).tolist()])
+                if keep_orders:
+                    p = pair_logprobs(logits[m]).exp()
+                    res.confidences.setdefault(m, []).extend(_adjacent_conf(p, batch, m))
+            if not cross:
+                for m in mods:
+                    o, fb = _decode_batch(pair_logprobs(logits[m]), batch.index[m], batch.pos[m], self.decoder)
+                    preds[m][0].extend(o)
+                    res.decoder_fallbacks += fb
+                continue
+            iv, tv = batch.valid("image"), batch.valid("text")
+            scores = alignment_scores(model, batch)  # (B, n_img, n_txt)
+            i2t = align(scores, self.mapping, iv, tv)
+            t2i = align(scores.transpose(1, 2), self.mapping, tv, iv)
+            # top-1 within-story alignment accuracy, image -> sentence by argmax
+            am = align(scores, "argmax", iv, tv)
+            pi, pt = batch.pos["image"], batch.pos["text"]
+            hit = (pt.gather(1, am.clamp(min=0)) == pi) & iv
+            align_hits += int(hit.sum())
+            align_total += int(iv.sum())
+            steps = iterate(logits["image"], logits["text"], t2i, i2t, n_rounds, threshold_t2i=self.g.threshold_t2i, threshold_i2t=self.g.threshold_i2t,
+                            weight_t2i=self.g.weight_t2i, weight_i2t=self.g.weight_i2t, rule=self.g.eval_rule, image_valid=iv, text_valid=tv)
+            for r, (li, lt) in enumerate(steps):
+                for m, lg in (("image", li), ("text", lt)):
+                    o, fb = _decode_batch(pair_logprobs(lg), batch.index[m], batch.pos[m], self.decoder)
+                    preds[m][r].extend(o)
+                    res.decoder_fallbacks += fb
+            fi, ft = fused_orders(logits["image"], logits["text"], scores, batch, self.decoder)
+            fused_img.extend(fi)
+            fused_txt.extend(ft)
+        for m in mods:
+            res.rounds[m] = [order_metrics(p, gold[m]) for p in preds[m]]
+            if keep_orders:
+                for r, p in enumerate(preds[m]):
+                    res.orders[f"{m}/round{r}"] = p
+        if cross:
+            both = order_metrics(fused_img + fused_txt, gold["image"] + gold["text"])
+            res.fused = order_metrics(fused_img, gold["image"])
+            res.fused["text"] = pick(order_metrics(fused_txt, gold["text"]))
+            res.fused["both"] = pick(both)
+            res.alignment_accuracy = align_hits / max(align_total, 1)
+            if keep_orders:
+                res.orders["fused/image"], res.orders["fused/text"] = fused_img, fused_txt
+        model.train(was)
+        return res
+
+
+def alignment_scores(model, batch: Batch) -> Tensor:
+    """Within-story image x sentence scores from the model's aligner."""
+    fi = batch.feats.get("align_image", batch.feats["image"])
+    ft = batch.feats.get("align_text", batch.feats["text"])
+    return model.aligner.scores(fi, ft, batch.index["image"], batch.index["text"])
+
+
+def fused_orders(img_logits: Tensor, txt_logits: Tensor, scores: Tensor, batch: Batch, decoder: str) -> tuple[list[list[int]], list[list[int]]]:
+    """Fused decoding: one-to-one alignment, summed pair evidence, one order mapped to both modalities.
+
+    Evidence is summed in logit space (a product of the two pairwise
+    experts), which is the sum of both modalities' log-odds for each aligned pair.
+    """
+    iv, tv = batch.valid("image"), batch.valid("text")
+    a = align(scores, "hungarian", iv, tv)  # image slot -> text slot
+    B, n = a.shape
+    ac = a.clamp(min=0)
+    txt_on_img = txt_logits[torch.arange(B)[:, None, None], ac[:, :, None], ac[:, None, :]]
+    paired = (a >= 0)[:, :, None] & (a >= 0)[:, None, :]
+    fused = img_logits + torch.where(paired[..., None], txt_on_img, torch.zeros_like(txt_on_img))
+    img_orders, _ = _decode_batch(pair_logprobs(fused), batch.index["image"], batch.pos["image"], decoder)
+    # map back: the image slot order -> text slots through a; unpaired sentences go last in slot order
+    lp = pair_logprobs(fused).float().cpu().numpy()
+    a_np, pos_t, n_img, n_txt = a.cpu().numpy(), batch.pos["text"].cpu().numpy(), iv.sum(1).tolist(), tv.sum(1).tolist()
+    txt_orders = []
+    for b in range(B):
+        slots = decode(lp[b, : n_img[b], : n_img[b]], method=decoder if n_img[b] <= 12 or decoder != "exact" else "beam")
+        t_slots = [int(a_np[b, s]) for s in slots if a_np[b, s] >= 0]
+        t_slots += [s for s in range(n_txt[b]) if s not in set(t_slots)]
+        txt_orders.append([int(pos_t[b, s]) for s in t_slots])
+    return img_orders, txt_orders
+
+
+def _adjacent_conf(p: Tensor, batch: Batch, m: str) -> list[list[float]]:
+    """P(gold item k before gold item k+1) for each adjacent gold pair (for confidence histograms)."""
+    pos, idx = batch.pos[m].cpu().numpy(), batch.index[m].cpu().numpy()
+    p = p.float().cpu().numpy()
+    out = []
+    for b in range(len(pos)):
+        n = int((idx[b] >= 0).sum())
+        slot_of = np.empty(n, np.int64)
+        slot_of[pos[b, :n]] = np.arange(n)
+        out.append([float(p[b, slot_of[k], slot_of[k + 1]]) for k in range(n - 1)])
+    return out
+
+
+def format_table(report: dict, ceilings: dict | None = None, title: str = "", fused_text: dict | None = None) -> str:
+    """One table: Acc / PMR / tau for images and sentences, one row per variant."""
+    rows: list[tuple[str, dict | None, dict | None]] = []
+    img, txt = report.get("image"), report.get("text")
+    n_rounds = max(len(img["rounds"]) if img else 0, len(txt["rounds"]) if txt else 0)
+    get = lambda d, r: d["rounds"][r] if d and r < len(d["rounds"]) else None  # noqa: E731
+    rows.append(("unimodal (round 0)", img and img["unimodal"], txt and txt["unimodal"]))
+    for r in range(1, n_rounds):
+        rows.append((f"round {r}", get(img, r), get(txt, r)))
+    if img or txt:
+        ci = f"{img['chosen_round']}" if img else "-"
+        ct = f"{txt['chosen_round']}" if txt else "-"
+        rows.append((f"guided (val-chosen: img {ci}, txt {ct})", img and img["guided"], txt and txt["guided"]))
+    if "fused" in report:
+        rows.append(("fused decoding", report["fused"], fused_text or report["fused"]))
+    fmt = lambda m: "   -      -      -  " if m is None else f"{100*m['acc']:5.1f}  {100*m['pmr']:5.1f}  {m['tau']:+.3f}"  # noqa: E731
+    w = max(len(r[0]) for r in rows) + 2
+    lines = []
+    if title:
+        lines.append(title)
+    lines.append(" " * w + "|      images (%)       |     sentences (%)")
+    lines.append("variant".ljust(w) + "|  Acc    PMR    tau    |  Acc    PMR    tau")
+    lines.append("-" * w + "+" + "-" * 23 + "+" + "-" * 22)
+    for name, a, b in rows:
+        lines.append(name.ljust(w) + "| " + fmt(a) + "  | " + fmt(b))
+    if "alignment_accuracy" in report:
+        lines.append(f"alignment accuracy (top-1 within story, image->sentence): {100*report['alignment_accuracy']:.1f}%")
+    if ceilings:
+        lines.append(
+            "ceilings (Bayes-optimal PMR of the synthetic split): "
+            f"images alone {100*ceilings['image']:.1f}, sentences alone {100*ceilings['text']:.1f}, item-level fusion {100*ceilings['fused']:.1f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""Run directories: a trained model's config, weights and metadata, saved and reloaded identically.
+
+Layout of ``RUN/``::
+
+    config.json        the full typed config (Config.to_json)
+    model.safetensors  orderers' and aligner's weights (frozen backbones are named in the config, not copied)
+    meta.json          versions, backbone identities, validation-chosen inference rounds
+    log.jsonl          training log (losses, learning rates, validation metrics)
+
+Every file is written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import Config
+from .errors import ModelLoadError
+
+REQUIRED = ("config.json", "model.safetensors", "meta.json")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def versions() -> dict:
+    import transformers
+
+    return {"iterwego": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def save_run(run_dir: str | Path, model, meta: dict) -> None:
+    """Write config, weights and metadata of ``model`` into ``run_dir``."""
+    from safetensors.torch import save
+
+    run_dir = Path(run_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(run_dir / "model.safetensors", save(state, metadata={"format": "pt", "iterwego": __version__}))
+    atomic_write_bytes(run_dir / "config.json", (model.cfg.to_json() + "\n").encode())
+    full = {**meta, "versions": versions()}
+    if model.image_encoder is not None:
+        full.setdefault("backbones", {})["image"] = model.image_encoder.identity
+    if model.text_encoder is not None:
+        full.setdefault("backbones", {})["text"] = model.text_encoder.identity
+    atomic_write_json(run_dir / "meta.json", full)
+
+
+def read_config(run_dir: str | Path) -> tuple[Config, dict]:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ModelLoadError(f"{run_dir}: run directory not found (train one with `iterwego train --out {run_dir}` or `iterwego demo`)")
+    for name in REQUIRED:
+        if not (run_dir / name).is_file():
+            raise ModelLoadError(f"{run_dir / name}: missing from the run directory (incomplete copy or an interrupted save?)")
+    try:
+        cfg_d = json.loads((run_dir / "config.json").read_text())
+        meta = json.loads((run_dir / "meta.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{run_dir}: config.json or meta.json is not valid JSON ({err})") from None
+    return Config.from_dict(cfg_d), meta
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", *, modalities: tuple[str, ...] = ("image", "text")):
+    """Rebuild the model saved in ``run_dir``. Returns ``(model, meta)``."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .encoders import build_encoder
+    from .model import IterWeGO
+
+    run_dir = Path(run_dir)
+    cfg, meta = read_config(run_dir)
+    enc = {m: build_encoder(m, cfg.encoder, cfg.orderer.d_model, base_dir=run_dir) if m in modalities else None for m in ("image", "text")}
+    for m, e in enc.items():
+        want = meta.get("backbones", {}).get(m)
+        if e is not None and want is not None and e.identity != want:
+            raise ModelLoadError(f"{run_dir}: the {m} backbone now resolves to {e.identity!r} but the run was trained with {want!r}")
+    model = IterWeGO(cfg, enc["image"], enc["text"])
+    try:
+        state = load_file(str(run_dir / "model.safetensors"))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelLoadError(f"{run_dir / 'model.safetensors'}: corrupt or unreadable weights ({err})") from None
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not any(k.startswith(p) for p in ("image.", "text.", "aligner."))}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    skip_prefixes = tuple(f"{m}." for m in ("image", "text") if m not in modalities) + (("aligner.",) if len(modalities) < 2 else ())
+    missing = [k for k in missing if not k.startswith(skip_prefixes)]
+    if missing or unexpected:
+        raise ModelLoadError(f"{run_dir / 'model.safetensors'}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    bad = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if bad:
+        raise ModelLoadError(f"{run_dir / 'model.safetensors'}: tensor shapes differ from the config for {bad[:3]}")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return model.to(device).eval(), meta
