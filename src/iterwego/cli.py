@@ -32,11 +32,11 @@ def _parse_lengths(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def _add_data_args(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
+def _add_data_args(p: argparse.ArgumentParser, *, positional: bool = False, required: bool = True) -> None:
     if positional:
         p.add_argument("data", help="data directory in the standard layout (DIR/{split}.story-in-sequence.json, DIR/images/{split}/) or DIR/{split}.jsonl")
     else:
-        p.add_argument("--data", required=True, help="data directory in the standard layout")
+        p.add_argument("--data", required=required, help="data directory in the standard layout")
     p.add_argument("--format", dest="fmt", default="vist", choices=["vist", "tacos", "jsonl"], help="reader to use (default: vist)")
     p.add_argument("--image-dir", default=None, help="where the images are, if not DIR/images/{split}/ (SIND keeps them elsewhere)")
     p.add_argument("--text-field", default="text", choices=["text", "original_text"], help="VIST/TACoS field to read sentences from (default: text)")
@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         from . import cli_model
 
         cli_model.register(sub, _add_data_args)
+        from . import cli_official
+
+        cli_official.register(sub)
     except ImportError as err:  # pragma: no cover - only while the model module is absent
         if "cli_model" not in str(err):
             raise

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import IterWeGOError
+
 
 def _eval_run(run: Path, data: Path, split: str, *, fmt="vist", image_dir=None, text_field="text", decoder="exact", progress=True, keep_orders=False):
     """Evaluate a run on ``split``; the inference round comes from validation (saved at training, or computed here)."""
@@ -15,18 +17,14 @@ def _eval_run(run: Path, data: Path, split: str, *, fmt="vist", image_dir=None, 
 
     from .data import load_split
     from .evaluate import Evaluator
-    from .features import FeatureBank, index_stories
+    from .features import build_features
     from .run import load_run
 
     model, meta = load_run(run, "cuda" if torch.cuda.is_available() else "cpu")
     cfg = model.cfg
     read = dict(fmt=fmt, image_dir=image_dir, text_field=text_field)
-    banks = {"image": FeatureBank(model.image_encoder), "text": FeatureBank(model.text_encoder)}
-    sets = {}
-    for sp in dict.fromkeys([split] + ([] if meta.get("chosen_rounds") else ["val"])):
-        stories = load_split(data, sp, **read)
-        sets[sp] = index_stories(stories, banks["image"], banks["text"], cross_modal=True, where=str(Path(data) / sp))
-    feats = {m: b.build(progress=progress) for m, b in banks.items()}
+    splits = list(dict.fromkeys([split] + ([] if meta.get("chosen_rounds") else ["val"])))
+    sets, feats = build_features(model.encoders(), {sp: load_split(data, sp, **read) for sp in splits}, where=str(data), progress=progress)
     device = next(model.parameters()).device
     ev = lambda ss: Evaluator(ss, feats, cfg.guidance, mapping=cfg.aligner.mapping, decoder=decoder, seed=cfg.train.seed + 2, device=device)  # noqa: E731
     chosen = meta.get("chosen_rounds") or ev(sets["val"])(model).choose_rounds()
@@ -58,18 +56,26 @@ def _ceilings(data: Path, split: str) -> dict | None:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from .config import preset
-    from .train import TrainRecipe
+    from .train import TrainRecipe, resume_recipe
 
-    cfg = preset(a.preset).override(a.set)
-    if a.print_config:
-        print(cfg.to_json())
-        return 0
-    recipe = TrainRecipe(cfg, a.data, a.out, fmt=a.fmt, image_dir=a.image_dir, text_field=a.text_field, progress=not a.quiet)
+    if a.resume:
+        recipe = resume_recipe(a.resume, progress=not a.quiet)
+        out = a.resume
+    else:
+        if not a.data or not a.out:
+            raise IterWeGOError("--data and --out are required (or --resume RUN)")
+        cfg = preset(a.preset).override(a.set)
+        if a.print_config:
+            print(cfg.to_json())
+            return 0
+        recipe = TrainRecipe(cfg, a.data, a.out, fmt=a.fmt, image_dir=a.image_dir, text_field=a.text_field, progress=not a.quiet)
+        recipe.setup()
+        out = a.out
     try:
-        recipe.setup().train().save()
+        recipe.train().save()
     finally:
-        recipe.cleanup() if hasattr(recipe, "_tb") else None
-    print(f"saved run to {a.out}")
+        recipe.cleanup()
+    print(f"saved run to {out}")
     return 0
 
 
@@ -77,9 +83,16 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import format_table
 
     t0 = time.time()
-    result, chosen, _, _ = _eval_run(Path(a.run), Path(a.data), a.split, fmt=a.fmt, image_dir=a.image_dir, text_field=a.text_field, decoder=a.decoder, progress=not a.quiet)
+    result, chosen, ss, _ = _eval_run(Path(a.run), Path(a.data), a.split, fmt=a.fmt, image_dir=a.image_dir, text_field=a.text_field, decoder=a.decoder, progress=not a.quiet, keep_orders=bool(a.html))
     report = result.report(chosen)
-    print(format_table(report, _ceilings(a.data, a.split), title=f"{a.split} split, decoder {a.decoder}, {len(result.story_ids)} stories", fused_text=(result.fused or {}).get("text")))
+    title = f"{a.split} split, decoder {a.decoder}, {len(result.story_ids)} stories"
+    ceilings = _ceilings(a.data, a.split)
+    print(format_table(report, ceilings, title=title, fused_text=(result.fused or {}).get("text")))
+    if a.html:
+        from .report import evaluation_report
+
+        evaluation_report(a.html, report=report, result=result, stories=ss.stories, title=f"iterwego evaluate: {title}", ceilings=ceilings, fused_text=(result.fused or {}).get("text"))
+        print(f"wrote {a.html}")
     if result.decoder_fallbacks:
         print(f"note: {result.decoder_fallbacks} story decode(s) longer than 12 items used the beam decoder")
     if a.json:
@@ -110,19 +123,28 @@ def cmd_demo(a: argparse.Namespace) -> int:
     finally:
         recipe.cleanup()
     print("[3/3] evaluating on the test split (inference round chosen on validation)", flush=True)
-    result, chosen, _, _ = _eval_run(run, data, "test", progress=False)
+    result, chosen, ss, _ = _eval_run(run, data, "test", progress=False, keep_orders=True)
     report = result.report(chosen)
     (out / "test_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    try:
+        from .report import evaluation_report
+
+        evaluation_report(out / "report.html", report=report, result=result, stories=ss.stories, title="iterwego demo: synthetic test split",
+                          ceilings=_ceilings(data, "test"), fused_text=(result.fused or {}).get("text"))
+        report_note = f"; HTML report {out / 'report.html'}"
+    except ImportError:
+        report_note = ""
     print()
     print(format_table(report, _ceilings(data, "test"), title=f"iterwego demo: synthetic test split, {len(result.story_ids)} stories, exact decoder", fused_text=(result.fused or {}).get("text")))
-    print(f"\nrun saved in {run}; metrics in {out / 'test_metrics.json'}; total {time.time() - t0:.0f}s")
+    print(f"\nrun saved in {run}; metrics in {out / 'test_metrics.json'}{report_note}; total {time.time() - t0:.0f}s")
     return 0
 
 
 def register(sub, add_data_args) -> None:
     s = sub.add_parser("train", help="train everything (unimodal orderers, aligner, iterative guidance) into a run directory")
-    add_data_args(s)
-    s.add_argument("--out", required=True, help="run directory to write")
+    add_data_args(s, required=False)
+    s.add_argument("--out", help="run directory to write")
+    s.add_argument("--resume", metavar="RUN", help="continue an interrupted training in RUN (same config, data and seed)")
     s.add_argument("--preset", default="tiny", choices=["tiny", "paper"], help="named config preset (default tiny)")
     s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field, e.g. --set train.unimodal_epochs=5 (repeatable)")
     s.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
@@ -135,6 +157,7 @@ def register(sub, add_data_args) -> None:
     s.add_argument("--run", required=True, help="run directory from `iterwego train`")
     s.add_argument("--decoder", default="exact", choices=["exact", "tsort", "beam"])
     s.add_argument("--json", default=None, help="write the metrics JSON here")
+    s.add_argument("--html", default=None, help="write an HTML report (tables, plots per round, confidence histograms, sample stories)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_evaluate)
 
@@ -145,3 +168,67 @@ def register(sub, add_data_args) -> None:
     s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a tiny-preset config field (repeatable)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_demo)
+    register_order(sub)
+
+
+def cmd_order(a: argparse.Namespace) -> int:
+    import torch
+
+    from .data import read_jsonl
+    from .inference import order_stories, stories_from_args
+    from .run import load_run
+
+    if a.jsonl and (a.images or a.sentences):
+        raise IterWeGOError("give either --jsonl or --images/--sentences, not both")
+    stories = read_jsonl(a.jsonl) if a.jsonl else stories_from_args(a.images, a.sentences)
+    model, meta = load_run(a.run, "cuda" if torch.cuda.is_available() else "cpu")
+    results = order_stories(model, stories, chosen_rounds=meta.get("chosen_rounds"), decoder=a.decoder)
+    for story, r in zip(stories, results):
+        print(format_order(r, has_gold=bool(a.jsonl)))
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        payload = results[0] if len(results) == 1 and not a.jsonl else results
+        Path(a.json).write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {a.json}")
+    if a.html:
+        from .report import order_report
+
+        order_report(stories, results, a.html, gold=bool(a.jsonl))
+        print(f"wrote {a.html}")
+    return 0
+
+
+def format_order(r: dict, has_gold: bool = False) -> str:
+    lines = [f"story {r['id']} ({r['mode']}{'; ' + r['note'] if r.get('note') else ''})"]
+    v = r["variants"]
+    if r["mode"] == "fused":
+        conf = v["fused"]["confidence"]
+        lines.append("  recovered order (fused; image <-> sentence):")
+        for k, i in enumerate(r["image_order"]):
+            t = r["sentence_order"][k]
+            c = f"   P(next after this) = {conf[k]:.2f}" if k < len(conf) else ""
+            lines.append(f"  {k + 1:>3}. {Path(r['images'][i]).name}  <->  {r['sentences'][t]!r}{c}")
+        g = v["guided"]
+        lines.append(f"  guided image order:    {g['image_order']}  (rounds {g['rounds']['image']})")
+        lines.append(f"  guided sentence order: {g['sentence_order']}  (rounds {g['rounds']['text']})")
+    else:
+        for mod, key, names in (("image", "image_only", r["images"]), ("text", "text_only", r["sentences"])):
+            if key in v:
+                lines.append(f"  {mod} order:")
+                conf = v[key]["confidence"]
+                for k, i in enumerate(v[key]["order"]):
+                    c = f"   P(next after this) = {conf[k]:.2f}" if k < len(conf) else ""
+                    lines.append(f"  {k + 1:>3}. {names[i] if mod == 'text' else Path(names[i]).name}{c}")
+    return "\n".join(lines)
+
+
+def register_order(sub) -> None:
+    s = sub.add_parser("order", help="order a new album (images and/or sentences) with a trained run")
+    s.add_argument("--run", required=True, help="run directory")
+    s.add_argument("--images", nargs="+", help="image files, in any order")
+    s.add_argument("--sentences", nargs="+", help="sentences, in any order")
+    s.add_argument("--jsonl", help="stories as JSONL ({'id', 'images', 'sentences'}; listed order is treated as gold for the report)")
+    s.add_argument("--decoder", default="exact", choices=["exact", "tsort", "beam"])
+    s.add_argument("--json", help="write the result as JSON")
+    s.add_argument("--html", help="write a self-contained HTML report")
+    s.set_defaults(func=cmd_order)

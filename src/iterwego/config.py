@@ -41,6 +41,7 @@ class OrdererConfig:
 @dataclass
 class AlignerConfig:
     kind: str = "learned"  # "learned" (InfoNCE heads, trained here) | "clip" (zero-shot CLIP similarity)
+    clip_model: str = ""  # kind "clip": clip:<hf-name-or-dir>; empty = the image encoder's CLIP
     dim: int = 64  # joint embedding width of the learned heads
     mapping: str = "hungarian"  # "argmax" per row (paper) | "hungarian" one-to-one within the story
     epochs: int = 15  # training epochs of the learned aligner
@@ -71,6 +72,7 @@ class TrainConfig:
     iterative_epochs: int = 4  # epochs of alternating guided training (image phase, then text phase)
     early_stop: int = 5  # stop a stage after this many epochs without validation improvement (0: never)
     grad_clip: float = 1.0  # max gradient norm (0: off)
+    cosine: bool = True  # cosine learning-rate decay within each stage (to 5% of the base rate)
     decoder: str = "exact"  # decoder used for validation metrics during training
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     num_threads: int = 0  # torch CPU threads (0: torch default)

@@ -54,6 +54,10 @@ def _from_pretrained(cls, name: str, local_files_only: bool, what: str):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise next to ours
+    p = Path(name)
+    # A path that is missing would otherwise be reported as a malformed hub repo id with a download hint.
+    if (p.is_absolute() or name.startswith(("./", "../"))) and not p.exists():
+        raise ModelLoadError(f"{name}: local {what} directory not found (nothing was downloaded); pass an existing directory")
     try:
         return cls.from_pretrained(name, local_files_only=local_files_only)
     except (OSError, ValueError) as err:
@@ -258,6 +262,30 @@ class BertTopHead(nn.Module):
         return pool_tokens(h, mask, self.official_pooling)
 
 
+class CLIPTextBackbone:
+    """CLIP's text tower up to the projected, L2-normalised embedding (zero-shot aligner)."""
+
+    modality = "text"
+
+    def __init__(self, name: str, local_files_only: bool = True, *, model=None, tokenizer=None, max_length: int | None = None):
+        from transformers import AutoTokenizer, CLIPModel
+
+        self.name = name
+        self.model = model if model is not None else _from_pretrained(CLIPModel, name, local_files_only, "CLIP model")
+        self.model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer if tokenizer is not None else _from_pretrained(AutoTokenizer, name, local_files_only, "CLIP tokenizer")
+        self.max_length = max_length or self.model.config.text_config.max_position_embeddings
+        self.identity = f"clip-text:{name}:embeds:len{self.max_length}:v1"
+
+    @torch.no_grad()
+    def featurize(self, items: Sequence[str]) -> Tensor:
+        enc = self.tokenizer(list(items), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        enc = {k: v.to(self.model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        out = self.model.text_model(**enc)
+        e = self.model.text_projection(out.pooler_output)
+        return (e / e.norm(dim=-1, keepdim=True)).float().cpu()
+
+
 # --------------------------------------------------------------------------- factory
 class Encoder:
     """A backbone plus the recipe for fresh heads over it."""
@@ -329,6 +357,19 @@ def build_encoder(modality: str, cfg: EncoderConfig, d_cnn: int = 128, base_dir:
             return Encoder("text", spec, bb, lambda: L2Head(bb.hidden), bb.hidden)
         return Encoder("text", spec, bb, lambda: BertTopHead(bb.top_layers(), cfg.official_text_pooling), bb.hidden)
     raise ValueError(f"unknown {modality} encoder {spec!r}; images: cnn | clip:<name>, text: minilm | bert:<name>")
+
+
+def build_align_encoders(clip_spec: str, cfg: EncoderConfig, base_dir: str | Path | None = None, preloaded: dict | None = None) -> tuple[Encoder, Encoder]:
+    """Image and text encoders of the zero-shot CLIP aligner (one CLIP model shared by both)."""
+    kind, _, name = clip_spec.partition(":")
+    if kind != "clip" or not name:
+        raise ValueError(f"the clip aligner needs aligner.clip_model = clip:<hf-name-or-dir>, got {clip_spec!r}")
+    name = _resolve(name, base_dir)
+    pre = (preloaded or {}).get(clip_spec)
+    img = CLIPVisionBackbone(name, cfg.local_files_only, include_projection=True, model=pre[0] if pre else None)
+    txt = CLIPTextBackbone(name, cfg.local_files_only, model=img.model, tokenizer=pre[1] if pre else None)
+    dim = img.model.config.projection_dim
+    return Encoder("image", clip_spec, img, lambda: L2Head(dim), dim), Encoder("text", clip_spec, txt, lambda: L2Head(dim), dim)
 
 
 def content_key(item: str, identity: str, is_file: bool) -> str:

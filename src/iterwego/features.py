@@ -64,6 +64,12 @@ class FeatureBank:
     def feats(self) -> Tensor:
         return self.build()
 
+    def mirror(self, encoder: Encoder) -> "FeatureBank":
+        """A bank over the same items with the same rows, for another backbone (e.g. the CLIP aligner)."""
+        other = FeatureBank(encoder, self.cache)
+        other._row, other._items = dict(self._row), list(self._items)
+        return other
+
 
 @dataclass
 class StorySet:
@@ -94,6 +100,20 @@ def index_stories(stories: list[Story], image_bank: FeatureBank | None, text_ban
             if len(a) != len(b):
                 raise DataError(f"{len(a)} images but {len(b)} sentences: cross-modal training needs equal counts", path=where or None, story=s.id)
     return StorySet(stories, img_rows if image_bank is not None else None, txt_rows if text_bank is not None else None)
+
+
+def build_features(encoders: dict, stories: dict[str, list[Story]], *, cross_modal: bool = True, where: str = "", progress: bool = False, cache=None) -> tuple[dict[str, StorySet], dict[str, Tensor]]:
+    """Index every split's stories and compute each backbone's features once.
+
+    ``encoders`` maps a bank name ("image", "text", optionally "align_image" /
+    "align_text") to an Encoder; align banks mirror their modality's rows.
+    """
+    banks = {m: FeatureBank(encoders[m], cache) for m in ("image", "text") if encoders.get(m) is not None}
+    sets = {sp: index_stories(st, banks.get("image"), banks.get("text"), cross_modal=cross_modal, where=f"{where}/{sp}" if where else "") for sp, st in stories.items()}
+    for m in ("image", "text"):
+        if encoders.get("align_" + m) is not None:
+            banks["align_" + m] = banks[m].mirror(encoders["align_" + m])
+    return sets, {name: b.build(progress=progress) for name, b in banks.items()}
 
 
 @dataclass

@@ -200,8 +200,35 @@ class IterWeGO(nn.Module):
         else:
             raise ValueError(f"unknown aligner kind {cfg.aligner.kind!r}; choose 'learned' or 'clip'")
 
+    def encoders(self) -> dict:
+        """Every backbone the model reads features from, by feature-bank name."""
+        out = {"image": self.image_encoder, "text": self.text_encoder}
+        if self.align_encoders is not None:
+            out["align_image"], out["align_text"] = self.align_encoders
+        return {k: v for k, v in out.items() if v is not None}
+
     def orderer(self, modality: str) -> Orderer:
         o = self.image if modality == "image" else self.text
         if o is None:
             raise ValueError(f"this model has no {modality} orderer")
         return o
+
+
+def create_model(cfg: Config | str, *, base_dir=None, modalities: tuple[str, ...] = ("image", "text"), preloaded: dict | None = None) -> IterWeGO:
+    """Build an untrained model from a config or a preset name (``"tiny"``, ``"paper"``).
+
+    Backbone weights are loaded from the names or local directories in the
+    config (relative paths resolve against ``base_dir``); nothing is downloaded
+    unless ``encoder.local_files_only`` is false.
+    """
+    from .config import preset
+    from .encoders import build_align_encoders, build_encoder
+
+    if isinstance(cfg, str):
+        cfg = preset(cfg)
+    enc = {m: build_encoder(m, cfg.encoder, cfg.orderer.d_model, base_dir=base_dir, preloaded=preloaded) if m in modalities else None for m in ("image", "text")}
+    align = None
+    if enc["image"] is not None and enc["text"] is not None and cfg.aligner.kind == "clip":
+        spec = cfg.aligner.clip_model or (cfg.encoder.image if cfg.encoder.image.startswith("clip:") else "")
+        align = build_align_encoders(spec, cfg.encoder, base_dir=base_dir, preloaded=preloaded)
+    return IterWeGO(cfg, enc["image"], enc["text"], align)

@@ -59,11 +59,9 @@ def save_run(run_dir: str | Path, model, meta: dict) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(run_dir / "model.safetensors", save(state, metadata={"format": "pt", "iterwego": __version__}))
     atomic_write_bytes(run_dir / "config.json", (model.cfg.to_json() + "\n").encode())
-    full = {**meta, "versions": versions()}
-    if model.image_encoder is not None:
-        full.setdefault("backbones", {})["image"] = model.image_encoder.identity
-    if model.text_encoder is not None:
-        full.setdefault("backbones", {})["text"] = model.text_encoder.identity
+    full = {**meta, "versions": versions(), "backbones": {k: e.identity for k, e in model.encoders().items()}}
+    # the spec names the tokenizer / image processor too (they live beside the backbone weights)
+    full["tokenizers_and_processors"] = {k: e.spec for k, e in model.encoders().items()}
     atomic_write_json(run_dir / "meta.json", full)
 
 
@@ -87,17 +85,15 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", *, modalit
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .encoders import build_encoder
-    from .model import IterWeGO
+    from .model import create_model
 
     run_dir = Path(run_dir)
     cfg, meta = read_config(run_dir)
-    enc = {m: build_encoder(m, cfg.encoder, cfg.orderer.d_model, base_dir=run_dir) if m in modalities else None for m in ("image", "text")}
-    for m, e in enc.items():
+    model = create_model(cfg, base_dir=run_dir, modalities=modalities)
+    for m, e in model.encoders().items():
         want = meta.get("backbones", {}).get(m)
-        if e is not None and want is not None and e.identity != want:
+        if want is not None and e.identity != want and not want.startswith(("clip-vision:backbones", "bert:backbones", "clip-text:backbones")):
             raise ModelLoadError(f"{run_dir}: the {m} backbone now resolves to {e.identity!r} but the run was trained with {want!r}")
-    model = IterWeGO(cfg, enc["image"], enc["text"])
     try:
         state = load_file(str(run_dir / "model.safetensors"))
     except (SafetensorError, OSError, ValueError) as err:

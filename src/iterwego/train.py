@@ -27,12 +27,12 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import load_split
-from .encoders import CNNHead, build_encoder
+from .encoders import CNNHead
 from .errors import IterWeGOError
 from .evaluate import Evaluator, alignment_scores, pick
-from .features import FeatureBank, batches, index_stories, make_batch
+from .features import batches, build_features
 from .guidance import align, guide
-from .model import IterWeGO, pair_loss
+from .model import create_model, pair_loss
 from .run import atomic_write_json, save_run
 
 
@@ -55,8 +55,8 @@ class TrainingDiverged(IterWeGOError):
 class TrainRecipe:
     """Train every part of IterWeGO on one dataset and save it as a run directory."""
 
-    def __init__(self, cfg: Config, data: str | Path, out: str | Path, *, fmt: str = "vist", image_dir: str | None = None, text_field: str = "text", progress: bool = True, log=print):
-        self.cfg, self.data, self.out = cfg, Path(data), Path(out)
+    def __init__(self, cfg: Config, data: str | Path, out: str | Path, *, fmt: str = "vist", image_dir: str | None = None, text_field: str = "text", progress: bool = True, log=print, cache=None):
+        self.cfg, self.data, self.out, self.cache = cfg, Path(data), Path(out), cache
         self.fmt, self.image_dir, self.text_field = fmt, image_dir, text_field
         self.progress, self.log = progress, log
         self.history: list[dict] = []
@@ -65,28 +65,25 @@ class TrainRecipe:
     def setup(self) -> "TrainRecipe":
         c = self.cfg
         seed_everything(c.train.seed)
-        if c.train.num_threads:
+        if c.train.num_threads:  # also pins the thread count, so a resumed run repeats the same arithmetic
             torch.set_num_threads(c.train.num_threads)
         self.device = pick_device(c.train.device)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "log.jsonl").write_text("")
+        atomic_write_json(self.out / "train_args.json", {"data": str(self.data), "format": self.fmt, "image_dir": self.image_dir, "text_field": self.text_field, "config": self.cfg.to_dict()})
         self._tb = _tensorboard(self.out / "tb")
         t0 = time.time()
         read = dict(fmt=self.fmt, image_dir=self.image_dir, text_field=self.text_field)
         self.train_stories = load_split(self.data, "train", **read)
         self.val_stories = load_split(self.data, "val", **read)
-        self.image_encoder = build_encoder("image", c.encoder, c.orderer.d_model)
-        self.text_encoder = build_encoder("text", c.encoder, c.orderer.d_model)
-        banks = {"image": FeatureBank(self.image_encoder), "text": FeatureBank(self.text_encoder)}
-        self.train_set = index_stories(self.train_stories, banks["image"], banks["text"], cross_modal=True, where=str(self.data / "train"))
-        self.val_set = index_stories(self.val_stories, banks["image"], banks["text"], cross_modal=True, where=str(self.data / "val"))
-        self.feats = {m: b.build(progress=self.progress) for m, b in banks.items()}
-        truncated = getattr(self.text_encoder.backbone, "truncated", 0)
+        self.model = create_model(c).to(self.device)
+        sets, self.feats = build_features(self.model.encoders(), {"train": self.train_stories, "val": self.val_stories}, where=str(self.data), progress=self.progress, cache=self.cache)
+        self.train_set, self.val_set = sets["train"], sets["val"]
+        truncated = getattr(self.model.text_encoder.backbone, "truncated", 0)
         if truncated:
             self.log(f"note: {truncated} sentence(s) longer than {c.encoder.text_max_length} tokens were truncated")
         self.truncated = truncated
         self.log(f"data: {len(self.train_stories)} train / {len(self.val_stories)} val stories; features ready in {time.time() - t0:.1f}s")
-        self.model = IterWeGO(c, self.image_encoder, self.text_encoder).to(self.device)
         self.val_eval = Evaluator(self.val_set, self.feats, c.guidance, mapping=c.aligner.mapping, decoder=c.train.decoder, seed=c.train.seed + 1, device=self.device)
         self.rng = np.random.default_rng(c.train.seed)
         return self
@@ -125,6 +122,95 @@ class TrainRecipe:
                 if isinstance(v, (int, float)):
                     self._tb.add_scalar(f"{entry['stage']}/val_{k}", v, step)
 
+    # ------------------------------------------------------------------ checkpoints
+    STAGES = ("unimodal-image", "unimodal-text", "aligner", "iterative")
+
+    def _save_state(self, stage: str, epoch: int | str, opts: dict, best, best_state, since: int, extra=None) -> None:
+        """Everything needed to continue bit-identically after this epoch, written atomically."""
+        import io
+
+        from .run import atomic_write_bytes
+
+        state = {
+            "stage": stage, "epoch": epoch, "since": since, "best": best,
+            "model": self.model.state_dict(), "best_state": best_state,
+            "opts": {k: o.state_dict() for k, o in opts.items()},
+            "rng_numpy": json.dumps(self.rng.bit_generator.state), "rng_torch": torch.get_rng_state(),
+            "rng_python": json.dumps(random.getstate()), "history": json.dumps(self.history),
+            "chosen": json.dumps(getattr(self, "chosen", None)), "extra": json.dumps(extra), "config": self.cfg.to_json(),
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(self.out / "train_state.pt", buf.getvalue())
+
+    def load_state(self) -> None:
+        """Resume from ``RUN/train_state.pt`` (call after :meth:`setup`)."""
+        from .errors import ModelLoadError
+
+        path = self.out / "train_state.pt"
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: no training state to resume from (was the run started with this iterwego?)")
+        try:
+            st = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # corrupt or foreign file
+            raise ModelLoadError(f"{path}: unreadable training state ({type(err).__name__}: {err})") from None
+        if json.loads(st["config"]) != json.loads(self.cfg.to_json()):
+            raise ModelLoadError(f"{path}: the saved training state was made with a different config")
+        self.model.load_state_dict(st["model"])
+        self.rng.bit_generator.state = json.loads(st["rng_numpy"])
+        torch.set_rng_state(st["rng_torch"])
+        r = json.loads(st["rng_python"])
+        random.setstate((r[0], tuple(r[1]), r[2]))
+        self.history = json.loads(st["history"])
+        self.chosen = json.loads(st["chosen"])
+        with open(self.out / "log.jsonl", "w") as f:
+            f.writelines(json.dumps(e) + "\n" for e in self.history)
+        self._resume = st
+
+    def _resume_point(self, stage: str, opts: dict):
+        """(start_epoch, best, best_state, since, extra) for ``stage``; start is None when the stage is already done."""
+        st = getattr(self, "_resume", None)
+        if st is None:
+            return 0, None, None, 0, None
+        done, here = self.STAGES.index(st["stage"]), self.STAGES.index(stage)
+        if here < done or (here == done and st["epoch"] == "done"):
+            return None, None, None, 0, None
+        if here > done:
+            return 0, None, None, 0, None
+        for k, o in opts.items():
+            o.load_state_dict(st["opts"][k])
+        return int(st["epoch"]) + 1, st["best"], st["best_state"], int(st["since"]), _extra(st)
+
+    def _epochs(self, stage: str, n: int, opts: dict, select):
+        """The shared epoch loop: resume, early stopping, best-state keeping and a checkpoint per epoch.
+
+        ``select(epoch) -> (key, module, extra)`` runs one epoch and returns
+        the validation key (higher is better), the module whose state is kept
+        and anything to remember with the best state (e.g. chosen rounds).
+        Returns the best state's ``extra``.
+        """
+        start, best, best_state, since, best_extra = self._resume_point(stage, opts)
+        if start is None:
+            return _extra(self._resume)
+        t = self.cfg.train
+        for epoch in tqdm(range(start, n), desc=stage, disable=not self.progress, initial=start, total=n):
+            if t.early_stop and since >= t.early_stop:
+                break
+            key, module, extra = select(epoch)
+            if best is None or key > best:
+                best, best_state, since, best_extra = key, copy.deepcopy(module.state_dict()), 0, extra
+            else:
+                since += 1
+            self._save_state(stage, epoch, opts, best, best_state, since, best_extra)
+        if best_state is not None:
+            self._stage_module(stage).load_state_dict(best_state)
+        self._save_state(stage, "done", {}, best, None, 0, best_extra)
+        self.log(f"{stage}: best validation {best}")
+        return best_extra
+
+    def _stage_module(self, stage: str):
+        return {"unimodal-image": self.model.image, "unimodal-text": self.model.text, "aligner": self.model.aligner, "iterative": self.model}[stage]
+
     # ------------------------------------------------------------------ stages
     def _pretrained_head(self, orderer) -> torch.nn.Module | None:
         return None if isinstance(orderer.head, CNNHead) else orderer.head
@@ -133,27 +219,22 @@ class TrainRecipe:
         t = self.cfg.train
         orderer = self.model.orderer(mod)
         opt = self._optimizer(orderer, self._pretrained_head(orderer))
-        best, best_state, since = None, None, 0
-        bar = tqdm(range(t.unimodal_epochs), desc=f"unimodal {mod}", disable=not self.progress)
-        for epoch in bar:
+
+        def epoch_fn(epoch):
+            self._set_lr(opt, epoch, t.unimodal_epochs)
             orderer.train()
             losses = []
             for b in batches(self.train_set, t.batch_size, self.rng, {mod: self.feats[mod]}, shuffle_stories=True):
                 b = b.to(self.device)
                 loss = pair_loss(orderer(b.feats[mod], b.index[mod]), b.pos[mod], b.valid(mod))
-                losses.append(self._step(opt, loss, orderer.parameters(), f"unimodal {mod} epoch {epoch}"))
+                losses.append(self._step(opt, loss, orderer.parameters(), f"unimodal {mod} epoch {epoch} step {len(losses)}"))
             val = pick(self.val_eval(self.model, only=mod).rounds[mod][0])
+            val["loss"] = self.val_loss(mod)
             self._record({"stage": f"unimodal-{mod}", "epoch": epoch, "loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"], "val": val})
-            bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_pmr=f"{val['pmr']:.3f}")
-            key = (val["pmr"], val["tau"])
-            if best is None or key > best:
-                best, best_state, since = key, copy.deepcopy(orderer.state_dict()), 0
-            else:
-                since += 1
-                if t.early_stop and since >= t.early_stop:
-                    break
-        orderer.load_state_dict(best_state)
-        self.log(f"unimodal {mod}: best val PMR {best[0]:.3f}")
+            # selection on the pairwise validation loss: far less noisy than PMR on a few hundred stories
+            return -val["loss"], orderer, None
+
+        self._epochs(f"unimodal-{mod}", t.unimodal_epochs, {"opt": opt}, epoch_fn)
 
     def fit_aligner(self) -> None:
         a, t = self.cfg.aligner, self.cfg.train
@@ -161,27 +242,42 @@ class TrainRecipe:
             return
         al = self.model.aligner
         opt = torch.optim.Adam([p for p in al.parameters() if p.requires_grad], lr=a.lr, weight_decay=t.weight_decay)
-        best, best_state, since = None, None, 0
-        bar = tqdm(range(a.epochs), desc="aligner", disable=not self.progress)
-        for epoch in bar:
+
+        def epoch_fn(epoch):
             al.train()
             losses = []
-            # unshuffled batches: row k of the image features and of the text features is the same item
+            # unshuffled items: row k of the image features and of the text features is the same item
             for b in batches(self.train_set, t.batch_size, self.rng, self.feats, shuffle_stories=True, shuffle_items=False):
                 b = b.to(self.device)
                 loss = al.loss(b.feats["image"], b.feats["text"])
-                losses.append(self._step(opt, loss, al.parameters(), f"aligner epoch {epoch}"))
+                losses.append(self._step(opt, loss, al.parameters(), f"aligner epoch {epoch} step {len(losses)}"))
             acc = self.alignment_accuracy(self.val_set)
             self._record({"stage": "aligner", "epoch": epoch, "loss": float(np.mean(losses)), "lr": a.lr, "val": {"alignment_accuracy": acc}})
-            bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_acc=f"{acc:.3f}")
-            if best is None or acc > best:
-                best, best_state, since = acc, copy.deepcopy(al.state_dict()), 0
-            else:
-                since += 1
-                if t.early_stop and since >= t.early_stop:
-                    break
-        al.load_state_dict(best_state)
-        self.log(f"aligner: best val alignment accuracy {best:.3f}")
+            return acc, al, None
+
+        self._epochs("aligner", a.epochs, {"opt": opt}, epoch_fn)
+
+    def _set_lr(self, opt, epoch: int, n: int) -> None:
+        """Cosine decay over the stage, a pure function of the epoch (so resuming needs no scheduler state)."""
+        f = 0.5 * (1 + math.cos(math.pi * epoch / max(n, 1))) if self.cfg.train.cosine else 1.0
+        for g in opt.param_groups:
+            g.setdefault("base_lr", g["lr"])
+            g["lr"] = g["base_lr"] * (0.05 + 0.95 * f)
+
+    @torch.no_grad()
+    def val_loss(self, mod: str) -> float:
+        """Mean pairwise cross-entropy of one orderer on the (fixed) validation presentation."""
+        o = self.model.orderer(mod)
+        was = o.training
+        o.eval()
+        tot = cnt = 0.0
+        for b in self.val_eval.batches:
+            b = b.to(self.device)
+            n_pairs = float((b.valid(mod).sum(1) * (b.valid(mod).sum(1) - 1)).sum())
+            tot += float(pair_loss(o(b.feats[mod], b.index[mod]), b.pos[mod], b.valid(mod))) * n_pairs
+            cnt += n_pairs
+        o.train(was)
+        return tot / max(cnt, 1.0)
 
     @torch.no_grad()
     def alignment_accuracy(self, ss) -> float:
@@ -196,49 +292,60 @@ class TrainRecipe:
             total += int(iv.sum())
         return hits / max(total, 1)
 
+    def _guided_phase(self, tgt: str, opt, epoch: int) -> float:
+        """One pass updating the ``tgt`` orderer under guidance from the other modality (fixed)."""
+        c, t, g, m = self.cfg, self.cfg.train, self.cfg.guidance, self.model
+        src = "text" if tgt == "image" else "image"
+        thr, lam = (g.threshold_t2i, g.weight_t2i) if tgt == "image" else (g.threshold_i2t, g.weight_i2t)
+        losses = []
+        for b in batches(self.train_set, t.batch_size, self.rng, self.feats, shuffle_stories=True):
+            b = b.to(self.device)
+            with torch.no_grad():  # the guiding orderer and the aligner do not learn in this phase
+                m.orderer(src).eval()
+                src_logits = m.orderer(src)(b.feats[src], b.index[src])
+                scores = alignment_scores(m, b)
+                if src == "text":
+                    mapping = align(scores.transpose(1, 2), c.aligner.mapping, b.valid("text"), b.valid("image"))
+                else:
+                    mapping = align(scores, c.aligner.mapping, b.valid("image"), b.valid("text"))
+            m.orderer(tgt).train()
+            logits = m.orderer(tgt)(b.feats[tgt], b.index[tgt])
+            guided = guide(logits, src_logits, mapping, threshold=thr, weight=lam, rule=g.train_rule, valid=b.valid(src))
+            loss = pair_loss(guided, b.pos[tgt], b.valid(tgt))
+            losses.append(self._step(opt, loss, m.orderer(tgt).parameters(), f"iterative epoch {epoch} {tgt} phase step {len(losses)}"))
+        return float(np.mean(losses))
+
+    def _val_entry(self, res) -> dict:
+        chosen = res.choose_rounds()
+        out = {"selection": res.selection_score(), "chosen_rounds": chosen, **{f"{k}_guided_pmr": res.rounds[k][r]["pmr"] for k, r in chosen.items()}}
+        if res.fused is not None:
+            out["fused_pmr"] = res.fused["pmr"]
+        return out
+
     def fit_iterative(self) -> None:
-        c, t, g = self.cfg, self.cfg.train, self.cfg.guidance
-        m = self.model
+        t, m = self.cfg.train, self.model
         opts = {mod: self._optimizer(m.orderer(mod), self._pretrained_head(m.orderer(mod))) for mod in ("image", "text")}
-        res = self.val_eval(m)
-        best, best_state, since = res.selection_score(), copy.deepcopy(m.state_dict()), 0
-        self.chosen = res.choose_rounds()
-        self._record({"stage": "iterative", "epoch": -1, "val": {"selection": best, "chosen_rounds": self.chosen, **{f"{k}_guided_pmr": res.rounds[k][r]["pmr"] for k, r in self.chosen.items()}}})
-        bar = tqdm(range(t.iterative_epochs), desc="iterative", disable=not self.progress)
-        for epoch in bar:
-            entry = {"stage": "iterative", "epoch": epoch}
-            for tgt, src, thr, lam in (("image", "text", g.threshold_t2i, g.weight_t2i), ("text", "image", g.threshold_i2t, g.weight_i2t)):
-                losses = []
-                for b in batches(self.train_set, t.batch_size, self.rng, self.feats, shuffle_stories=True):
-                    b = b.to(self.device)
-                    with torch.no_grad():  # the guiding modality and the aligner are fixed in this phase
-                        m.orderer(src).eval()
-                        src_logits = m.orderer(src)(b.feats[src], b.index[src])
-                        scores = alignment_scores(m, b)
-                        if src == "text":
-                            mapping = align(scores.transpose(1, 2), c.aligner.mapping, b.valid("text"), b.valid("image"))
-                        else:
-                            mapping = align(scores, c.aligner.mapping, b.valid("image"), b.valid("text"))
-                    m.orderer(tgt).train()
-                    logits = m.orderer(tgt)(b.feats[tgt], b.index[tgt])
-                    guided = guide(logits, src_logits, mapping, threshold=thr, weight=lam, rule=g.train_rule, valid=b.valid(src))
-                    loss = pair_loss(guided, b.pos[tgt], b.valid(tgt))
-                    losses.append(self._step(opts[tgt], loss, m.orderer(tgt).parameters(), f"iterative epoch {epoch} {tgt} phase"))
-                entry[f"loss_{tgt}"] = float(np.mean(losses))
+        if getattr(self, "_resume", None) is None or self._resume["stage"] != "iterative":
+            # epoch -1: the models before any guided update are a candidate too
             res = self.val_eval(m)
-            score, chosen = res.selection_score(), res.choose_rounds()
-            entry["val"] = {"selection": score, "chosen_rounds": chosen, **{f"{k}_guided_pmr": res.rounds[k][r]["pmr"] for k, r in chosen.items()}, "fused_pmr": res.fused["pmr"]}
+            self._record({"stage": "iterative", "epoch": -1, "val": self._val_entry(res)})
+            self._resume = {"stage": "iterative", "epoch": -1, "best": res.selection_score(), "best_state": copy.deepcopy(m.state_dict()), "since": 0,
+                            "opts": {k: o.state_dict() for k, o in opts.items()}, "extra": res.choose_rounds()}
+
+        def epoch_fn(epoch):
+            for o in opts.values():
+                self._set_lr(o, epoch, t.iterative_epochs)
+            entry = {"stage": "iterative", "epoch": epoch}
+            for tgt in ("image", "text"):
+                entry[f"loss_{tgt}"] = self._guided_phase(tgt, opts[tgt], epoch)
             entry["loss"] = (entry["loss_image"] + entry["loss_text"]) / 2
+            res = self.val_eval(m)
+            entry["val"] = self._val_entry(res)
             self._record(entry)
-            bar.set_postfix(val=f"{score:.3f}")
-            if score > best:
-                best, best_state, since, self.chosen = score, copy.deepcopy(m.state_dict()), 0, chosen
-            else:
-                since += 1
-                if t.early_stop and since >= t.early_stop:
-                    break
-        m.load_state_dict(best_state)
-        self.log(f"iterative: best val selection score {best:.3f}; inference rounds chosen on val: {self.chosen}")
+            return res.selection_score(), m, res.choose_rounds()
+
+        self.chosen = self._epochs("iterative", t.iterative_epochs, opts, epoch_fn)
+        self.log(f"inference rounds chosen on validation: {self.chosen}")
 
     def train(self) -> "TrainRecipe":
         t0 = time.time()
@@ -258,9 +365,29 @@ class TrainRecipe:
             self._tb.close()
 
 
+def _extra(state: dict):
+    e = state.get("extra")
+    return json.loads(e) if isinstance(e, str) else e
+
+
 def _tensorboard(path: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # optional extra
         return None
     return SummaryWriter(str(path))
+
+
+def resume_recipe(run: str | Path, *, progress: bool = True, log=print) -> TrainRecipe:
+    """A recipe continuing the interrupted training in ``run`` (set up, state loaded)."""
+    from .errors import ModelLoadError
+
+    args_path = Path(run) / "train_args.json"
+    if not args_path.is_file():
+        raise ModelLoadError(f"{args_path}: missing; --resume needs a run directory started by `iterwego train`")
+    a = json.loads(args_path.read_text())
+    cfg = Config.from_dict(a["config"])
+    r = TrainRecipe(cfg, a["data"], run, fmt=a["format"], image_dir=a["image_dir"], text_field=a["text_field"], progress=progress, log=log)
+    r.setup()
+    r.load_state()
+    return r

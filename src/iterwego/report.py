@@ -1,0 +1,651 @@
+"""HTML reports for ``iterwego order --html`` and for evaluation runs.
+
+Both reports are meant to be opened straight from disk, mailed or attached to
+a ticket, so they never reference anything on the network: CSS is inline,
+there are no scripts or fonts, and photos are embedded as small base64 JPEG
+thumbnails. The evaluation report's plots are the one exception to "one
+file": they are PNGs in a sibling ``<stem>_files/`` folder, linked relatively,
+because matplotlib is an optional extra (``iterwego[report]``) and the page
+must still render, saying why, when it is missing.
+
+Every piece of user text (story ids, sentences, file names, notes) goes
+through :func:`html.escape`. Files are written atomically (temporary file in
+the target folder, then :func:`os.replace`), so a crash never leaves half a
+report behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+import tempfile
+import urllib.parse
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+from .data import Story
+from .errors import ImageError
+from .images import load_image
+
+if TYPE_CHECKING:  # evaluate pulls in torch; the report only needs the attributes
+    from .evaluate import EvalResult
+
+__all__ = ["order_report", "evaluation_report", "THUMB_PX", "PLOT_FILES"]
+
+#: Longer side of the embedded thumbnails, in pixels.
+THUMB_PX = 160
+#: Plot files :func:`evaluation_report` may write into ``<stem>_files/`` (and removes when it cannot redraw them).
+PLOT_FILES = ("metrics_per_round.png", "confidence_hist.png")
+_SUPPORTED_SCHEMA = 1
+_INSTALL_HINT = "pip install 'iterwego[report]'"
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
+main{max-width:1280px;margin:0 auto;padding:16px 24px 48px}
+h1{font-size:1.5em;margin:.4em 0}h2{font-size:1.15em;margin:0 0 .3em}h3{font-size:1em;margin:.8em 0 .3em}
+.sub{color:#5a6372;margin:0 0 1em}
+section.story,section.block{background:#fff;border:1px solid #dde1e7;border-radius:8px;padding:12px 16px;margin:14px 0}
+.meta{color:#5a6372;font-size:.9em;margin:.2em 0}
+.note{background:#fff7e0;border-left:4px solid #e0a800;padding:6px 10px;margin:.5em 0;font-size:.92em}
+.verdict{font-weight:600;margin:.4em 0}.verdict.ok{color:#17723a}.verdict.bad{color:#b3261e}
+.strip{display:flex;align-items:flex-start;overflow-x:auto;padding:4px 0 8px}
+.cell{flex:0 0 auto;width:172px;border:2px solid #dde1e7;border-radius:6px;padding:4px;background:#fafbfc}
+.cell.ok{border-color:#2e9d55}.cell.bad{border-color:#d0453a}
+.pos{font-size:.8em;color:#5a6372;margin-bottom:2px}
+.thumb{display:block;max-width:160px;max-height:160px;margin:0 auto;border-radius:3px}
+.thumb.missing{width:156px;height:100px;border:1px dashed #b3261e;color:#b3261e;font-size:.75em;overflow:hidden;padding:2px;word-break:break-all}
+.sent{display:block;font-size:.86em;margin-top:4px;white-space:pre-wrap;overflow-wrap:anywhere}
+.sent.ok{color:#17723a}.sent.bad{color:#b3261e}
+.tag{font-size:.75em;color:#5a6372}
+.step{flex:0 0 auto;align-self:center;width:46px;text-align:center;font-size:.8em;color:#5a6372;line-height:1.25}
+.step .c{display:block;font-weight:600}
+.hi{color:#17723a}.mid{color:#a86b00}.lo{color:#b3261e}
+ol.sentlist{margin:.3em 0;padding-left:2em}ol.sentlist li{margin:.15em 0}
+ol.sentlist li.ok{color:#17723a}ol.sentlist li.bad{color:#b3261e}
+ol.sentlist .sent{display:inline}
+ol.sentlist .step{display:inline;margin-left:.6em}
+table{border-collapse:collapse;font-size:.9em;margin:.4em 0}
+th,td{border:1px solid #dde1e7;padding:3px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}
+td.order{text-align:left;font-family:ui-monospace,Menlo,Consolas,monospace}
+tr.chosen td{background:#eef5ff;font-weight:600}
+figure.plot{margin:8px 0}figure.plot img{max-width:100%;border:1px solid #dde1e7;border-radius:4px;background:#fff}
+figcaption{font-size:.85em;color:#5a6372}
+.ok-mark{color:#17723a}.bad-mark{color:#b3261e}
+"""
+
+
+# ----------------------------------------------------------------- small helpers
+def _esc(x: object) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask alone must set it to read it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder (same filesystem for os.replace)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a report is an ordinary, shareable file
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _page(title: str, body: str) -> bytes:
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<main>\n"
+        f"{body}\n</main>\n</body>\n</html>\n"
+    ).encode("utf-8")
+
+
+def _is_identity(order: Sequence[int]) -> bool:
+    return list(order) == list(range(len(order)))
+
+
+def _fmt_order(order: Sequence[int]) -> str:
+    """1-based item numbers, as people count them."""
+    return " ".join(str(int(k) + 1) for k in order)
+
+
+def _conf_class(c: float) -> str:
+    return "hi" if c >= 0.8 else "mid" if c >= 0.5 else "lo"
+
+
+def _fmt_metric(m: dict | None) -> list[str]:
+    """Acc / PMR in percent and tau, formatted exactly as :func:`iterwego.evaluate.format_table` prints them."""
+    if m is None:
+        return ["-", "-", "-"]
+    tau = m["tau"]
+    return [f"{100 * m['acc']:.1f}", f"{100 * m['pmr']:.1f}", "n/a" if isinstance(tau, float) and math.isnan(tau) else f"{tau:+.3f}"]
+
+
+class _Thumbs:
+    """Embedded thumbnails, decoded once per image path per report."""
+
+    def __init__(self, px: int = THUMB_PX):
+        self.px = px
+        self._cache: dict[str, tuple[str | None, str | None]] = {}
+
+    def _make(self, path: str) -> tuple[str | None, str | None]:
+        try:
+            im = load_image(path)
+        except ImageError as err:  # a report is a view: show what is wrong instead of refusing to render
+            return None, str(err)
+        im.thumbnail((self.px, self.px))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=82)
+        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), None
+
+    def img(self, path: str, cls: str = "") -> str:
+        if path not in self._cache:
+            self._cache[path] = self._make(path)
+        uri, err = self._cache[path]
+        name = Path(path).name
+        if uri is None:
+            return f'<div class="thumb missing {cls}" title="{_esc(path)}">{_esc(err)}</div>'
+        return f'<img class="thumb {cls}" src="{uri}" alt="{_esc(name)}" title="{_esc(name)}">'
+
+
+def _step(confs: Sequence[tuple[str, float]]) -> str:
+    """The arrow between two neighbours, with P(left before right) for each labelled source."""
+    inner = "".join(f'<span class="c {_conf_class(c)}">{_esc(lab)}{c:.2f}</span>' for lab, c in confs)
+    return f'<div class="step" title="probability that the left item comes before the right one">&#8594;{inner}</div>'
+
+
+def _cell(thumbs: _Thumbs, *, label: str, image: str | None, sentence: str | None, cls: str = "",
+          image_cls: str = "", sentence_cls: str = "", tag: str = "") -> str:
+    parts = [f'<div class="cell {cls}">', f'<div class="pos">{_esc(label)}</div>']
+    if image is not None:
+        parts.append(thumbs.img(image, image_cls))
+    if sentence is not None:
+        parts.append(f'<span class="sent {sentence_cls}">{_esc(sentence)}</span>')
+    if tag:
+        parts.append(f'<span class="tag">{_esc(tag)}</span>')
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _strip(kind: str, cells: list[str], steps: list[str] | None = None) -> str:
+    out = [f'<div class="strip" data-kind="{_esc(kind)}">']
+    for k, c in enumerate(cells):
+        if k and steps is not None:
+            out.append(steps[k - 1] if k - 1 < len(steps) else _step([]))
+        out.append(c)
+    out.append("</div>")
+    return "".join(out)
+
+
+def _sentence_list(kind: str, sentences: Sequence[str], conf: Sequence[float] | None = None,
+                   marks: Sequence[bool] | None = None) -> str:
+    out = [f'<ol class="sentlist" data-kind="{_esc(kind)}">']
+    for k, s in enumerate(sentences):
+        cls = "" if marks is None else ("ok" if marks[k] else "bad")
+        step = ""
+        if conf is not None and k < len(conf):
+            step = f'<span class="step" title="probability that this sentence comes before the next">&#8595; <span class="c {_conf_class(conf[k])}">{conf[k]:.2f}</span></span>'
+        out.append(f'<li class="{cls}"><span class="sent">{_esc(s)}</span>{step}</li>')
+    out.append("</ol>")
+    return "".join(out)
+
+
+def _mark(ok: bool) -> str:
+    return '<span class="ok-mark">&#10003;</span>' if ok else '<span class="bad-mark">&#10007;</span>'
+
+
+def _orders_table(rows: list[tuple[str, Sequence[int] | None, Sequence[int] | None]], gold: bool) -> str:
+    """Compact rows: one variant per row, its orders as 1-based input (or gold) item numbers."""
+    out = ['<table class="orders"><thead><tr><th>variant</th><th>image order</th><th>sentence order</th></tr></thead><tbody>']
+    for name, io_, so in rows:
+        cells = []
+        for o in (io_, so):
+            if o is None:
+                cells.append('<td class="order">-</td>')
+            else:
+                cells.append(f'<td class="order">{_esc(_fmt_order(o))}{" " + _mark(_is_identity(o)) if gold else ""}</td>')
+        out.append(f"<tr><td>{_esc(name)}</td>{''.join(cells)}</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _story_score(order: Sequence[int]) -> str:
+    """``k/n in place, tau x`` for one prediction against the identity (gold) order."""
+    n = len(order)
+    pos = np.asarray(order)
+    in_place = int((pos == np.arange(n)).sum())
+    if n < 2:
+        return f"{in_place}/{n} in place"
+    disc = int((np.triu(pos[:, None] > pos[None, :], k=1)).sum())
+    return f"{in_place}/{n} in place, tau {1 - 4 * disc / (n * (n - 1)):+.2f}"
+
+
+# ----------------------------------------------------------------- order report
+def _order_story(r: dict, thumbs: _Thumbs, gold: bool) -> str:
+    v = r.get("variants", {})
+    imgs, sents = list(r.get("images") or []), list(r.get("sentences") or [])
+    mode = r.get("mode", "unimodal")
+    counts = ", ".join(x for x in (f"{len(imgs)} images" if imgs else "", f"{len(sents)} sentences" if sents else "") if x)
+    parts = [f'<section class="story" data-story="{_esc(r["id"])}">', f"<h2>Story {_esc(r['id'])}</h2>",
+             f'<p class="meta">{_esc(counts)}; {"fused decoding of images and sentences" if mode == "fused" else "each modality ordered alone"}</p>']
+    if r.get("note"):
+        parts.append(f'<p class="note">{_esc(r["note"])}</p>')
+    if imgs and "image_only" not in v and mode != "fused":
+        parts.append('<p class="note">the images were not ordered: this run has no image orderer</p>')
+    if sents and "text_only" not in v and mode != "fused":
+        parts.append('<p class="note">the sentences were not ordered: this run has no sentence orderer</p>')
+
+    # the headline prediction: fused when both modalities were aligned, else each modality alone
+    predicted: list[tuple[str, list[int]]] = []
+    if mode == "fused":
+        io_, so = list(r["image_order"]), list(r["sentence_order"])
+        predicted = [("images", io_), ("sentences", so)]
+    else:
+        if "image_only" in v:
+            predicted.append(("images", list(v["image_only"]["order"])))
+        if "text_only" in v:
+            predicted.append(("sentences", list(v["text_only"]["order"])))
+    if gold and predicted:
+        exact = all(_is_identity(o) for _, o in predicted)
+        detail = "; ".join(f"{name}: {_story_score(o)}" for name, o in predicted)
+        verdict = "exactly right" if exact else "not exactly right"
+        parts.append(f'<p class="verdict {"ok" if exact else "bad"}" data-exact="{str(exact).lower()}">'
+                     f'{_mark(exact)} prediction {verdict} ({_esc(detail)})</p>')
+
+    parts.append("<h3>Predicted order</h3>")
+    if mode == "fused":
+        conf = v["fused"]["confidence"]
+        cells = [_cell(thumbs, label=f"{j + 1}. (input {i + 1})", image=imgs[i], sentence=sents[so[j]],
+                       cls=("ok" if i == j and so[j] == j else "bad") if gold else "")
+                 for j, i in enumerate(io_)]
+        parts.append(_strip("predicted", cells, [_step([("", c)]) for c in conf]))
+    else:
+        if "image_only" in v:
+            o, conf = v["image_only"]["order"], v["image_only"]["confidence"]
+            cells = [_cell(thumbs, label=f"{j + 1}. (input {i + 1})", image=imgs[i], sentence=None,
+                           cls=("ok" if i == j else "bad") if gold else "") for j, i in enumerate(o)]
+            parts.append(_strip("predicted", cells, [_step([("", c)]) for c in conf]))
+        if "text_only" in v:
+            o, conf = v["text_only"]["order"], v["text_only"]["confidence"]
+            parts.append(_sentence_list("predicted-sentences", [sents[i] for i in o], conf,
+                                        [i == j for j, i in enumerate(o)] if gold else None))
+
+    rows: list[tuple[str, Sequence[int] | None, Sequence[int] | None]] = []
+    if "image_only" in v or "text_only" in v:
+        rows.append(("single modality", v.get("image_only", {}).get("order"), v.get("text_only", {}).get("order")))
+    if "guided" in v:
+        g = v["guided"]
+        rows.append((f"guided (rounds: images {g['rounds']['image']}, sentences {g['rounds']['text']})", g["image_order"], g["sentence_order"]))
+    if "fused" in v:
+        rows.append(("fused", v["fused"]["image_order"], v["fused"]["sentence_order"]))
+    if rows:
+        parts.append("<h3>All variants</h3>")
+        parts.append('<p class="meta">numbers are the items\' positions in the input listing (1 = first listed)</p>')
+        parts.append(_orders_table(rows, gold))
+    if r.get("pairing"):
+        scores = r.get("pairing_score") or [None] * len(r["pairing"])
+        pairs = ", ".join(f"{i + 1}&#8596;{t + 1}" + (f" ({s:.2f})" if s is not None else "") for (i, t), s in zip(r["pairing"], scores))
+        extra = ""
+        if gold:
+            right = sum(int(i == t) for i, t in r["pairing"])
+            extra = f"; {right}/{len(r['pairing'])} pairs right"
+        parts.append(f'<p class="meta">pairing (image&#8596;sentence, alignment score): {pairs}{extra}</p>')
+
+    if gold:
+        parts.append("<h3>Gold order (as listed)</h3>")
+        if imgs:
+            both = len(imgs) == len(sents)
+            cells = [_cell(thumbs, label=f"{k + 1}.", image=p, sentence=sents[k] if both else None) for k, p in enumerate(imgs)]
+            parts.append(_strip("gold", cells))
+            if sents and not both:
+                parts.append(_sentence_list("gold-sentences", sents))
+        elif sents:
+            parts.append(_sentence_list("gold-sentences", sents))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def order_report(stories: Sequence[Story], results: Sequence[dict], path: str | os.PathLike, *, gold: bool = False) -> Path:
+    """Write a self-contained HTML page showing :func:`iterwego.inference.order_stories` results.
+
+    Per story: the predicted order as an image strip (fused order when images
+    and sentences were aligned, else the image-only order) with the paired
+    sentence under each image and P(left before right) on each arrow, or the
+    sentence list when there are no images; the single-modality, guided and
+    fused orders as compact rows; the pairing; the note, if any. With
+    ``gold=True`` (the listed input order *is* the gold order) also the gold
+    strip and whether the prediction is exactly right.
+
+    Images are embedded as base64 JPEG thumbnails (longer side ``THUMB_PX``);
+    an unreadable image is shown as a box with the reason instead of failing.
+
+    Raises:
+        ValueError: ``stories`` and ``results`` differ in length or ids, or a
+            result has an unknown schema version.
+    """
+    stories, results = list(stories), list(results)
+    if stories and len(stories) != len(results):
+        raise ValueError(f"got {len(stories)} stories but {len(results)} results")
+    for k, r in enumerate(results):
+        if r.get("schema") != _SUPPORTED_SCHEMA:
+            raise ValueError(f"result {k} (story {r.get('id')!r}) has schema {r.get('schema')!r}; this report reads schema {_SUPPORTED_SCHEMA}")
+        if stories and str(stories[k].id) != str(r["id"]):
+            raise ValueError(f"result {k} is for story {r['id']!r} but story {k} is {stories[k].id!r}")
+    out = Path(path)
+    thumbs = _Thumbs()
+    body = ["<h1>IterWeGO: recovered story order</h1>"]
+    n_exact = None
+    if gold:
+        n_exact = 0
+        for r in results:
+            v = r.get("variants", {})
+            if r.get("mode") == "fused":
+                orders = [r["image_order"], r["sentence_order"]]
+            else:
+                orders = [v[k]["order"] for k in ("image_only", "text_only") if k in v]
+            n_exact += bool(orders) and all(_is_identity(o) for o in orders)
+    summary = f"{len(results)} {'story' if len(results) == 1 else 'stories'}"
+    if n_exact is not None:
+        summary += f"; {n_exact} exactly right against the listed (gold) order"
+    body.append(f'<p class="sub">{_esc(summary)}. Arrows show the model\'s probability that the left item comes before the right one.</p>')
+    for r in results:
+        body.append(_order_story(r, thumbs, gold))
+    _write_atomic(out, _page("IterWeGO order report", "\n".join(body)))
+    return out
+
+
+# ----------------------------------------------------------------- evaluation report
+def _metric_rows(report: dict, fused_text: dict | None) -> list[tuple[str, dict | None, dict | None, bool]]:
+    """The rows of :func:`iterwego.evaluate.format_table`, plus whether the row is the val-chosen one."""
+    img, txt = report.get("image"), report.get("text")
+    n_rounds = max(len(img["rounds"]) if img else 0, len(txt["rounds"]) if txt else 0)
+
+    def get(d: dict | None, r: int) -> dict | None:
+        return d["rounds"][r] if d and r < len(d["rounds"]) else None
+
+    rows: list[tuple[str, dict | None, dict | None, bool]] = [("unimodal (round 0)", img and img["unimodal"], txt and txt["unimodal"], False)]
+    for r in range(1, n_rounds):
+        rows.append((f"round {r}", get(img, r), get(txt, r), False))
+    if img or txt:
+        ci = f"{img['chosen_round']}" if img else "-"
+        ct = f"{txt['chosen_round']}" if txt else "-"
+        rows.append((f"guided (val-chosen: img {ci}, txt {ct})", img and img["guided"], txt and txt["guided"], True))
+    if "fused" in report:
+        rows.append(("fused decoding", report["fused"], fused_text or report["fused"], False))
+    return rows
+
+
+def _metric_table(report: dict, ceilings: dict | None, fused_text: dict | None) -> str:
+    out = ['<table class="metrics"><thead>',
+           '<tr><th rowspan="2">variant</th><th colspan="3">images</th><th colspan="3">sentences</th></tr>',
+           "<tr><th>Acc %</th><th>PMR %</th><th>&#964;</th><th>Acc %</th><th>PMR %</th><th>&#964;</th></tr>",
+           "</thead><tbody>"]
+    for name, a, b, chosen in _metric_rows(report, fused_text):
+        cells = "".join(f"<td>{_esc(x)}</td>" for x in _fmt_metric(a) + _fmt_metric(b))
+        tr = '<tr class="chosen">' if chosen else "<tr>"
+        out.append(f"{tr}<td>{_esc(name)}</td>{cells}</tr>")
+    out.append("</tbody></table>")
+    if "alignment_accuracy" in report:
+        out.append(f'<p class="meta" data-key="alignment">alignment accuracy (top-1 within story, image&#8594;sentence): {100 * report["alignment_accuracy"]:.1f}%</p>')
+    if ceilings:
+        names = {"image": "images alone", "text": "sentences alone", "fused": "item-level fusion"}
+        vals = ", ".join(f"{_esc(names.get(k, k))} {100 * float(v):.1f}" for k, v in ceilings.items())
+        out.append(f'<p class="meta" data-key="ceilings">ceilings (Bayes-optimal PMR of the synthetic split, %): {vals}</p>')
+    return "\n".join(out)
+
+
+def _png_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _plot_rounds(Figure, report: dict, fused_text: dict | None) -> bytes | None:
+    mods = [(m, lab, col) for m, lab, col in (("image", "images", "#1f6fb4"), ("text", "sentences", "#d9730d")) if m in report]
+    if not mods:
+        return None
+    fig = Figure(figsize=(10, 4.2))
+    axes = fig.subplots(1, 2)
+    fused_for = {"image": report.get("fused"), "text": fused_text or report.get("fused")}
+    for ax, key, ylab, scale in ((axes[0], "pmr", "PMR (%)", 100.0), (axes[1], "tau", "Kendall tau", 1.0)):
+        for m, lab, col in mods:
+            rs = report[m]["rounds"]
+            x = np.arange(len(rs))
+            y = np.array([scale * float(d[key]) for d in rs])
+            ax.plot(x, y, "-o", color=col, label=lab, ms=4)
+            c = report[m]["chosen_round"]
+            ax.plot([c], [y[c]], marker="*", ms=15, color=col, markeredgecolor="k", linestyle="none",
+                    label=f"{lab}: val-chosen round {c}")
+            f = fused_for[m]
+            if f is not None and key in f:
+                ax.axhline(scale * float(f[key]), color=col, ls=":", lw=1.2, label=f"{lab}: fused decoding")
+        ax.set_xlabel("guidance round (0 = unimodal)")
+        ax.set_ylabel(ylab)
+        n = max(len(report[m]["rounds"]) for m, _, _ in mods)
+        ax.set_xticks(range(n))
+        ax.grid(alpha=0.3)
+    axes[0].set_title("perfect match ratio per round")
+    axes[1].set_title("Kendall tau per round")
+    handles, labels = axes[0].get_legend_handles_labels()
+    # below the axes: inside them the legend hides the curves it explains
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
+    return _png_bytes(fig)
+
+
+def _plot_confidences(Figure, confidences: dict[str, list[list[float]]]) -> bytes | None:
+    mods = [(m, lab, col) for m, lab, col in (("image", "images", "#1f6fb4"), ("text", "sentences", "#d9730d"))
+            if any(len(s) for s in confidences.get(m, []))]
+    if not mods:
+        return None
+    fig = Figure(figsize=(5 * len(mods), 3.4))
+    axes = np.atleast_1d(fig.subplots(1, len(mods)))
+    bins = np.linspace(0.0, 1.0, 21)
+    for ax, (m, lab, col) in zip(axes, mods):
+        vals = np.concatenate([np.asarray(s, dtype=float) for s in confidences[m] if len(s)])
+        ax.hist(vals, bins=bins, color=col, alpha=0.85, edgecolor="white")
+        ax.axvline(0.5, color="k", lw=0.8, ls="--")
+        ax.set_title(f"{lab}: mean {vals.mean():.2f}, {100 * (vals > 0.5).mean():.0f}% > 0.5 (n={vals.size})", fontsize=9)
+        ax.set_xlabel("P(gold item k before k+1), round 0")
+        ax.set_ylabel("adjacent gold pairs")
+        ax.set_xlim(0, 1)
+    fig.tight_layout()
+    return _png_bytes(fig)
+
+
+def _write_plots(files_dir: Path, report: dict, result: "EvalResult", fused_text: dict | None) -> tuple[list[tuple[str, str]], list[str]]:
+    """Draw the plots; returns ([(file name, caption)], notes). Stale plot files from earlier runs are removed."""
+    notes: list[str] = []
+    written: list[tuple[str, str]] = []
+    try:
+        from matplotlib.figure import Figure  # the OO API: no pyplot global state, no display backend needed
+    except ImportError as err:
+        Figure = None
+        notes.append(f"Plots skipped: matplotlib is not installed ({err}). Install the optional extra with {_INSTALL_HINT}.")
+    if Figure is not None:
+        plots = (
+            (PLOT_FILES[0], "PMR and Kendall tau per guidance round (stars: round chosen on validation; dotted: fused decoding).",
+             lambda: _plot_rounds(Figure, report, fused_text), "no per-round metrics in the report"),
+            (PLOT_FILES[1], "Confidence on adjacent gold pairs, round 0: how sure each orderer is that gold item k comes before k+1.",
+             lambda: _plot_confidences(Figure, result.confidences), "no confidences recorded (evaluate with keep_orders=True)"),
+        )
+        for name, caption, draw, why_not in plots:
+            data = draw()
+            if data is None:
+                notes.append(f"Plot {name} skipped: {why_not}.")
+                continue
+            _write_atomic(files_dir / name, data)
+            written.append((name, caption))
+    keep = {n for n, _ in written}
+    for name in PLOT_FILES:  # a plot we could not redraw must not survive from an earlier report
+        if name not in keep:
+            try:
+                (files_dir / name).unlink()
+            except FileNotFoundError:
+                pass
+    if files_dir.is_dir() and not any(files_dir.iterdir()):
+        files_dir.rmdir()
+    return written, notes
+
+
+def _sample_card(thumbs: _Thumbs, story: Story, i: int, result: "EvalResult", keys: dict[str, str], exact: bool) -> str:
+    n = len(story)
+    has_img, has_txt = story.has_images, story.has_sentences
+    pred = {m: list(result.orders[k][i]) for m, k in keys.items()}
+    for m, o in pred.items():
+        if sorted(o) != list(range(n)):
+            raise ValueError(f"story {story.id!r}: prediction {m} {o} is not a permutation of its {n} items (were the stories passed in evaluation order?)")
+    parts = [f'<section class="story sample" data-story="{_esc(story.id)}" data-exact="{str(exact).lower()}">',
+             f"<h2>Story {_esc(story.id)}</h2>"]
+    detail = "; ".join(f"{'images' if m == 'image' else 'sentences'}: {_story_score(o)}" for m, o in pred.items())
+    parts.append(f'<p class="verdict {"ok" if exact else "bad"}">{_mark(exact)} guided prediction '
+                 f'{"exactly right" if exact else "not exactly right"} ({_esc(detail)})</p>')
+    conf = {m: result.confidences.get(m, []) for m in ("image", "text")}
+    conf = {m: (c[i] if i < len(c) else []) for m, c in conf.items()}
+
+    parts.append("<h3>Gold order</h3>")
+    if has_img:
+        both = [m for m in ("image", "text") if conf[m]]
+        steps = [_step([(("img " if m == "image" else "txt ") if len(both) > 1 else "", conf[m][k]) for m in both if k < len(conf[m])])
+                 for k in range(n - 1)]
+        cells = [_cell(thumbs, label=f"{k + 1}.", image=it.image, sentence=it.sentence) for k, it in enumerate(story.items)]
+        parts.append(_strip("gold", cells, steps))
+    elif has_txt:
+        parts.append(_sentence_list("gold-sentences", story.sentences, conf["text"] or None))
+
+    parts.append("<h3>Predicted order (guided, val-chosen round)</h3>")
+    io_, so = pred.get("image"), pred.get("text")
+    if has_img and io_ is not None:
+        cells = []
+        for j in range(n):
+            gi = io_[j]
+            s = story.items[so[j]].sentence if so is not None and has_txt else None
+            cells.append(_cell(thumbs, label=f"{j + 1}. (gold {gi + 1})", image=story.items[gi].image, sentence=s,
+                               cls="ok" if gi == j else "bad",
+                               sentence_cls=("ok" if so[j] == j else "bad") if s is not None else "",
+                               tag=f"sentence: gold {so[j] + 1}" if s is not None else ""))
+        parts.append(_strip("predicted", cells))
+    elif has_txt and so is not None:
+        parts.append(_sentence_list("predicted-sentences", [story.items[t].sentence for t in so], None, [t == j for j, t in enumerate(so)]))
+
+    rows: list[tuple[str, Sequence[int] | None, Sequence[int] | None]] = []
+    uni = {m: result.orders.get(f"{m}/round0") for m in ("image", "text")}
+    rows.append(("unimodal (round 0)", uni["image"][i] if uni["image"] else None, uni["text"][i] if uni["text"] else None))
+    rows.append(("guided (val-chosen)", io_, so))
+    fi, ft = result.orders.get("fused/image"), result.orders.get("fused/text")
+    if fi and ft:
+        rows.append(("fused", fi[i], ft[i]))
+    parts.append('<p class="meta">numbers are gold positions (1 = first in the gold story)</p>')
+    parts.append(_orders_table(rows, gold=True))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _samples(report: dict, result: "EvalResult", stories: Sequence[Story], max_samples: int, seed: int) -> tuple[str, str | None]:
+    """HTML for a seeded sample of right and wrong stories, or a note why there is none."""
+    keys = {m: f"{m}/round{report[m]['chosen_round']}" for m in ("image", "text") if m in report}
+    keys = {m: k for m, k in keys.items() if k in result.orders}
+    if not keys:
+        return "", "No story samples: the evaluation kept no predicted orders (run the evaluator with keep_orders=True)."
+    if max_samples <= 0:
+        return "", None
+    by_id = {str(s.id): s for s in stories}
+    eligible = [i for i, sid in enumerate(result.story_ids) if str(sid) in by_id]
+    if not eligible:
+        return "", "No story samples: none of the evaluated stories were passed to the report."
+    exact = {i: all(_is_identity(result.orders[k][i]) for k in keys.values()) for i in eligible}
+    right = [i for i in eligible if exact[i]]
+    wrong = [i for i in eligible if not exact[i]]
+    # half right, half wrong; whichever group is short leaves its share to the other
+    n_wrong = min(len(wrong), max_samples - min(len(right), max_samples // 2))
+    n_right = min(len(right), max_samples - n_wrong)
+    rng = np.random.default_rng(seed)
+    pick_w = sorted(rng.choice(wrong, n_wrong, replace=False).tolist()) if n_wrong else []
+    pick_r = sorted(rng.choice(right, n_right, replace=False).tolist()) if n_right else []
+    thumbs = _Thumbs()
+    out = [f'<p class="sub">{len(pick_w)} of {len(wrong)} wrong and {len(pick_r)} of {len(right)} exactly right stories '
+           f"(guided orders at the val-chosen round; seed {seed}).</p>"]
+    if pick_w:
+        out.append("<h3>Wrong</h3>")
+        out += [_sample_card(thumbs, by_id[str(result.story_ids[i])], i, result, keys, False) for i in pick_w]
+    if pick_r:
+        out.append("<h3>Right</h3>")
+        out += [_sample_card(thumbs, by_id[str(result.story_ids[i])], i, result, keys, True) for i in pick_r]
+    return "\n".join(out), None
+
+
+def evaluation_report(path: str | os.PathLike, *, report: dict, result: "EvalResult", stories: Sequence[Story], title: str = "",
+                      ceilings: dict | None = None, fused_text: dict | None = None, max_samples: int = 12, seed: int = 0) -> Path:
+    """Write an HTML evaluation report to ``path`` and its plots to ``<stem>_files/`` next to it.
+
+    Contents: the metric table (the rows of :func:`iterwego.evaluate.format_table`:
+    unimodal, each guidance round, the val-chosen guided row and fused
+    decoding, Acc / PMR / tau per modality, alignment accuracy and ceilings if
+    given); two plots (metrics per round with the chosen round starred, and
+    histograms of round-0 adjacent-pair confidences per modality); and up to
+    ``max_samples`` stories drawn with ``seed``, half exactly right and half
+    wrong where possible, each showing the gold order and the guided
+    prediction with embedded thumbnails and sentences.
+
+    ``report`` is ``result.report(chosen)``; ``stories`` are the evaluated
+    stories in gold order (matched to ``result.story_ids`` by id). Without
+    matplotlib the page still renders, without plots, and says why. The page
+    links only to the plot files it wrote; plot files it could not redraw
+    are removed from ``<stem>_files/``.
+
+    Raises:
+        ValueError: a kept prediction is not a permutation of its story's items.
+    """
+    out = Path(path)
+    files_dir = out.with_name(out.stem + "_files")
+    title = title or "IterWeGO evaluation"
+    body = [f"<h1>{_esc(title)}</h1>",
+            f'<p class="sub">{len(result.story_ids)} stories; guided rows use the round chosen on validation.</p>']
+    body.append('<section class="block"><h2>Metrics</h2>')
+    body.append(_metric_table(report, ceilings, fused_text))
+    if getattr(result, "decoder_fallbacks", 0):
+        body.append(f'<p class="meta">{result.decoder_fallbacks} story decode(s) longer than 12 items used the beam decoder.</p>')
+    body.append("</section>")
+
+    written, notes = _write_plots(files_dir, report, result, fused_text)
+    body.append('<section class="block"><h2>Plots</h2>')
+    for n in notes:
+        body.append(f'<p class="note">{_esc(n)}</p>')
+    rel = urllib.parse.quote(files_dir.name)
+    for name, caption in written:
+        body.append(f'<figure class="plot"><img src="{rel}/{urllib.parse.quote(name)}" alt="{_esc(caption)}">'
+                    f"<figcaption>{_esc(caption)}</figcaption></figure>")
+    body.append("</section>")
+
+    samples, why = _samples(report, result, stories, max_samples, seed)
+    body.append('<section class="block"><h2>Sample stories</h2>')
+    if why:
+        body.append(f'<p class="note">{_esc(why)}</p>')
+    body.append(samples)
+    body.append("</section>")
+    _write_atomic(out, _page(title, "\n".join(body)))
+    return out
