@@ -126,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
         from . import cli_model
 
         cli_model.register(sub, _add_data_args)
-        from . import cli_official
+        from . import cli_official, serve
 
         cli_official.register(sub)
+        serve.register(sub)
     except ImportError as err:  # pragma: no cover - only while the model module is absent
         if "cli_model" not in str(err):
             raise

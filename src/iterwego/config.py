@@ -116,28 +116,42 @@ class Config:
         return cls(**kw)
 
     def override(self, assignments: list[str] | None) -> "Config":
-        """Return a copy with dotted ``section.key=value`` assignments applied."""
+        """Return a copy with dotted ``section.key=value`` assignments applied.
+
+        Raises:
+            ConfigError: (a ``ValueError``) malformed assignment, unknown section or field, or a value
+                of the wrong type -- caught here rather than as a TypeError deep inside training.
+        """
+        from .errors import ConfigError
+
         cfg = Config.from_dict(json.loads(self.to_json()))
         for a in assignments or []:
             if "=" not in a:
-                raise ValueError(f"override {a!r} is not of the form section.key=value")
+                raise ConfigError(f"override {a!r} is not of the form section.key=value")
             key, raw = a.split("=", 1)
             parts = key.strip().split(".")
             if len(parts) != 2 or parts[0] not in _SECTIONS:
-                raise ValueError(f"override key {key!r} must be one of {sorted(_SECTIONS)} followed by .field")
+                raise ConfigError(f"override key {key!r} must be one of {sorted(_SECTIONS)} followed by .field")
             section = getattr(cfg, parts[0])
             names = {x.name: x for x in fields(section)}
             if parts[1] not in names:
-                raise ValueError(f"{parts[0]} has no field {parts[1]!r}; fields: {sorted(names)}")
+                raise ConfigError(f"override {key.strip()!r}: {parts[0]} has no field {parts[1]!r}; fields: {sorted(names)}")
             try:
                 value = json.loads(raw)
             except json.JSONDecodeError:
                 value = raw
             current = getattr(section, parts[1])
+            is_int = isinstance(value, int) and not isinstance(value, bool)
             if isinstance(current, bool) and not isinstance(value, bool):
-                raise ValueError(f"{key} expects true/false, got {raw!r}")
-            if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+                raise ConfigError(f"{key} expects true/false, got {raw!r}")
+            if isinstance(current, float) and is_int:
                 value = float(value)
+            elif isinstance(current, int) and not isinstance(current, bool) and not is_int:
+                raise ConfigError(f"{key} expects an integer, got {raw!r}")
+            elif isinstance(current, float) and not isinstance(value, float):
+                raise ConfigError(f"{key} expects a number, got {raw!r}")
+            elif isinstance(current, str) and not isinstance(value, str):
+                value = raw  # e.g. a name that happens to parse as JSON: strings are taken as written
             setattr(section, parts[1], value)
         return cfg
 

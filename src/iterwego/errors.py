@@ -40,3 +40,15 @@ class ModelLoadError(IterWeGOError):
 
 class DecodeError(IterWeGOError):
     """A decoder asked to do something it does not support (e.g. n above its limit)."""
+
+
+class WriteError(IterWeGOError, OSError):
+    """A file could not be written (disk full, permission denied, read-only file system).
+
+    Also an ``OSError`` (``errno`` is kept), so callers that handle I/O errors still catch it;
+    the file's previous version, if any, is left as it was.
+    """
+
+
+class ConfigError(IterWeGOError, ValueError):
+    """A config override (``--set section.key=value``) names no field or gives a value of the wrong type."""

@@ -138,6 +138,21 @@ class Batch:
     def valid(self, modality: str) -> Tensor:
         return self.index[modality] >= 0
 
+    def rows(self, keep: list[int]) -> "Batch":
+        """The sub-batch of stories ``keep`` (row numbers), with features re-gathered (data-parallel shards)."""
+        r = torch.as_tensor(keep, dtype=torch.long)
+        index, pos, feats = {}, {}, {}
+        for m, idx in self.index.items():
+            sub = idx[r]
+            ok = sub >= 0
+            local = torch.full_like(sub, -1)
+            local[ok] = torch.arange(int(ok.sum()))
+            index[m], pos[m] = local, self.pos[m][r]
+            for name, f in self.feats.items():
+                if name == m or name == "align_" + m:
+                    feats[name] = f[sub[ok]]
+        return Batch([self.ids[k] for k in keep], index, pos, feats)
+
 
 def make_batch(ss: StorySet, ids: list[int], rng: np.random.Generator, feats: dict[str, Tensor], shuffle: bool = True) -> Batch:
     """Collate stories ``ids``; items are shuffled per story and per modality with ``rng``.

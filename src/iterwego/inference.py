@@ -49,7 +49,7 @@ def order_stories(model, stories: list[Story], *, chosen_rounds: dict | None = N
     chosen_rounds = chosen_rounds or {}
     for s in stories:
         if len(s.items) < 2:
-            raise DataError(f"a story needs at least 2 items to order, got {len(s.items)}", story=s.id)
+            raise DataError(f"a story needs at least 2 items to order, got {len(s.items)}", path=s.meta.get("source"), line=s.meta.get("line"), story=s.id)
     device = next(model.parameters()).device
     results = []
     for s in stories:  # one story at a time keeps memory flat for large albums; batching is for evaluation
@@ -58,12 +58,18 @@ def order_stories(model, stories: list[Story], *, chosen_rounds: dict | None = N
         res: dict = {"schema": SCHEMA_VERSION, "id": s.id, "images": imgs, "sentences": sents, "variants": {}}
         use = {"image": bool(imgs) and model.image is not None, "text": bool(sents) and model.text is not None}
         cross = use["image"] and use["text"] and len(imgs) == len(sents) and model.aligner is not None
+        notes = []
         if imgs and sents and len(imgs) != len(sents):
-            res["note"] = f"{len(imgs)} images but {len(sents)} sentences: each modality is ordered alone"
+            notes.append(f"{len(imgs)} images but {len(sents)} sentences: each modality is ordered alone")
         elif imgs and sents and not cross:
-            res["note"] = "this run cannot align images and sentences: each modality is ordered alone"
+            notes.append("this run cannot align images and sentences: each modality is ordered alone")
+        if decoder == "exact" and max(len(imgs), len(sents)) > 12:
+            notes.append(f"{max(len(imgs), len(sents))} items: more than the exact decoder's 12, so the beam decoder was used")
         model.eval()
         encs = model.encoders()
+        # the text backbone counts sentences it cut at its token limit; the user should hear about them
+        text_bb = getattr(encs.get("text"), "backbone", None)
+        cut_before = getattr(text_bb, "truncated", 0)
         logits = {}
         if cross:
             story = Story(s.id, [Item(image=i, sentence=t) for i, t in zip(imgs, sents)])
@@ -80,6 +86,11 @@ def order_stories(model, stories: list[Story], *, chosen_rounds: dict | None = N
                 bm = make_batch(sets["x"], [0], np.random.default_rng(0), feats, shuffle=False).to(device)
                 with torch.no_grad():
                     logits[mod] = model.orderer(mod)(bm.feats[mod], bm.index[mod])
+        cut = getattr(text_bb, "truncated", 0) - cut_before
+        if cut:
+            notes.append(f"{cut} sentence(s) longer than {getattr(text_bb, 'max_length', '?')} tokens were truncated")
+        if notes:
+            res["note"] = "; ".join(notes)
         lps = {m: pair_logprobs(lg)[0].float().cpu().numpy() for m, lg in logits.items()}
         for m, lp in lps.items():
             o = _decode(lp, decoder)

@@ -130,12 +130,18 @@ class Orderer(nn.Module):
         return self.classifier(h)
 
 
-def pair_loss(logits: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
+def pair_loss(logits: Tensor, positions: Tensor, valid: Tensor, reduction: str = "mean") -> Tensor:
     """Cross-entropy over valid off-diagonal pairs; the label of (i, j) is "i before j" (class 1)."""
     labels = (positions[:, :, None] < positions[:, None, :]).long()
     n = positions.shape[1]
     keep = valid[:, :, None] & valid[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=valid.device)
-    return F.cross_entropy(logits[keep].float(), labels[keep])
+    return F.cross_entropy(logits[keep].float(), labels[keep], reduction=reduction)
+
+
+def n_pairs(valid: Tensor) -> int:
+    """Ordered off-diagonal pairs in a padded batch."""
+    k = valid.sum(1)
+    return int((k * (k - 1)).sum())
 
 
 class LearnedAligner(nn.Module):

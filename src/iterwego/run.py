@@ -21,23 +21,41 @@ import torch
 
 from . import __version__
 from .config import Config
-from .errors import ModelLoadError
+from .errors import ModelLoadError, WriteError
 
 REQUIRED = ("config.json", "model.safetensors", "meta.json")
 
 
+def _write_error(message: str, cause: OSError) -> WriteError:
+    e = WriteError(message)
+    e.errno = cause.errno  # keep what callers that handle OSError test for (e.g. ENOSPC)
+    return e
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and a rename: readers see the old or the new file, never a part.
+
+    Raises:
+        WriteError: (an ``OSError`` too) the directory or file cannot be written, e.g. the disk is full;
+            the temporary file is removed and ``path`` keeps its previous content.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise _write_error(f"{path}: cannot write ({err.strerror or err})", err) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            # one line for the CLI, naming the file the user cares about rather than the temporary one
+            raise _write_error(f"{path}: cannot write ({err.strerror or err}); its previous version, if any, is unchanged", err) from None
         raise
 
 
@@ -77,7 +95,10 @@ def read_config(run_dir: str | Path) -> tuple[Config, dict]:
         meta = json.loads((run_dir / "meta.json").read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelLoadError(f"{run_dir}: config.json or meta.json is not valid JSON ({err})") from None
-    return Config.from_dict(cfg_d), meta
+    try:
+        return Config.from_dict(cfg_d), meta
+    except ModelLoadError as err:  # name the file: "config version 99 is not supported" alone does not say which run
+        raise ModelLoadError(f"{run_dir / 'config.json'}: {err}") from None
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", *, modalities: tuple[str, ...] = ("image", "text")):

@@ -32,7 +32,8 @@ from .errors import IterWeGOError
 from .evaluate import Evaluator, alignment_scores, pick
 from .features import batches, build_features
 from .guidance import align, guide
-from .model import create_model, pair_loss
+from .distributed import Dist
+from .model import create_model, n_pairs, pair_loss
 from .run import atomic_write_json, save_run
 
 
@@ -67,11 +68,16 @@ class TrainRecipe:
         seed_everything(c.train.seed)
         if c.train.num_threads:  # also pins the thread count, so a resumed run repeats the same arithmetic
             torch.set_num_threads(c.train.num_threads)
-        self.device = pick_device(c.train.device)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "log.jsonl").write_text("")
-        atomic_write_json(self.out / "train_args.json", {"data": str(self.data), "format": self.fmt, "image_dir": self.image_dir, "text_field": self.text_field, "config": self.cfg.to_dict()})
-        self._tb = _tensorboard(self.out / "tb")
+        self.dist = Dist()
+        self.device = self.dist.setup(pick_device(c.train.device))
+        self.main = self.dist.is_main  # only rank 0 writes files
+        if not self.main:
+            self.progress, self.log = False, (lambda *a, **k: None)
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "log.jsonl").write_text("")
+            atomic_write_json(self.out / "train_args.json", {"data": str(self.data), "format": self.fmt, "image_dir": self.image_dir, "text_field": self.text_field, "config": self.cfg.to_dict()})
+        self._tb = _tensorboard(self.out / "tb") if self.main else None
         t0 = time.time()
         read = dict(fmt=self.fmt, image_dir=self.image_dir, text_field=self.text_field)
         self.train_stories = load_split(self.data, "train", **read)
@@ -98,19 +104,39 @@ class TrainRecipe:
             groups.append({"params": slow, "lr": t.lr * t.backbone_lr_mult})
         return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
 
-    def _step(self, opt, loss, params, where: str) -> float:
-        v = float(loss.detach())
+    def _step(self, opt, loss, params, where: str, *, sharded: bool = False) -> float:
+        """One optimiser step. ``sharded``: ``loss`` is this process's share of the global mean."""
+        params = [p for p in params if p.requires_grad]
+        total = loss.detach().clone() if loss is not None else torch.zeros((), device=self.device)
+        if sharded:
+            self.dist.sum_(total)
+        v = float(total)
         if not math.isfinite(v):
             raise TrainingDiverged(f"loss became {v} at {where}; the last good checkpoint in {self.out} is kept (lower train.lr?)")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if loss is not None:
+            loss.backward()
+        if sharded:
+            self.dist.sync_grads(params)
         if self.cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.train.grad_clip)
         opt.step()
         return v
 
+    def _local(self, b):
+        """This process's stories of a global batch (the whole batch with one process)."""
+        if not self.dist.enabled:
+            return b
+        keep = self.dist.shard_rows(len(b.ids))
+        return b.rows(keep) if keep else None
+
+    def _pair_loss(self, logits, b, mod: str, global_pairs: int):
+        return pair_loss(logits, b.pos[mod], b.valid(mod), reduction="sum") / max(global_pairs, 1)
+
     def _record(self, entry: dict) -> None:
         self.history.append(entry)
+        if not self.main:
+            return
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
         if self._tb is not None:
@@ -128,6 +154,9 @@ class TrainRecipe:
     def _save_state(self, stage: str, epoch: int | str, opts: dict, best, best_state, since: int, extra=None) -> None:
         """Everything needed to continue bit-identically after this epoch, written atomically."""
         import io
+
+        if not self.main:
+            return
 
         from .run import atomic_write_bytes
 
@@ -153,7 +182,8 @@ class TrainRecipe:
         try:
             st = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # corrupt or foreign file
-            raise ModelLoadError(f"{path}: unreadable training state ({type(err).__name__}: {err})") from None
+            first = (str(err).strip().splitlines() or [""])[0][:200]  # torch's unpickling errors span many lines
+            raise ModelLoadError(f"{path}: unreadable training state ({type(err).__name__}: {first})") from None
         if json.loads(st["config"]) != json.loads(self.cfg.to_json()):
             raise ModelLoadError(f"{path}: the saved training state was made with a different config")
         self.model.load_state_dict(st["model"])
@@ -224,10 +254,13 @@ class TrainRecipe:
             self._set_lr(opt, epoch, t.unimodal_epochs)
             orderer.train()
             losses = []
-            for b in batches(self.train_set, t.batch_size, self.rng, {mod: self.feats[mod]}, shuffle_stories=True):
-                b = b.to(self.device)
-                loss = pair_loss(orderer(b.feats[mod], b.index[mod]), b.pos[mod], b.valid(mod))
-                losses.append(self._step(opt, loss, orderer.parameters(), f"unimodal {mod} epoch {epoch} step {len(losses)}"))
+            for gb in batches(self.train_set, t.batch_size, self.rng, {mod: self.feats[mod]}, shuffle_stories=True):
+                global_pairs, b = n_pairs(gb.valid(mod)), self._local(gb)
+                loss = None
+                if b is not None:
+                    b = b.to(self.device)
+                    loss = self._pair_loss(orderer(b.feats[mod], b.index[mod]), b, mod, global_pairs)
+                losses.append(self._step(opt, loss, orderer.parameters(), f"unimodal {mod} epoch {epoch} step {len(losses)}", sharded=True))
             val = pick(self.val_eval(self.model, only=mod).rounds[mod][0])
             val["loss"] = self.val_loss(mod)
             self._record({"stage": f"unimodal-{mod}", "epoch": epoch, "loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"], "val": val})
@@ -298,7 +331,11 @@ class TrainRecipe:
         src = "text" if tgt == "image" else "image"
         thr, lam = (g.threshold_t2i, g.weight_t2i) if tgt == "image" else (g.threshold_i2t, g.weight_i2t)
         losses = []
-        for b in batches(self.train_set, t.batch_size, self.rng, self.feats, shuffle_stories=True):
+        for gb in batches(self.train_set, t.batch_size, self.rng, self.feats, shuffle_stories=True):
+            global_pairs, b = n_pairs(gb.valid(tgt)), self._local(gb)
+            if b is None:
+                losses.append(self._step(opt, None, m.orderer(tgt).parameters(), f"iterative epoch {epoch} {tgt} phase step {len(losses)}", sharded=True))
+                continue
             b = b.to(self.device)
             with torch.no_grad():  # the guiding orderer and the aligner do not learn in this phase
                 m.orderer(src).eval()
@@ -311,8 +348,8 @@ class TrainRecipe:
             m.orderer(tgt).train()
             logits = m.orderer(tgt)(b.feats[tgt], b.index[tgt])
             guided = guide(logits, src_logits, mapping, threshold=thr, weight=lam, rule=g.train_rule, valid=b.valid(src))
-            loss = pair_loss(guided, b.pos[tgt], b.valid(tgt))
-            losses.append(self._step(opt, loss, m.orderer(tgt).parameters(), f"iterative epoch {epoch} {tgt} phase step {len(losses)}"))
+            loss = self._pair_loss(guided, b, tgt, global_pairs)
+            losses.append(self._step(opt, loss, m.orderer(tgt).parameters(), f"iterative epoch {epoch} {tgt} phase step {len(losses)}", sharded=True))
         return float(np.mean(losses))
 
     def _val_entry(self, res) -> dict:
@@ -357,12 +394,17 @@ class TrainRecipe:
         return self
 
     def save(self) -> Path:
+        if not self.main:
+            return self.out
         save_run(self.out, self.model, {"chosen_rounds": self.chosen, "train_seconds": round(self.train_seconds, 1), "data": str(self.data), "format": self.fmt, "text_field": self.text_field, "truncated_sentences": self.truncated})
         return self.out
 
     def cleanup(self) -> None:
-        if self._tb is not None:
+        if getattr(self, "_tb", None) is not None:
             self._tb.close()
+        if hasattr(self, "dist"):
+            self.model = self.feats = None  # drop tensors before leaving the process group
+            self.dist.teardown()
 
 
 def _extra(state: dict):
@@ -385,8 +427,11 @@ def resume_recipe(run: str | Path, *, progress: bool = True, log=print) -> Train
     args_path = Path(run) / "train_args.json"
     if not args_path.is_file():
         raise ModelLoadError(f"{args_path}: missing; --resume needs a run directory started by `iterwego train`")
-    a = json.loads(args_path.read_text())
-    cfg = Config.from_dict(a["config"])
+    try:
+        a = json.loads(args_path.read_text())
+        cfg = Config.from_dict(a["config"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ModelLoadError) as err:
+        raise ModelLoadError(f"{args_path}: unusable ({type(err).__name__}: {err})") from None
     r = TrainRecipe(cfg, a["data"], run, fmt=a["format"], image_dir=a["image_dir"], text_field=a["text_field"], progress=progress, log=log)
     r.setup()
     r.load_state()

@@ -1,0 +1,36 @@
+"""The benchmark script runs end to end on the tiny preset and prints its table (off by default: -m benchmark)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+
+
+@pytest.mark.benchmark
+def test_bench_tiny_prints_the_table(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--size", "tiny", "--device", "cpu", "--stories", "4", "--repeats", "1", "--json", str(out), "--work", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout
+    for needle in ("inference, 1 guided round", "train step, image phase", "train step, text phase", "backbones once per item",
+                   "cache hit", "floor: 1 batched backbone forward", "n=50", "exact decoder", "CLIP preprocessing", "check ours vs naive"):
+        assert needle in text, f"missing {needle!r} in:\n{text}"
+    res = json.loads(out.read_text())
+    s = res["summary"]
+    assert all(s[k]["ours_ms"] > 0 and s[k]["naive_ms"] > 0 for k in ("inference", "train_image", "train_text"))
+    # the batched path and the naive one compute the same numbers
+    assert res["check"]["max_abs_diff_guided_logits"] < 1e-3
+    assert max(res["check"]["abs_diff_phase_loss"].values()) < 1e-4
+    assert res["clip_preprocessing"]["max_abs_diff"] < 1e-3
+    assert set(res["lengths"]) == {"5", "10", "20", "50"} and set(res["exact_decoder_ms"]) == {"8", "10", "12"}
