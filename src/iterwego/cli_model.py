@@ -163,7 +163,7 @@ def register(sub, add_data_args) -> None:
 
     s = sub.add_parser("demo", help="synth -> train (tiny) -> evaluate on embedded synthetic data, in a few minutes on a CPU")
     s.add_argument("--out", default="demo-out", help="working directory (default ./demo-out)")
-    s.add_argument("--stories", type=int, default=600, help="synthetic stories (default 600)")
+    s.add_argument("--stories", type=int, default=2000, help="synthetic stories over train/val/test (default 2000)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a tiny-preset config field (repeatable)")
     s.add_argument("--quiet", action="store_true")
