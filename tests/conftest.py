@@ -1,4 +1,8 @@
 import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests import shared builders from each other
 
 # Tests never touch the network: Hugging Face loaders must use local files only.
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -176,7 +176,8 @@ class FeatureCache:
                     bar.update(len(ch))
             if bar is not None:
                 bar.close()
-        return _assemble(parts, len(uniq))[torch.from_numpy(slot)]
+        out = _assemble(parts, len(uniq))
+        return out if len(uniq) == len(keys) else out[torch.from_numpy(slot)]  # no copy unless items repeat
 
     # ------------------------------------------------------------------ reading
     def _refresh(self, d: Path) -> dict[str, tuple[str, int]]:

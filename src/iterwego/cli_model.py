@@ -207,7 +207,7 @@ def format_order(r: dict, has_gold: bool = False) -> str:
         for k, i in enumerate(r["image_order"]):
             t = r["sentence_order"][k]
             c = f"   P(next after this) = {conf[k]:.2f}" if k < len(conf) else ""
-            lines.append(f"  {k + 1:>3}. {Path(r['images'][i]).name}  <->  {r['sentences'][t]!r}{c}")
+            lines.append(f"  {k + 1:>3}. {Path(r['images'][i]).name}  <->  {_short(r['sentences'][t])!r}{c}")
         g = v["guided"]
         lines.append(f"  guided image order:    {g['image_order']}  (rounds {g['rounds']['image']})")
         lines.append(f"  guided sentence order: {g['sentence_order']}  (rounds {g['rounds']['text']})")
@@ -218,8 +218,12 @@ def format_order(r: dict, has_gold: bool = False) -> str:
                 conf = v[key]["confidence"]
                 for k, i in enumerate(v[key]["order"]):
                     c = f"   P(next after this) = {conf[k]:.2f}" if k < len(conf) else ""
-                    lines.append(f"  {k + 1:>3}. {names[i] if mod == 'text' else Path(names[i]).name}{c}")
+                    lines.append(f"  {k + 1:>3}. {_short(names[i]) if mod == 'text' else Path(names[i]).name}{c}")
     return "\n".join(lines)
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def register_order(sub) -> None:

@@ -75,6 +75,8 @@ class TrainConfig:
     cosine: bool = True  # cosine learning-rate decay within each stage (to 5% of the base rate)
     decoder: str = "exact"  # decoder used for validation metrics during training
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    amp: str = "auto"  # mixed precision of the orderers: "auto" (bf16 autocast on CUDA, off on CPU) | "bf16" | "off"
+    compile: bool = False  # torch.compile the orderers and aligner in place (state-dict keys unchanged)
     num_threads: int = 0  # torch CPU threads (0: torch default)
 
 

@@ -70,18 +70,31 @@ def _from_pretrained(cls, name: str, local_files_only: bool, what: str):
 
 
 # --------------------------------------------------------------------------- images
+def _pool_map(fn, items: Sequence, workers: int | None = None) -> list:
+    """Decode images on a thread pool: PIL releases the GIL while decoding and resizing."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers <= 1 or len(items) < 4:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(workers) as ex:
+        return list(ex.map(fn, items))
+
+
 def load_pixels(paths: Sequence[str], size: int) -> Tensor:
     """Decode and resize images to ``size`` x ``size`` uint8 tensors ``(N, 3, size, size)``."""
     from PIL import Image
 
     from .images import load_image
 
-    out = np.empty((len(paths), size, size, 3), np.uint8)
-    for k, p in enumerate(paths):
+    def one(p):
         img = load_image(p)
         if img.size != (size, size):
             img = img.resize((size, size), Image.BICUBIC)
-        out[k] = np.asarray(img, np.uint8)
+        return np.asarray(img, np.uint8)
+
+    out = np.stack(_pool_map(one, list(paths))) if len(paths) else np.empty((0, size, size, 3), np.uint8)
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
@@ -135,23 +148,26 @@ class CLIPVisionBackbone:
         self.identity = f"clip-vision:{name}:{'embeds' if include_projection else 'pooled'}:{self.image_size}:clip-norm:v1"
 
     def pixel_values(self, paths: Sequence[str]) -> Tensor:
-        """CLIP preprocessing as tensor ops: shorter side to ``image_size`` (bicubic), centre crop, normalise."""
+        """CLIP preprocessing: shorter side to ``image_size`` (bicubic), centre crop, normalise; decoding on a thread pool."""
         from .images import load_image
 
         s = self.image_size
-        out = torch.empty(len(paths), 3, s, s)
         mean = torch.tensor(CLIP_MEAN)[:, None, None]
         std = torch.tensor(CLIP_STD)[:, None, None]
-        for k, p in enumerate(paths):
+
+        def one(p):
             img = load_image(p)
             w, h = img.size
             scale = s / min(w, h)
             img = img.resize((max(s, round(w * scale)), max(s, round(h * scale))), 3)
             w, h = img.size
             left, top = (w - s) // 2, (h - s) // 2
-            arr = torch.from_numpy(np.asarray(img.crop((left, top, left + s, top + s)), np.float32) / 255.0)
-            out[k] = (arr.permute(2, 0, 1) - mean) / std
-        return out
+            return np.asarray(img.crop((left, top, left + s, top + s)), np.uint8)
+
+        if not len(paths):
+            return torch.empty(0, 3, s, s)
+        arr = torch.from_numpy(np.stack(_pool_map(one, list(paths)))).permute(0, 3, 1, 2).float() / 255.0
+        return (arr - mean) / std
 
     @torch.no_grad()
     def featurize(self, items: Sequence[str]) -> Tensor:

@@ -20,6 +20,7 @@ from .decode import decode, pair_logprobs
 from .features import Batch, StorySet, batches
 from .guidance import align, iterate
 from .metrics import order_metrics
+from .model import autocast
 
 HEADLINE = ("acc", "pmr", "tau")
 
@@ -86,12 +87,12 @@ def _decode_batch(lp: Tensor, index: Tensor, pos: Tensor, method: str) -> tuple[
 class Evaluator:
     """Evaluate a model on a fixed, seeded presentation of a story set."""
 
-    def __init__(self, ss: StorySet, feats: dict[str, Tensor], guidance: GuidanceConfig, *, mapping: str = "hungarian", decoder: str = "exact", rounds: int | None = None, batch_size: int = 64, seed: int = 1234, device: str | torch.device = "cpu"):
+    def __init__(self, ss: StorySet, feats: dict[str, Tensor], guidance: GuidanceConfig, *, mapping: str = "hungarian", decoder: str = "exact", rounds: int | None = None, batch_size: int = 64, seed: int = 1234, device: str | torch.device = "cpu", amp: str = "auto"):
         self.ss, self.feats, self.g, self.mapping, self.decoder = ss, feats, guidance, mapping, decoder
         self.rounds = guidance.max_rounds if rounds is None else rounds
         rng = np.random.default_rng(seed)
         self.batches: list[Batch] = list(batches(ss, batch_size, rng, feats, shuffle_stories=False))
-        self.device = device
+        self.device, self.amp = torch.device(device), amp
 
     @torch.no_grad()
     def __call__(self, model, *, keep_orders: bool = False, only: str | None = None) -> EvalResult:
@@ -107,7 +108,8 @@ class Evaluator:
         align_hits, align_total = 0, 0
         for batch in self.batches:
             batch = batch.to(self.device)
-            logits = {m: model.orderer(m)(batch.feats[m], batch.index[m]) for m in mods}
+            with autocast(self.device, self.amp):
+                logits = {m: model.orderer(m)(batch.feats[m], batch.index[m]).float() for m in mods}
             for m in mods:
                 gold[m].extend([list(range(int(n))) for n in batch.valid(m).sum(1).tolist()])
                 if keep_orders:

@@ -132,7 +132,8 @@ class Batch:
     feats: dict[str, Tensor]
 
     def to(self, device) -> "Batch":
-        mv = lambda d: {k: v.to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
+        pin = torch.device(device).type == "cuda"  # pinned host memory lets the copy overlap with compute
+        mv = lambda d: {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
         return Batch(self.ids, mv(self.index), mv(self.pos), mv(self.feats))
 
     def valid(self, modality: str) -> Tensor:

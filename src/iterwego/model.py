@@ -99,6 +99,15 @@ class PairHead(nn.Module):
         return self.classifier(torch.tanh(self.drop(left[:, :, None, :] + right[:, None, :, :])))
 
 
+def autocast(device: torch.device | str, mode: str = "auto"):
+    """bf16 autocast on CUDA ("auto"/"bf16"); a no-op on CPU under "auto" and everywhere under "off"."""
+    device = torch.device(device)
+    if mode not in ("auto", "bf16", "off"):
+        raise ValueError(f"train.amp must be 'auto', 'bf16' or 'off', got {mode!r}")
+    on = mode == "bf16" or (mode == "auto" and device.type == "cuda")
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on)
+
+
 def scatter_items(feats: Tensor, index: Tensor) -> Tensor:
     """Place per-item rows ``(N, d)`` into a padded ``(B, n, d)`` batch; ``index`` is ``(B, n)``, -1 for padding."""
     B, n = index.shape

@@ -45,6 +45,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:
         raise _write_error(f"{path}: cannot write ({err.strerror or err})", err) from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a run directory should be readable like any file
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

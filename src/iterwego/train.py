@@ -33,7 +33,7 @@ from .evaluate import Evaluator, alignment_scores, pick
 from .features import batches, build_features
 from .guidance import align, guide
 from .distributed import Dist
-from .model import create_model, n_pairs, pair_loss
+from .model import autocast, create_model, n_pairs, pair_loss
 from .run import atomic_write_json, save_run
 
 
@@ -83,6 +83,10 @@ class TrainRecipe:
         self.train_stories = load_split(self.data, "train", **read)
         self.val_stories = load_split(self.data, "val", **read)
         self.model = create_model(c).to(self.device)
+        if c.train.compile:
+            for part in (self.model.image, self.model.text, self.model.aligner):
+                if part is not None:
+                    part.compile()
         sets, self.feats = build_features(self.model.encoders(), {"train": self.train_stories, "val": self.val_stories}, where=str(self.data), progress=self.progress, cache=self.cache)
         self.train_set, self.val_set = sets["train"], sets["val"]
         truncated = getattr(self.model.text_encoder.backbone, "truncated", 0)
@@ -90,7 +94,7 @@ class TrainRecipe:
             self.log(f"note: {truncated} sentence(s) longer than {c.encoder.text_max_length} tokens were truncated")
         self.truncated = truncated
         self.log(f"data: {len(self.train_stories)} train / {len(self.val_stories)} val stories; features ready in {time.time() - t0:.1f}s")
-        self.val_eval = Evaluator(self.val_set, self.feats, c.guidance, mapping=c.aligner.mapping, decoder=c.train.decoder, seed=c.train.seed + 1, device=self.device)
+        self.val_eval = Evaluator(self.val_set, self.feats, c.guidance, mapping=c.aligner.mapping, decoder=c.train.decoder, seed=c.train.seed + 1, device=self.device, amp=c.train.amp)
         self.rng = np.random.default_rng(c.train.seed)
         return self
 
@@ -259,7 +263,9 @@ class TrainRecipe:
                 loss = None
                 if b is not None:
                     b = b.to(self.device)
-                    loss = self._pair_loss(orderer(b.feats[mod], b.index[mod]), b, mod, global_pairs)
+                    with autocast(self.device, t.amp):
+                        logits = orderer(b.feats[mod], b.index[mod])
+                    loss = self._pair_loss(logits, b, mod, global_pairs)
                 losses.append(self._step(opt, loss, orderer.parameters(), f"unimodal {mod} epoch {epoch} step {len(losses)}", sharded=True))
             val = pick(self.val_eval(self.model, only=mod).rounds[mod][0])
             val["loss"] = self.val_loss(mod)
@@ -337,7 +343,7 @@ class TrainRecipe:
                 losses.append(self._step(opt, None, m.orderer(tgt).parameters(), f"iterative epoch {epoch} {tgt} phase step {len(losses)}", sharded=True))
                 continue
             b = b.to(self.device)
-            with torch.no_grad():  # the guiding orderer and the aligner do not learn in this phase
+            with torch.no_grad(), autocast(self.device, t.amp):  # the guiding orderer and the aligner do not learn in this phase
                 m.orderer(src).eval()
                 src_logits = m.orderer(src)(b.feats[src], b.index[src])
                 scores = alignment_scores(m, b)
@@ -346,7 +352,8 @@ class TrainRecipe:
                 else:
                     mapping = align(scores, c.aligner.mapping, b.valid("image"), b.valid("text"))
             m.orderer(tgt).train()
-            logits = m.orderer(tgt)(b.feats[tgt], b.index[tgt])
+            with autocast(self.device, t.amp):
+                logits = m.orderer(tgt)(b.feats[tgt], b.index[tgt])
             guided = guide(logits, src_logits, mapping, threshold=thr, weight=lam, rule=g.train_rule, valid=b.valid(src))
             loss = self._pair_loss(guided, b, tgt, global_pairs)
             losses.append(self._step(opt, loss, m.orderer(tgt).parameters(), f"iterative epoch {epoch} {tgt} phase step {len(losses)}", sharded=True))
