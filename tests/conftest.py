@@ -8,6 +8,10 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests import shared builders f
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CLI's feature cache defaults to ~/.cache/iterwego; tests keep theirs in a throwaway directory.
+import tempfile  # noqa: E402
+
+os.environ["ITERWEGO_CACHE"] = tempfile.mkdtemp(prefix="iterwego-test-cache-")
 
 
 # --------------------------------------------------------------------------- model fixtures (appended)

@@ -20,6 +20,21 @@ def test_demo_runs_end_to_end_small(tmp_path, capsys):
     assert (tmp_path / "report.html").is_file() and (tmp_path / "run" / "model.safetensors").is_file()
 
 
+def test_cli_fills_and_reuses_the_feature_cache(tmp_path, monkeypatch):
+    from iterwego import encoders
+
+    cache = tmp_path / "cache"
+    args = ["demo", "--out", str(tmp_path / "a"), "--stories", "20", "--quiet", "--cache-dir", str(cache), *FAST]
+    assert main(args) == 0
+    assert any(cache.rglob("*.safetensors"))
+    calls = []
+    orig = encoders.Encoder.featurize
+    monkeypatch.setattr(encoders.Encoder, "featurize", lambda self, items, **kw: calls.append(len(items)) or orig(self, items, **kw))
+    args[2] = str(tmp_path / "b")
+    assert main(args) == 0  # same seed, same data: every backbone feature comes from the cache
+    assert calls == []
+
+
 @pytest.mark.slow
 def test_demo_meets_the_targets(tmp_path):
     """The default demo: guided beats unimodal by 10 points in both modalities; fused >= 80% of its ceiling."""

@@ -11,7 +11,21 @@ from pathlib import Path
 from .errors import IterWeGOError
 
 
-def _eval_run(run: Path, data: Path, split: str, *, fmt="vist", image_dir=None, text_field="text", decoder="exact", progress=True, keep_orders=False):
+def _cache(a: argparse.Namespace):
+    """The on-disk feature cache the user asked for (default: $ITERWEGO_CACHE or ~/.cache/iterwego), or None."""
+    if getattr(a, "no_cache", False):
+        return None
+    from .cache import FeatureCache
+
+    return FeatureCache(getattr(a, "cache_dir", None) or FeatureCache.default_root())
+
+
+def _add_cache_args(s) -> None:
+    s.add_argument("--cache-dir", default=None, help="feature cache directory (default: $ITERWEGO_CACHE or ~/.cache/iterwego)")
+    s.add_argument("--no-cache", action="store_true", help="compute backbone features without the on-disk cache")
+
+
+def _eval_run(run: Path, data: Path, split: str, *, fmt="vist", image_dir=None, text_field="text", decoder="exact", progress=True, keep_orders=False, cache=None):
     """Evaluate a run on ``split``; the inference round comes from validation (saved at training, or computed here)."""
     import torch
 
@@ -24,7 +38,7 @@ def _eval_run(run: Path, data: Path, split: str, *, fmt="vist", image_dir=None, 
     cfg = model.cfg
     read = dict(fmt=fmt, image_dir=image_dir, text_field=text_field)
     splits = list(dict.fromkeys([split] + ([] if meta.get("chosen_rounds") else ["val"])))
-    sets, feats = build_features(model.encoders(), {sp: load_split(data, sp, **read) for sp in splits}, where=str(data), progress=progress)
+    sets, feats = build_features(model.encoders(), {sp: load_split(data, sp, **read) for sp in splits}, where=str(data), progress=progress, cache=cache)
     device = next(model.parameters()).device
     ev = lambda ss: Evaluator(ss, feats, cfg.guidance, mapping=cfg.aligner.mapping, decoder=decoder, seed=cfg.train.seed + 2, device=device)  # noqa: E731
     chosen = meta.get("chosen_rounds") or ev(sets["val"])(model).choose_rounds()
@@ -59,7 +73,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .train import TrainRecipe, resume_recipe
 
     if a.resume:
-        recipe = resume_recipe(a.resume, progress=not a.quiet)
+        recipe = resume_recipe(a.resume, progress=not a.quiet, cache=_cache(a))
         out = a.resume
     else:
         if not a.data or not a.out:
@@ -68,7 +82,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         if a.print_config:
             print(cfg.to_json())
             return 0
-        recipe = TrainRecipe(cfg, a.data, a.out, fmt=a.fmt, image_dir=a.image_dir, text_field=a.text_field, progress=not a.quiet)
+        recipe = TrainRecipe(cfg, a.data, a.out, fmt=a.fmt, image_dir=a.image_dir, text_field=a.text_field, progress=not a.quiet, cache=_cache(a))
         recipe.setup()
         out = a.out
     try:
@@ -83,7 +97,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import format_table
 
     t0 = time.time()
-    result, chosen, ss, _ = _eval_run(Path(a.run), Path(a.data), a.split, fmt=a.fmt, image_dir=a.image_dir, text_field=a.text_field, decoder=a.decoder, progress=not a.quiet, keep_orders=bool(a.html))
+    result, chosen, ss, _ = _eval_run(Path(a.run), Path(a.data), a.split, fmt=a.fmt, image_dir=a.image_dir, text_field=a.text_field, decoder=a.decoder, progress=not a.quiet, keep_orders=bool(a.html), cache=_cache(a))
     report = result.report(chosen)
     title = f"{a.split} split, decoder {a.decoder}, {len(result.story_ids)} stories"
     ceilings = _ceilings(a.data, a.split)
@@ -117,13 +131,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
     synthesize(data, SynthConfig(stories=a.stories, seed=a.seed), progress=not a.quiet)
     print("[2/3] training the tiny preset (unimodal orderers, aligner, iterative guidance)", flush=True)
     cfg = preset("tiny").override([f"train.seed={a.seed}"] + (a.set or []))
-    recipe = TrainRecipe(cfg, data, run, progress=not a.quiet)
+    recipe = TrainRecipe(cfg, data, run, progress=not a.quiet, cache=_cache(a))
     try:
         recipe.setup().train().save()
     finally:
         recipe.cleanup()
     print("[3/3] evaluating on the test split (inference round chosen on validation)", flush=True)
-    result, chosen, ss, _ = _eval_run(run, data, "test", progress=False, keep_orders=True)
+    result, chosen, ss, _ = _eval_run(run, data, "test", progress=False, keep_orders=True, cache=_cache(a))
     report = result.report(chosen)
     (out / "test_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     try:
@@ -148,6 +162,7 @@ def register(sub, add_data_args) -> None:
     s.add_argument("--preset", default="tiny", choices=["tiny", "paper"], help="named config preset (default tiny)")
     s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field, e.g. --set train.unimodal_epochs=5 (repeatable)")
     s.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    _add_cache_args(s)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_train)
 
@@ -158,6 +173,7 @@ def register(sub, add_data_args) -> None:
     s.add_argument("--decoder", default="exact", choices=["exact", "tsort", "beam"])
     s.add_argument("--json", default=None, help="write the metrics JSON here")
     s.add_argument("--html", default=None, help="write an HTML report (tables, plots per round, confidence histograms, sample stories)")
+    _add_cache_args(s)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_evaluate)
 
@@ -166,6 +182,7 @@ def register(sub, add_data_args) -> None:
     s.add_argument("--stories", type=int, default=2000, help="synthetic stories over train/val/test (default 2000)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a tiny-preset config field (repeatable)")
+    _add_cache_args(s)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_demo)
     register_order(sub)

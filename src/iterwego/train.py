@@ -427,7 +427,7 @@ def _tensorboard(path: Path):
     return SummaryWriter(str(path))
 
 
-def resume_recipe(run: str | Path, *, progress: bool = True, log=print) -> TrainRecipe:
+def resume_recipe(run: str | Path, *, progress: bool = True, log=print, cache=None) -> TrainRecipe:
     """A recipe continuing the interrupted training in ``run`` (set up, state loaded)."""
     from .errors import ModelLoadError
 
@@ -439,7 +439,7 @@ def resume_recipe(run: str | Path, *, progress: bool = True, log=print) -> Train
         cfg = Config.from_dict(a["config"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ModelLoadError) as err:
         raise ModelLoadError(f"{args_path}: unusable ({type(err).__name__}: {err})") from None
-    r = TrainRecipe(cfg, a["data"], run, fmt=a["format"], image_dir=a["image_dir"], text_field=a["text_field"], progress=progress, log=log)
+    r = TrainRecipe(cfg, a["data"], run, fmt=a["format"], image_dir=a["image_dir"], text_field=a["text_field"], progress=progress, log=log, cache=cache)
     r.setup()
     r.load_state()
     return r
