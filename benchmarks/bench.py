@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -542,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--naive-stories", type=int, default=None, help="stories the naive baseline runs on (default: all; paper on GPU 16)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement, median reported (default: 3; paper on CPU 1)")
     ap.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
-    ap.add_argument("--work", type=str, default=None, help="directory for the generated images and caches (default: a temporary one)")
+    ap.add_argument("--work", type=str, default=None, help="directory for the generated images and caches, kept afterwards (default: a temporary one, removed)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -562,7 +563,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    res = run(args)
+    scratch = None
+    if args.work is None:
+        scratch = args.work = tempfile.mkdtemp(prefix="iterwego-bench-")
+    try:
+        res = run(args)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     res["wall_s"] = time.time() - t0
     res["load_average_end"] = os.getloadavg()
     print(table(res))

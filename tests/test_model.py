@@ -450,3 +450,46 @@ def test_report_uses_the_given_rounds_and_the_documented_shape():
     assert rep["text"]["guided"] == rep["text"]["rounds"][1] == {"acc": 0.5, "pmr": 0.4, "tau": 0.5}
     assert rep["fused"] == {"acc": 0.9, "pmr": 0.8, "tau": 0.7} and rep["alignment_accuracy"] == 0.75
     assert json.loads(json.dumps(rep)) == rep
+
+
+@pytest.mark.parametrize("wh", [(256, 256), (401, 333), (333, 401), (640, 480), (225, 900)])
+def test_clip_preprocessing_matches_transformers_processor(tmp_path, wh):
+    """The tensor path equals CLIPImageProcessor's output within 1e-3 (square and non-square inputs)."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    from iterwego.encoders import clip_pixel_values
+
+    rng = np.random.default_rng(wh[0])
+    p = tmp_path / "x.jpg"
+    Image.fromarray(rng.integers(0, 255, (wh[1], wh[0], 3), dtype=np.uint8)).save(p, quality=90)
+    ours = clip_pixel_values([str(p)], 224)
+    ref = CLIPImageProcessor()(Image.open(p).convert("RGB"), return_tensors="pt")["pixel_values"]
+    assert ours.shape == ref.shape == (1, 3, 224, 224)
+    assert float((ours - ref).abs().max()) <= 1e-3
+
+
+def test_backbone_identity_follows_the_weights_not_the_path(tiny_bert_dir, tmp_path):
+    """Replacing weights in the same directory changes the identity (stale cache entries are not reused);
+    copying the directory elsewhere keeps the fingerprint, so a run can move between machines."""
+    import shutil
+
+    from transformers import BertModel
+
+    from iterwego.encoders import weights_fingerprint
+    from iterwego.run import _portable
+
+    d = tmp_path / "bert"
+    shutil.copytree(tiny_bert_dir, d)
+    before = weights_fingerprint(str(d))
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(d, moved)
+    assert weights_fingerprint(str(moved)) == before != ""
+    assert _portable(f"bert:{d}{before}:skip0") == _portable(f"bert:{moved}{before}:skip0")
+    m = BertModel.from_pretrained(str(d))
+    torch.manual_seed(0)
+    for p in m.parameters():
+        p.data.normal_()
+    m.save_pretrained(str(d))
+    assert weights_fingerprint(str(d)) != before
+    assert weights_fingerprint("bert-base-uncased") == ""  # hub names: the name is the identity

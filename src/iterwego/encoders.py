@@ -43,6 +43,30 @@ def minilm_dir() -> Path:
     return d
 
 
+def weights_fingerprint(name: str) -> str:
+    """``@<hash>`` of a local model directory's weight files (name, size, first and last MiB), else ``""``.
+
+    Part of a backbone's identity, so replacing the weights inside the same
+    directory invalidates cached features; content-based, so copying a
+    directory to another machine keeps it.
+    """
+    d = Path(name)
+    if not d.is_dir():
+        return ""
+    h = hashlib.sha256()
+    for f in sorted(d.glob("*")):
+        if f.suffix not in (".safetensors", ".bin", ".pt", ".pth") or not f.is_file():
+            continue
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read(1 << 20))
+    return "@" + h.hexdigest()[:12]
+
+
 def _resolve(name: str, base_dir: str | Path | None) -> str:
     """Local directories win over hub names; relative paths resolve against the run directory."""
     if base_dir is not None and not Path(name).is_absolute() and (Path(base_dir) / name).exists():
@@ -131,6 +155,34 @@ class CNNHead(nn.Module):
         return self.net((x - 0.5) / 0.25)
 
 
+def clip_pixel_values(paths: Sequence[str], size: int = 224) -> Tensor:
+    """CLIP preprocessing, equal to transformers' ``CLIPImageProcessor`` (PIL backend) within 1e-3.
+
+    Shorter side to ``size`` (bicubic; the long side truncated as transformers
+    does), centre crop, scale to [0, 1], normalise once for the whole batch;
+    decoding and resizing run on a thread pool.
+    """
+    from .images import load_image
+
+    def one(p):
+        img = load_image(p)
+        w, h = img.size
+        if w <= h:
+            nw, nh = size, int(size * h / w)
+        else:
+            nw, nh = int(size * w / h), size
+        img = img.resize((nw, nh), 3)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return np.asarray(img.crop((left, top, left + size, top + size)), np.uint8)
+
+    if not len(paths):
+        return torch.empty(0, 3, size, size)
+    arr = torch.from_numpy(np.stack(_pool_map(one, list(paths)))).permute(0, 3, 1, 2).float() / 255.0
+    mean = torch.tensor(CLIP_MEAN)[:, None, None]
+    std = torch.tensor(CLIP_STD)[:, None, None]
+    return (arr - mean) / std
+
+
 class CLIPVisionBackbone:
     """CLIP's vision tower up to the pooled output (or up to the projected, normalised embedding)."""
 
@@ -145,29 +197,10 @@ class CLIPVisionBackbone:
         self.include_projection = include_projection
         vc = self.model.config.vision_config
         self.image_size = vc.image_size
-        self.identity = f"clip-vision:{name}:{'embeds' if include_projection else 'pooled'}:{self.image_size}:clip-norm:v1"
+        self.identity = f"clip-vision:{name}{weights_fingerprint(name)}:{'embeds' if include_projection else 'pooled'}:{self.image_size}:clip-norm:v1"
 
     def pixel_values(self, paths: Sequence[str]) -> Tensor:
-        """CLIP preprocessing: shorter side to ``image_size`` (bicubic), centre crop, normalise; decoding on a thread pool."""
-        from .images import load_image
-
-        s = self.image_size
-        mean = torch.tensor(CLIP_MEAN)[:, None, None]
-        std = torch.tensor(CLIP_STD)[:, None, None]
-
-        def one(p):
-            img = load_image(p)
-            w, h = img.size
-            scale = s / min(w, h)
-            img = img.resize((max(s, round(w * scale)), max(s, round(h * scale))), 3)
-            w, h = img.size
-            left, top = (w - s) // 2, (h - s) // 2
-            return np.asarray(img.crop((left, top, left + s, top + s)), np.uint8)
-
-        if not len(paths):
-            return torch.empty(0, 3, s, s)
-        arr = torch.from_numpy(np.stack(_pool_map(one, list(paths)))).permute(0, 3, 1, 2).float() / 255.0
-        return (arr - mean) / std
+        return clip_pixel_values(paths, self.image_size)
 
     @torch.no_grad()
     def featurize(self, items: Sequence[str]) -> Tensor:
@@ -230,7 +263,7 @@ class BertBackbone:
         self.hidden = self.model.config.hidden_size
         self.truncated = 0  # sentences cut at max_length so far (reported to the user)
         pool = "allpos" if official_pooling else "masked"
-        self.identity = f"bert:{name}:skip{skip_top}:len{max_length}:{pool}:v1"
+        self.identity = f"bert:{name}{weights_fingerprint(name)}:skip{skip_top}:len{max_length}:{pool}:v1"
 
     def tokenize(self, sentences: Sequence[str]) -> dict:
         full = self.tokenizer(list(sentences), add_special_tokens=True, truncation=False)["input_ids"]
@@ -291,7 +324,7 @@ class CLIPTextBackbone:
         self.model.eval().requires_grad_(False)
         self.tokenizer = tokenizer if tokenizer is not None else _from_pretrained(AutoTokenizer, name, local_files_only, "CLIP tokenizer")
         self.max_length = max_length or self.model.config.text_config.max_position_embeddings
-        self.identity = f"clip-text:{name}:embeds:len{self.max_length}:v1"
+        self.identity = f"clip-text:{name}{weights_fingerprint(name)}:embeds:len{self.max_length}:v1"
 
     @torch.no_grad()
     def featurize(self, items: Sequence[str]) -> Tensor:

@@ -104,6 +104,13 @@ def read_config(run_dir: str | Path) -> tuple[Config, dict]:
         raise ModelLoadError(f"{run_dir / 'config.json'}: {err}") from None
 
 
+def _portable(identity: str) -> str:
+    """A backbone identity without the local directory's path (kept: its weights fingerprint), so runs can move."""
+    import re
+
+    return re.sub(r"^([a-z-]+):[^@]*@", r"\1:@", identity) if "@" in identity else identity
+
+
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", *, modalities: tuple[str, ...] = ("image", "text")):
     """Rebuild the model saved in ``run_dir``. Returns ``(model, meta)``."""
     from safetensors import SafetensorError
@@ -116,7 +123,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", *, modalit
     model = create_model(cfg, base_dir=run_dir, modalities=modalities)
     for m, e in model.encoders().items():
         want = meta.get("backbones", {}).get(m)
-        if want is not None and e.identity != want and not want.startswith(("clip-vision:backbones", "bert:backbones", "clip-text:backbones")):
+        if want is not None and _portable(e.identity) != _portable(want):
             raise ModelLoadError(f"{run_dir}: the {m} backbone now resolves to {e.identity!r} but the run was trained with {want!r}")
     try:
         state = load_file(str(run_dir / "model.safetensors"))
