@@ -23,5 +23,8 @@ test: setup
 test-all: setup
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m ''
 
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py --size tiny
+
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache
