@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -318,19 +317,9 @@ class FeatureCache:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from .run import atomic_write_bytes  # one home for atomic writes (WriteError is an OSError too)
+
+    atomic_write_bytes(path, data)
 
 
 def _assemble(parts: list[tuple[np.ndarray, Tensor]], n: int) -> Tensor:

@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
+
 
 from .errors import IterWeGOError
 

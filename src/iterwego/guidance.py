@@ -67,7 +67,6 @@ def guide(
     if weight == 0 or threshold >= 1:
         return target
     B, n = target.shape[0], target.shape[1]
-    m = source.shape[1]
     ok = alignment >= 0
     valid = ok if valid is None else (valid & ok)
     sel = select_pairs(source, threshold, rule, valid)  # (B, m, m)

@@ -44,7 +44,6 @@ from .guidance import align, iterate
 from .model import PairHead, SetTransformer
 
 __all__ = [
-    "CLIPTextBackbone",
     "EVAL_GUIDANCE",
     "OfficialCheckpoint",
     "OfficialModel",

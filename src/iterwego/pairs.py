@@ -30,13 +30,13 @@ from __future__ import annotations
 import csv
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from .data import Item, Story
+from .run import atomic_write_bytes
 from .errors import DataError
 
 MODALITIES = ("sentence", "image")
@@ -90,17 +90,7 @@ def write_pairs(
         )
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{split}.tsv"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=out)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write_bytes(target, buf.getvalue().encode("utf-8"))
     return target
 
 

@@ -21,7 +21,6 @@ import html
 import io
 import math
 import os
-import tempfile
 import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -85,34 +84,10 @@ def _esc(x: object) -> str:
     return html.escape(str(x), quote=True)
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where /proc allows (os.umask alone must set it to read it)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder (same filesystem for os.replace)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a report is an ordinary, shareable file
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    from .run import atomic_write_bytes  # one home for atomic writes
+
+    atomic_write_bytes(path, data)
 
 
 def _page(title: str, body: str) -> bytes:
