@@ -493,3 +493,22 @@ def test_backbone_identity_follows_the_weights_not_the_path(tiny_bert_dir, tmp_p
     m.save_pretrained(str(d))
     assert weights_fingerprint(str(d)) != before
     assert weights_fingerprint("bert-base-uncased") == ""  # hub names: the name is the identity
+
+
+def test_save_pretrained_from_pretrained_round_trip(tmp_path):
+    """The sentence-transformers habit: a model saves its config beside its weights and loads back identically."""
+    from iterwego.config import preset
+    from iterwego.model import IterWeGO, create_model
+
+    cfg = preset("tiny").override(["encoder.image_size=32"])
+    torch.manual_seed(0)
+    m = create_model(cfg).eval()
+    m.save_pretrained(tmp_path / "run", meta={"chosen_rounds": {"image": 1, "text": 2}})
+    back = IterWeGO.from_pretrained(tmp_path / "run")
+    assert back.meta["chosen_rounds"] == {"image": 1, "text": 2}
+    assert back.cfg.to_dict() == m.cfg.to_dict()
+    a, b = m.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    feats = torch.randn(7, back.text_encoder.out_dim)
+    index = torch.tensor([[0, 1, 2, 3], [4, 5, 6, -1]])
+    assert torch.equal(m.text(feats, index), back.text(feats, index))

@@ -146,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"iterwego {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # e.g. `iterwego synth ... | head`: the reader left, which is not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"iterwego {args.command}: interrupted", file=sys.stderr)
         return 130

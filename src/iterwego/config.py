@@ -21,6 +21,7 @@ class EncoderConfig:
     text: str = "minilm"  # "minilm" | "bert:<hf-name-or-local-dir>" | "tokens"
     image_size: int = 64  # side the image is resized to (cnn); CLIP uses its own processor size
     cnn_width: int = 32  # channels of the first conv layer of the cnn encoder (doubles twice)
+    cnn_stem_stride: int = 2  # stride of the cnn's first conv (4: an 8x8 stem that reads 2x larger images at the same cost)
     text_max_length: int = 40  # tokens per sentence; longer sentences are truncated and counted
     text_train_layers: int = 0  # top transformer layers of the text backbone that train (paper: 2)
     image_train_projection: bool = True  # CLIP: train the visual projection (the only trainable part by default)

@@ -138,11 +138,13 @@ class PixelBackbone:
 class CNNHead(nn.Module):
     """A small conv net trained from scratch; pooled to 4x4 so it keeps coarse layout."""
 
-    def __init__(self, out_dim: int, width: int = 32):
+    def __init__(self, out_dim: int, width: int = 32, stem_stride: int = 2):
         super().__init__()
         w = width
+        # a wider, strided stem reads full-resolution pixels at the cost of a half-resolution input
+        stem = nn.Conv2d(3, w, 5, stride=2, padding=2) if stem_stride == 2 else nn.Conv2d(3, w, 2 * stem_stride, stride=stem_stride, padding=stem_stride // 2)
         self.net = nn.Sequential(
-            nn.Conv2d(3, w, 5, stride=2, padding=2), nn.ReLU(),
+            stem, nn.ReLU(),
             nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.ReLU(),
             nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.ReLU(),
             nn.AdaptiveAvgPool2d(4), nn.Flatten(),
@@ -376,7 +378,7 @@ def build_encoder(modality: str, cfg: EncoderConfig, d_cnn: int = 128, base_dir:
     preloaded = preloaded or {}
     if modality == "image" and kind == "cnn":
         bb = PixelBackbone(cfg.image_size)
-        return Encoder("image", spec, bb, lambda: CNNHead(d_cnn, cfg.cnn_width), d_cnn)
+        return Encoder("image", spec, bb, lambda: CNNHead(d_cnn, cfg.cnn_width, cfg.cnn_stem_stride), d_cnn)
     if modality == "image" and kind == "clip":
         if not name:
             raise ValueError("clip encoder needs a name or directory: clip:<hf-name-or-dir>")

@@ -215,6 +215,21 @@ class IterWeGO(nn.Module):
         else:
             raise ValueError(f"unknown aligner kind {cfg.aligner.kind!r}; choose 'learned' or 'clip'")
 
+    @classmethod
+    def from_pretrained(cls, run_dir, device="cpu") -> "IterWeGO":
+        """Rebuild a saved model (config, weights, backbones) from a run directory; see :mod:`iterwego.run`."""
+        from .run import load_run
+
+        model, meta = load_run(run_dir, device)
+        model.meta = meta
+        return model
+
+    def save_pretrained(self, run_dir, meta: dict | None = None) -> None:
+        """Write config, weights (safetensors) and metadata atomically into ``run_dir``."""
+        from .run import save_run
+
+        save_run(run_dir, self, {**getattr(self, "meta", {}), **(meta or {})})
+
     def encoders(self) -> dict:
         """Every backbone the model reads features from, by feature-bank name."""
         out = {"image": self.image_encoder, "text": self.text_encoder}
