@@ -178,13 +178,15 @@ def fused_orders(img_logits: Tensor, txt_logits: Tensor, scores: Tensor, batch: 
     txt_on_img = txt_logits[torch.arange(B)[:, None, None], ac[:, :, None], ac[:, None, :]]
     paired = (a >= 0)[:, :, None] & (a >= 0)[:, None, :]
     fused = img_logits + torch.where(paired[..., None], txt_on_img, torch.zeros_like(txt_on_img))
-    img_orders, _ = _decode_batch(pair_logprobs(fused), batch.index["image"], batch.pos["image"], decoder)
-    # map back: the image slot order -> text slots through a; unpaired sentences go last in slot order
     lp = pair_logprobs(fused).float().cpu().numpy()
-    a_np, pos_t, n_img, n_txt = a.cpu().numpy(), batch.pos["text"].cpu().numpy(), iv.sum(1).tolist(), tv.sum(1).tolist()
-    txt_orders = []
+    a_np, pos_i, pos_t = a.cpu().numpy(), batch.pos["image"].cpu().numpy(), batch.pos["text"].cpu().numpy()
+    n_img, n_txt = iv.sum(1).tolist(), tv.sum(1).tolist()
+    img_orders, txt_orders = [], []
     for b in range(B):
-        slots = decode(lp[b, : n_img[b], : n_img[b]], method=decoder if n_img[b] <= 12 or decoder != "exact" else "beam")
+        n = n_img[b]
+        slots = decode(lp[b, :n, :n], method="beam" if decoder == "exact" and n > 12 else decoder)
+        img_orders.append([int(pos_i[b, s]) for s in slots])
+        # the same order mapped to the sentences; unpaired sentences (unequal counts) go last in slot order
         t_slots = [int(a_np[b, s]) for s in slots if a_np[b, s] >= 0]
         t_slots += [s for s in range(n_txt[b]) if s not in set(t_slots)]
         txt_orders.append([int(pos_t[b, s]) for s in t_slots])
