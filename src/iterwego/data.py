@@ -92,16 +92,21 @@ _VIST_EXT_RANK = {e: i for i, e in enumerate(_VIST_EXTS)}
 _CHECK_THREADS = min(16, 2 * (os.cpu_count() or 1))
 
 
-def _read_text(path: Path) -> str:
-    """The file's text, strict UTF-8 (a BOM is tolerated)."""
+def _read_bytes(path: Path, expected: str = "a file") -> bytes:
+    """The file's bytes, or a one-line DataError naming it."""
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise DataError("file not found", path=str(path)) from None
     except IsADirectoryError:
-        raise DataError("is a directory, expected a file", path=str(path)) from None
+        raise DataError(f"is a directory, expected {expected}", path=str(path)) from None
     except OSError as err:
         raise DataError(f"cannot read file ({err.strerror or err})", path=str(path)) from None
+
+
+def _read_text(path: Path) -> str:
+    """The file's text, strict UTF-8 (a BOM is tolerated)."""
+    raw = _read_bytes(path)
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -355,14 +360,7 @@ def read_jsonl(
         ImageError: a missing or unreadable image while ``check_images`` is on.
     """
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise DataError("file not found", path=str(p)) from None
-    except IsADirectoryError:
-        raise DataError("is a directory, expected a .jsonl file", path=str(p)) from None
-    except OSError as err:
-        raise DataError(f"cannot read file ({err.strerror or err})", path=str(p)) from None
+    raw = _read_bytes(p, "a .jsonl file")
     base = Path(image_root if image_root is not None else p.parent).resolve()
 
     stories: list[Story] = []
