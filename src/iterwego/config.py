@@ -65,6 +65,7 @@ class GuidanceConfig:
 class TrainConfig:
     seed: int = 0  # seeds python, numpy and torch; shuffles are drawn from it
     batch_size: int = 16  # stories per optimiser step
+    eval_batch_size: int = 64  # stories per forward in validation/evaluation (split across processes when data parallel)
     lr: float = 1e-3  # base learning rate (Adam)
     weight_decay: float = 1e-5  # Adam weight decay
     backbone_lr_mult: float = 0.1  # trainable backbone parts (CLIP projection, top BERT layers) learn at lr * this

@@ -87,75 +87,88 @@ def _decode_batch(lp: Tensor, index: Tensor, pos: Tensor, method: str) -> tuple[
 class Evaluator:
     """Evaluate a model on a fixed, seeded presentation of a story set."""
 
-    def __init__(self, ss: StorySet, feats: dict[str, Tensor], guidance: GuidanceConfig, *, mapping: str = "hungarian", decoder: str = "exact", rounds: int | None = None, batch_size: int = 64, seed: int = 1234, device: str | torch.device = "cpu", amp: str = "auto"):
+    def __init__(self, ss: StorySet, feats: dict[str, Tensor], guidance: GuidanceConfig, *, mapping: str = "hungarian", decoder: str = "exact", rounds: int | None = None, batch_size: int = 64, seed: int = 1234, device: str | torch.device = "cpu", amp: str = "auto", dist_ctx=None):
         self.ss, self.feats, self.g, self.mapping, self.decoder = ss, feats, guidance, mapping, decoder
         self.rounds = guidance.max_rounds if rounds is None else rounds
         rng = np.random.default_rng(seed)
         self.batches: list[Batch] = list(batches(ss, batch_size, rng, feats, shuffle_stories=False))
         self.device, self.amp = torch.device(device), amp
+        self.rank, self.world = (dist_ctx.rank, dist_ctx.world) if dist_ctx is not None and dist_ctx.enabled else (0, 1)
 
     @torch.no_grad()
     def __call__(self, model, *, keep_orders: bool = False, only: str | None = None) -> EvalResult:
-        """Evaluate ``model``; ``only="image"|"text"`` evaluates that orderer alone (round 0)."""
+        """Evaluate ``model``; ``only="image"|"text"`` evaluates that orderer alone (round 0).
+
+        Under data-parallel training each process evaluates every W-th batch
+        and the per-batch results are gathered, so every process ends with the
+        same, complete result.
+        """
         was = model.training
         model.eval()
         res = EvalResult(story_ids=[s.id for s in self.ss.stories])
         mods = [m for m in ("image", "text") if getattr(model, m) is not None and m in self.feats and only in (None, m)]
         cross = len(mods) == 2 and model.aligner is not None
         n_rounds = self.rounds if cross else 0
-        preds: dict[str, list[list[list[int]]]] = {m: [[] for _ in range(n_rounds + 1)] for m in mods}
-        fused_img, fused_txt, gold = [], [], {m: [] for m in mods}
-        align_hits, align_total = 0, 0
-        for batch in self.batches:
-            batch = batch.to(self.device)
-            with autocast(self.device, self.amp):
-                logits = {m: model.orderer(m)(batch.feats[m], batch.index[m]).float() for m in mods}
-            for m in mods:
-                gold[m].extend([list(range(int(n))) for n in batch.valid(m).sum(1).tolist()])
-                if keep_orders:
-                    p = pair_logprobs(logits[m]).exp()
-                    res.confidences.setdefault(m, []).extend(_adjacent_conf(p, batch, m))
-            if not cross:
-                for m in mods:
-                    o, fb = _decode_batch(pair_logprobs(logits[m]), batch.index[m], batch.pos[m], self.decoder)
-                    preds[m][0].extend(o)
-                    res.decoder_fallbacks += fb
-                continue
-            iv, tv = batch.valid("image"), batch.valid("text")
-            scores = alignment_scores(model, batch)  # (B, n_img, n_txt)
-            i2t = align(scores, self.mapping, iv, tv)
-            t2i = align(scores.transpose(1, 2), self.mapping, tv, iv)
-            # top-1 within-story alignment accuracy, image -> sentence by argmax
-            am = align(scores, "argmax", iv, tv)
-            pi, pt = batch.pos["image"], batch.pos["text"]
-            hit = (pt.gather(1, am.clamp(min=0)) == pi) & iv
-            align_hits += int(hit.sum())
-            align_total += int(iv.sum())
-            steps = iterate(logits["image"], logits["text"], t2i, i2t, n_rounds, threshold_t2i=self.g.threshold_t2i, threshold_i2t=self.g.threshold_i2t,
-                            weight_t2i=self.g.weight_t2i, weight_i2t=self.g.weight_i2t, rule=self.g.eval_rule, image_valid=iv, text_valid=tv)
-            for r, (li, lt) in enumerate(steps):
-                for m, lg in (("image", li), ("text", lt)):
-                    o, fb = _decode_batch(pair_logprobs(lg), batch.index[m], batch.pos[m], self.decoder)
-                    preds[m][r].extend(o)
-                    res.decoder_fallbacks += fb
-            fi, ft = fused_orders(logits["image"], logits["text"], scores, batch, self.decoder)
-            fused_img.extend(fi)
-            fused_txt.extend(ft)
+        parts = {bi: self._batch(model, b.to(self.device), mods, cross, n_rounds, keep_orders)
+                 for bi, b in enumerate(self.batches) if bi % self.world == self.rank}
+        if self.world > 1:
+            import torch.distributed as dist
+
+            gathered: list = [None] * self.world
+            dist.all_gather_object(gathered, parts)
+            parts = {k: v for g in gathered for k, v in g.items()}
+        parts = [parts[bi] for bi in sorted(parts)]
+        cat = lambda key: [x for p in parts for x in p[key]]  # noqa: E731
         for m in mods:
-            res.rounds[m] = [order_metrics(p, gold[m]) for p in preds[m]]
+            gold = cat(f"gold/{m}")
+            rounds = [cat(f"{m}/round{r}") for r in range(n_rounds + 1)]
+            res.rounds[m] = [order_metrics(p, gold) for p in rounds]
             if keep_orders:
-                for r, p in enumerate(preds[m]):
+                res.confidences[m] = cat(f"conf/{m}")
+                for r, p in enumerate(rounds):
                     res.orders[f"{m}/round{r}"] = p
+        res.decoder_fallbacks = sum(p["fallbacks"] for p in parts)
         if cross:
-            both = order_metrics(fused_img + fused_txt, gold["image"] + gold["text"])
-            res.fused = order_metrics(fused_img, gold["image"])
-            res.fused["text"] = pick(order_metrics(fused_txt, gold["text"]))
-            res.fused["both"] = pick(both)
-            res.alignment_accuracy = align_hits / max(align_total, 1)
+            fused_img, fused_txt = cat("fused/image"), cat("fused/text")
+            gi, gt = cat("gold/image"), cat("gold/text")
+            res.fused = order_metrics(fused_img, gi)
+            res.fused["text"] = pick(order_metrics(fused_txt, gt))
+            res.fused["both"] = pick(order_metrics(fused_img + fused_txt, gi + gt))
+            res.alignment_accuracy = sum(p["align_hits"] for p in parts) / max(sum(p["align_total"] for p in parts), 1)
             if keep_orders:
                 res.orders["fused/image"], res.orders["fused/text"] = fused_img, fused_txt
         model.train(was)
         return res
+
+    def _batch(self, model, batch: Batch, mods: list[str], cross: bool, n_rounds: int, keep_orders: bool) -> dict:
+        """Predictions of one batch, as plain lists (so they can be gathered across processes)."""
+        out: dict = {"fallbacks": 0, "align_hits": 0, "align_total": 0}
+        with autocast(self.device, self.amp):
+            logits = {m: model.orderer(m)(batch.feats[m], batch.index[m]).float() for m in mods}
+        for m in mods:
+            out[f"gold/{m}"] = [list(range(int(n))) for n in batch.valid(m).sum(1).tolist()]
+            if keep_orders:
+                out[f"conf/{m}"] = _adjacent_conf(pair_logprobs(logits[m]).exp(), batch, m)
+        if not cross:
+            for m in mods:
+                out[f"{m}/round0"], fb = _decode_batch(pair_logprobs(logits[m]), batch.index[m], batch.pos[m], self.decoder)
+                out["fallbacks"] += fb
+            return out
+        iv, tv = batch.valid("image"), batch.valid("text")
+        scores = alignment_scores(model, batch)  # (B, n_img, n_txt)
+        i2t = align(scores, self.mapping, iv, tv)
+        t2i = align(scores.transpose(1, 2), self.mapping, tv, iv)
+        am = align(scores, "argmax", iv, tv)  # top-1 within-story alignment accuracy, image -> sentence
+        hit = (batch.pos["text"].gather(1, am.clamp(min=0)) == batch.pos["image"]) & iv
+        out["align_hits"], out["align_total"] = int(hit.sum()), int(iv.sum())
+        steps = iterate(logits["image"], logits["text"], t2i, i2t, n_rounds, threshold_t2i=self.g.threshold_t2i, threshold_i2t=self.g.threshold_i2t,
+                        weight_t2i=self.g.weight_t2i, weight_i2t=self.g.weight_i2t, rule=self.g.eval_rule, image_valid=iv, text_valid=tv)
+        for r, (li, lt) in enumerate(steps):
+            for m, lg in (("image", li), ("text", lt)):
+                out[f"{m}/round{r}"], fb = _decode_batch(pair_logprobs(lg), batch.index[m], batch.pos[m], self.decoder)
+                out["fallbacks"] += fb
+        out["fused/image"], out["fused/text"] = fused_orders(logits["image"], logits["text"], scores, batch, self.decoder)
+        return out
 
 
 def alignment_scores(model, batch: Batch) -> Tensor:

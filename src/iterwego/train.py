@@ -94,7 +94,7 @@ class TrainRecipe:
             self.log(f"note: {truncated} sentence(s) longer than {c.encoder.text_max_length} tokens were truncated")
         self.truncated = truncated
         self.log(f"data: {len(self.train_stories)} train / {len(self.val_stories)} val stories; features ready in {time.time() - t0:.1f}s")
-        self.val_eval = Evaluator(self.val_set, self.feats, c.guidance, mapping=c.aligner.mapping, decoder=c.train.decoder, seed=c.train.seed + 1, device=self.device, amp=c.train.amp)
+        self.val_eval = Evaluator(self.val_set, self.feats, c.guidance, mapping=c.aligner.mapping, decoder=c.train.decoder, seed=c.train.seed + 1, device=self.device, amp=c.train.amp, dist_ctx=self.dist, batch_size=c.train.eval_batch_size)
         self.rng = np.random.default_rng(c.train.seed)
         return self
 
