@@ -65,3 +65,14 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
     BertModel(cfg).save_pretrained(d)
     return d
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (the machines have 2 shared cores; more threads only contend)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

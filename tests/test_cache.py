@@ -29,13 +29,7 @@ SMALL = OrdererConfig(d_model=16, layers=1, heads=2, ffn=32, dropout=0.1)
 SENTENCES = ["the red circle waits by the tank.", "hour seven: a green square looks at the water.", "a cat.", "then it rained all day long on the old blue house."]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: extra threads only contend
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # 2 shared cores: extra threads only contend
 
 
 def write_pngs(d: Path, n: int, seed: int = 0) -> list[str]:

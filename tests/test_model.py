@@ -24,13 +24,7 @@ SMALL = OrdererConfig(d_model=16, layers=2, heads=2, ffn=32, dropout=0.1)
 SENTENCES = ["the red circle waits by the tank.", "hour seven: a green square looks at the water level today.", "a cat."]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: extra threads only contend
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # 2 shared cores: extra threads only contend
 
 
 @pytest.fixture

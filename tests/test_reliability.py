@@ -13,7 +13,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -67,15 +66,8 @@ def _env(hash_seed: int) -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONHASHSEED": str(hash_seed)}
 
 
-def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "iterwego", "train", *args]
-
-
-def _log_lines(run: Path) -> int:
-    try:
-        return len((run / "log.jsonl").read_text().splitlines())
-    except FileNotFoundError:
-        return 0
+from test_resume_order import _log_lines  # noqa: E402  (shared with the 2-point resume test)
+from test_resume_order import _train_cmd as _cmd  # noqa: E402
 
 
 def _assert_same_run(a: Path, b: Path) -> None:
