@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from .config import PRESETS
 from .errors import IterWeGOError
 
 
@@ -158,7 +159,7 @@ def register(sub, add_data_args) -> None:
     add_data_args(s, required=False)
     s.add_argument("--out", help="run directory to write")
     s.add_argument("--resume", metavar="RUN", help="continue an interrupted training in RUN (same config, data and seed)")
-    s.add_argument("--preset", default="tiny", choices=["tiny", "paper"], help="named config preset (default tiny)")
+    s.add_argument("--preset", default="tiny", choices=PRESETS, help="named config preset (default tiny)")
     s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field, e.g. --set train.unimodal_epochs=5 (repeatable)")
     s.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     _add_cache_args(s)

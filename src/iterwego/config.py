@@ -7,7 +7,6 @@ possible so numbers, booleans and null work.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -198,7 +197,3 @@ def preset(name: str) -> Config:
 
 
 PRESETS = ("tiny", "paper")
-
-
-def replace(cfg: Config, **kw) -> Config:
-    return dataclasses.replace(cfg, **kw)

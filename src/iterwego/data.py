@@ -2,7 +2,7 @@
 
 A :class:`Story` is an id plus its items **in gold order**. Readers never
 shuffle: shuffling happens at training/evaluation time with a seeded
-generator (see :func:`iterwego.data.shuffled_order`).
+generator (see :func:`iterwego.features.make_batch`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from .errors import DataError, ImageError
 
@@ -55,19 +54,6 @@ class Story:
     @property
     def has_sentences(self) -> bool:
         return bool(self.items) and all(it.sentence is not None for it in self.items)
-
-
-def shuffled_order(n: int, rng: np.random.Generator) -> np.ndarray:
-    """A random presentation order of ``n`` items: ``perm[k]`` is the gold index shown at slot k."""
-    return rng.permutation(n)
-
-
-def gold_positions(perm: Sequence[int]) -> np.ndarray:
-    """Inverse of a presentation order: the slot at which each gold item was shown."""
-    perm = np.asarray(perm)
-    inv = np.empty_like(perm)
-    inv[perm] = np.arange(len(perm))
-    return inv
 
 
 # =====================================================================
