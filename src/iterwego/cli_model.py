@@ -47,24 +47,14 @@ def _eval_run(run: Path, data: Path, split: str, *, fmt="vist", image_dir=None, 
 
 
 def _ceilings(data: Path, split: str) -> dict | None:
-    p = Path(data) / "ceilings.json"
-    if not p.is_file():
-        return None
+    """The synthetic split's Bayes-optimal PMRs for the table, or None (real data, or an unreadable file)."""
+    from .synth import load_ceilings
+
     try:
-        c = json.loads(p.read_text())
-    except json.JSONDecodeError:
+        c = (load_ceilings(data) or {}).get(split) or {}
+    except IterWeGOError:
         return None
-    c = c.get(split, c)
-    keys = {"image": ("image_pmr", "image"), "text": ("text_pmr", "text"), "fused": ("fused_pmr", "fused")}
-    out = {}
-    for k, alts in keys.items():
-        for a in alts:
-            if isinstance(c.get(a), (int, float)):
-                out[k] = float(c[a])
-                break
-            if isinstance(c.get(a), dict) and "pmr" in c[a]:
-                out[k] = float(c[a]["pmr"])
-                break
+    out = {k: float(c[f"{k}_pmr"]) for k in ("image", "text", "fused") if isinstance(c.get(f"{k}_pmr"), (int, float))}
     return out if len(out) == 3 else None
 
 

@@ -178,6 +178,19 @@ def alignment_scores(model, batch: Batch) -> Tensor:
     return model.aligner.scores(fi, ft, batch.index["image"], batch.index["text"])
 
 
+def fuse_logits(img_logits: Tensor, txt_logits: Tensor, i2t: Tensor) -> Tensor:
+    """Image pair logits plus the text pair logits of the aligned sentences (``i2t``: (B, n_img), -1 unpaired).
+
+    Summing in logit space multiplies the two pairwise experts: each aligned
+    pair's log-odds is the sum of both modalities' log-odds.
+    """
+    B = i2t.shape[0]
+    ac = i2t.clamp(min=0)
+    txt_on_img = txt_logits[torch.arange(B, device=i2t.device)[:, None, None], ac[:, :, None], ac[:, None, :]]
+    paired = (i2t >= 0)[:, :, None] & (i2t >= 0)[:, None, :]
+    return img_logits + torch.where(paired[..., None], txt_on_img, torch.zeros_like(txt_on_img))
+
+
 def fused_orders(img_logits: Tensor, txt_logits: Tensor, scores: Tensor, batch: Batch, decoder: str) -> tuple[list[list[int]], list[list[int]]]:
     """Fused decoding: one-to-one alignment, summed pair evidence, one order mapped to both modalities.
 
@@ -186,12 +199,8 @@ def fused_orders(img_logits: Tensor, txt_logits: Tensor, scores: Tensor, batch: 
     """
     iv, tv = batch.valid("image"), batch.valid("text")
     a = align(scores, "hungarian", iv, tv)  # image slot -> text slot
-    B, n = a.shape
-    ac = a.clamp(min=0)
-    txt_on_img = txt_logits[torch.arange(B)[:, None, None], ac[:, :, None], ac[:, None, :]]
-    paired = (a >= 0)[:, :, None] & (a >= 0)[:, None, :]
-    fused = img_logits + torch.where(paired[..., None], txt_on_img, torch.zeros_like(txt_on_img))
-    lp = pair_logprobs(fused).float().cpu().numpy()
+    B = a.shape[0]
+    lp = pair_logprobs(fuse_logits(img_logits, txt_logits, a)).float().cpu().numpy()
     a_np, pos_i, pos_t = a.cpu().numpy(), batch.pos["image"].cpu().numpy(), batch.pos["text"].cpu().numpy()
     n_img, n_txt = iv.sum(1).tolist(), tv.sum(1).tolist()
     img_orders, txt_orders = [], []

@@ -97,7 +97,7 @@ def order_stories(model, stories: list[Story], *, chosen_rounds: dict | None = N
             res["variants"][f"{m}_only"] = {"order": o, "confidence": _adjacent(_combined_prob(lp), o)}
         if cross:
             with torch.no_grad():
-                from .evaluate import alignment_scores
+                from .evaluate import alignment_scores, fuse_logits
 
                 scores = alignment_scores(model, b)
                 iv, tv = b.valid("image"), b.valid("text")
@@ -111,9 +111,7 @@ def order_stories(model, stories: list[Story], *, chosen_rounds: dict | None = N
                 gi = pair_logprobs(steps[chosen_rounds.get("image", 0)][0])[0].float().cpu().numpy()
                 gt = pair_logprobs(steps[chosen_rounds.get("text", 0)][1])[0].float().cpu().numpy()
                 a = i2t_h[0].cpu().numpy()
-                ac = np.clip(a, 0, None)
-                fused = logits["image"][0] + logits["text"][0][torch.as_tensor(ac)[:, None], torch.as_tensor(ac)[None, :]]
-                flp = pair_logprobs(fused).float().cpu().numpy()
+                flp = pair_logprobs(fuse_logits(logits["image"], logits["text"], i2t_h))[0].float().cpu().numpy()
             oi, ot = _decode(gi, decoder), _decode(gt, decoder)
             res["variants"]["guided"] = {
                 "image_order": oi, "sentence_order": ot, "rounds": {"image": chosen_rounds.get("image", 0), "text": chosen_rounds.get("text", 0)},
