@@ -9,7 +9,7 @@ One run measures, in milliseconds per story:
 * ours: inference (both orderers, aligner scores, one guided round image <- text
   then text <- image) and one training step per phase (image phase: image
   orderer under text guidance; text phase), batched, over backbone features
-  from :class:`iterwego.cache.FeatureCache`; the backbones' once-per-item cost
+  from :class:`iterwego.data.cache.FeatureCache`; the backbones' once-per-item cost
   (a cold cache) and the cost of a cache hit are reported separately;
 * naive (benchmarks/naive.py): the same math story by story, float32,
   backbones re-run in every phase, the aligner as a second backbone forward,
@@ -53,13 +53,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import naive  # noqa: E402
 
-from iterwego.cache import FeatureCache  # noqa: E402
+from iterwego.data.cache import FeatureCache  # noqa: E402
 from iterwego.config import Config, preset  # noqa: E402
-from iterwego.data import Item, Story  # noqa: E402
+from iterwego.data.readers import Item, Story  # noqa: E402
 from iterwego.decode import decode, pair_logprobs  # noqa: E402
 from iterwego.encoders import BertBackbone, CLIPTextBackbone, CLIPVisionBackbone, PixelBackbone, minilm_dir  # noqa: E402
-from iterwego.evaluate import alignment_scores  # noqa: E402
-from iterwego.features import Batch, StorySet, build_features, make_batch  # noqa: E402
+from iterwego.training.evaluator import alignment_scores  # noqa: E402
+from iterwego.data.features import Batch, StorySet, build_features, make_batch  # noqa: E402
 from iterwego.guidance import align, guide, iterate, select_pairs  # noqa: E402
 from iterwego.model import IterWeGO, create_model, pair_loss  # noqa: E402
 

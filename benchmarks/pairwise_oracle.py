@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from iterwego.decode import decode
-from iterwego.synth import story_ceiling
+from iterwego.data.synth import story_ceiling
 
 
 def pairwise_posterior(times, visible, T) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Bad-input corpus: every file a user can get wrong, run through the real CLI.
 
 Each case in ``CASES`` builds its bad input under ``tmp_path`` (nothing is checked in) and returns
-the argv for :func:`iterwego.cli.main` plus the path the message must name. The shared test then
+the argv for :func:`iterwego.apps.cli.main` plus the path the message must name. The shared test then
 asserts the CLI's error policy: a non-zero exit, exactly one line on stderr that names the file
 (and the story or line where the case has one) and says what is wrong, and no traceback.
 
@@ -29,8 +29,8 @@ import pytest
 import torch
 from PIL import Image
 
-from iterwego.cli import main
-from iterwego.synth import SynthConfig, synthesize
+from iterwego.apps.cli import main
+from iterwego.data.synth import SynthConfig, synthesize
 
 TRAIN_ARGS = ["--quiet", "--set", "train.unimodal_epochs=1", "--set", "train.iterative_epochs=1", "--set", "aligner.epochs=1",
               "--set", "encoder.image_size=32", "--set", "train.num_threads=1"]
@@ -472,7 +472,7 @@ def test_disk_full_while_saving_keeps_the_previous_run(trained, tmp_path, monkey
     """ENOSPC while `train --resume` saves the weights: one line, old files byte-identical and loadable, no temp file."""
     if not Path("/proc/self/fd").is_dir():
         pytest.skip("needs /proc to tell which file is being synced")
-    from iterwego.run import load_run
+    from iterwego.model import load_run
 
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run, ignore=shutil.ignore_patterns("tb"))
@@ -501,10 +501,10 @@ def test_disk_full_while_saving_keeps_the_previous_run(trained, tmp_path, monkey
 
 def test_unwritable_cache_directory_warns_once_and_still_trains(trained, tmp_path):
     """A feature cache that cannot be created: one CacheWarning, and the features are the uncached ones."""
-    from iterwego.cache import CacheWarning, FeatureCache
+    from iterwego.data.cache import CacheWarning, FeatureCache
     from iterwego.config import Config
-    from iterwego.features import build_features
-    from iterwego.train import TrainRecipe
+    from iterwego.data.features import build_features
+    from iterwego.training.recipe import TrainRecipe
 
     if os.geteuid() == 0:  # root ignores permission bits: put the cache under a regular file instead
         (tmp_path / "ro").write_text("not a directory")

@@ -17,12 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from iterwego import cache as cache_mod
-from iterwego.cache import CacheWarning, FeatureCache
+from iterwego.data import cache as cache_mod
+from iterwego.data.cache import CacheWarning, FeatureCache
 from iterwego.config import EncoderConfig, OrdererConfig
 from iterwego.encoders import Encoder, L2Head, build_encoder
 from iterwego.errors import ImageError
-from iterwego.features import FeatureBank
+from iterwego.data.features import FeatureBank
 from iterwego.model import Orderer
 
 SMALL = OrdererConfig(d_model=16, layers=1, heads=2, ffn=32, dropout=0.1)

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from iterwego.cli import main
-from iterwego.data import (
+from iterwego.apps.cli import main
+from iterwego.data.readers import (
     Story,
     dataset_stats,
     format_stats,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from iterwego.cli import main
+from iterwego.apps.cli import main
 
 FAST = ["--set", "train.unimodal_epochs=1", "--set", "train.iterative_epochs=1", "--set", "aligner.epochs=1", "--set", "train.num_threads=1"]
 

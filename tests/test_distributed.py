@@ -9,7 +9,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from iterwego.synth import SynthConfig, synthesize
+from iterwego.data.synth import SynthConfig, synthesize
 
 # A small learning rate keeps parity measurable: Adam turns pure float-noise gradients (attention key biases
 # have an exactly zero true gradient) into lr-sized steps, and the guidance threshold is discontinuous, so at

@@ -8,7 +8,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iterwego.guidance import align, guide, iterate, select_pairs
+from iterwego.aligner import align
+from iterwego.config import GuidanceConfig
+from iterwego.guidance import guide, iterate, select_pairs
 
 
 def pair(p0: float, p1: float) -> list[float]:
@@ -168,8 +170,8 @@ def test_iterate_round_r_equals_r_alternating_steps():
     i2t = torch.stack([torch.randperm(n, generator=g) for _ in range(B)])
     iv = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     tv = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
-    kw = dict(threshold_t2i=0.7, threshold_i2t=0.85, weight_t2i=1.0, weight_i2t=0.25, rule="any", image_valid=iv, text_valid=tv)
-    rounds = iterate(img, txt, t2i, i2t, 3, **kw)
+    cfg = GuidanceConfig(threshold_t2i=0.7, threshold_i2t=0.85, weight_t2i=1.0, weight_i2t=0.25)
+    rounds = iterate(img, txt, t2i, i2t, 3, cfg, rule="any", image_valid=iv, text_valid=tv)
     assert len(rounds) == 4
     assert torch.equal(rounds[0][0], img) and torch.equal(rounds[0][1], txt)
     mi, mt = img, txt
@@ -186,7 +188,7 @@ def test_iterate_round_r_equals_r_alternating_steps():
 def test_iterate_zero_rounds_returns_inputs_only():
     x = torch.randn(1, 3, 3, 2)
     a = torch.tensor([[0, 1, 2]])
-    out = iterate(x, x, a, a, 0, threshold_t2i=0.5, threshold_i2t=0.5, weight_t2i=1.0, weight_i2t=1.0)
+    out = iterate(x, x, a, a, 0, GuidanceConfig(threshold_t2i=0.5, threshold_i2t=0.5))
     assert len(out) == 1 and out[0][0] is x
 
 

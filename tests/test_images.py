@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-from iterwego.cli import main
+from iterwego.apps.cli import main
 from iterwego.errors import DataError, ImageError
 from iterwego.images import ResizeReport, check_image, load_image, quick_check_image, resize_tree
 

@@ -18,7 +18,8 @@ from iterwego.config import Config, EncoderConfig, OrdererConfig
 from iterwego.encoders import BertTopHead, CNNHead, Encoder, L2Head, ProjectionHead, build_encoder, pool_tokens
 from iterwego.errors import ModelLoadError
 from iterwego.model import IterWeGO, Orderer, PairHead, pair_loss
-from iterwego.run import load_run, save_run
+from iterwego.model import load_run
+from iterwego.pretrained import save_run
 
 SMALL = OrdererConfig(d_model=16, layers=2, heads=2, ffn=32, dropout=0.1)
 SENTENCES = ["the red circle waits by the tank.", "hour seven: a green square looks at the water level today.", "a cat."]
@@ -418,7 +419,7 @@ def _m(acc: float, pmr: float, tau: float) -> dict:
 
 
 def test_choose_rounds_prefers_pmr_then_tau_then_fewer_rounds():
-    from iterwego.evaluate import EvalResult
+    from iterwego.training.evaluator import EvalResult
 
     res = EvalResult(rounds={
         "image": [_m(0.5, 0.2, 0.1), _m(0.6, 0.4, 0.2), _m(0.7, 0.4, 0.3), _m(0.1, 0.4, 0.3)],  # round 2: tau breaks the tie, 3 loses to fewer rounds
@@ -429,7 +430,7 @@ def test_choose_rounds_prefers_pmr_then_tau_then_fewer_rounds():
 
 
 def test_report_uses_the_given_rounds_and_the_documented_shape():
-    from iterwego.evaluate import EvalResult
+    from iterwego.training.evaluator import EvalResult
 
     res = EvalResult(rounds={"image": [_m(0.1, 0.0, 0.1), _m(0.2, 0.1, 0.2), _m(0.3, 0.2, 0.3)], "text": [_m(0.4, 0.3, 0.4), _m(0.5, 0.4, 0.5)]},
                      fused=_m(0.9, 0.8, 0.7), alignment_accuracy=0.75)
@@ -471,7 +472,7 @@ def test_backbone_identity_follows_the_weights_not_the_path(tiny_bert_dir, tmp_p
     from transformers import BertModel
 
     from iterwego.encoders import weights_fingerprint
-    from iterwego.run import _portable
+    from iterwego.pretrained import portable_identity as _portable
 
     d = tmp_path / "bert"
     shutil.copytree(tiny_bert_dir, d)

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from iterwego.errors import ModelLoadError
-from iterwego.official import load_official, official_guidance, save_as_run
+from iterwego.compat.official import load_official, official_guidance, save_as_run
 
 D, FFN, LAYERS = 32, 64, 2
 CLIP_CFG = {
@@ -338,7 +338,7 @@ def test_checkpoint_without_model_key(tmp_path):
 
 
 def test_save_as_run_reloads_with_identical_orderer_logits(tmp_path, official):
-    from iterwego.run import load_run
+    from iterwego.model import load_run
 
     tok = bert_tokenizer()
     run = save_as_run(official, tmp_path / "run", bert_tokenizer=tok)
@@ -368,7 +368,7 @@ def test_save_as_run_reloads_with_identical_orderer_logits(tmp_path, official):
 
 
 def test_run_without_tokenizer_fails_clearly_on_text(tmp_path, official):
-    from iterwego.run import load_run
+    from iterwego.model import load_run
 
     run = save_as_run(official, tmp_path / "run")
     assert json.loads((run / "meta.json").read_text())["tokenizers"]["bert"] is False
@@ -381,7 +381,7 @@ def test_run_without_tokenizer_fails_clearly_on_text(tmp_path, official):
 
 
 def test_cli_import_official(tmp_path, ckpt, capsys):
-    from iterwego import cli_official
+    from iterwego.apps import official_cmd as cli_official
 
     clip_json, bert_json = tmp_path / "clip.json", tmp_path / "bert.json"
     clip_json.write_text(json.dumps(CLIP_CFG))
@@ -409,7 +409,7 @@ def test_cli_import_official(tmp_path, ckpt, capsys):
 def test_shipped_configs_are_the_released_architecture():
     """The default configs give the tensor shapes of CLIP ViT-L/14 and bert-base-uncased (built on meta, no memory)."""
     from iterwego.config import OrdererConfig
-    from iterwego.official import HEADS, OfficialModel, _hf_config
+    from iterwego.compat.official import HEADS, OfficialModel, _hf_config
 
     cfg = OrdererConfig(d_model=768, layers=2, heads=HEADS, ffn=512, dropout=0.0)
     with torch.device("meta"):
@@ -430,7 +430,7 @@ def test_shipped_configs_are_the_released_architecture():
 
 def test_clip_align_encoders_reproduce_the_aligner(official):
     """The encoders a run uses for the 'clip' aligner give clip_align's normalised text embeddings."""
-    from iterwego.official import clip_align_encoders
+    from iterwego.compat.official import clip_align_encoders
 
     _, _, clip_in = story_inputs(2)
     fake_tokenizer = lambda sentences, **kw: dict(clip_in)  # noqa: E731 - stands in for CLIP's tokenizer

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 import test_official as T
-from iterwego.cli import main
-from iterwego.official import load_official, save_as_run
+from iterwego.apps.cli import main
+from iterwego.compat.official import load_official, save_as_run
 
 
 @pytest.fixture(scope="module")

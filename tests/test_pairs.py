@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from iterwego.cli import main
-from iterwego.data import Item, Story, load_split
+from iterwego.apps.cli import main
+from iterwego.data.readers import Item, Story, load_split
 from iterwego.errors import DataError
-from iterwego.pairs import read_pairs, write_pairs
+from iterwego.data.pairs import read_pairs, write_pairs
 
 
 def text_story(sid: str, n: int) -> Story:

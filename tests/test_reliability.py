@@ -22,11 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-import iterwego.train as train_mod
-from iterwego.cli import main
+import iterwego.training.recipe as train_mod
+from iterwego.apps.cli import main
 from iterwego.errors import WriteError
-from iterwego.run import atomic_write_bytes
-from iterwego.synth import SynthConfig, synthesize
+from iterwego.io import atomic_write_bytes
+from iterwego.data.synth import SynthConfig, synthesize
 
 TRAIN_ARGS = ["--quiet", "--set", "train.unimodal_epochs=2", "--set", "train.iterative_epochs=2", "--set", "aligner.epochs=2",
               "--set", "encoder.image_size=32", "--set", "train.num_threads=1", "--set", "train.early_stop=0"]

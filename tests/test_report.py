@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from iterwego.data import Item, Story
-from iterwego.evaluate import EvalResult, format_table
-from iterwego.report import PLOT_FILES, THUMB_PX, evaluation_report, order_report
+from iterwego.data.readers import Item, Story
+from iterwego.training.evaluator import EvalResult, format_table
+from iterwego.apps.report import PLOT_FILES, THUMB_PX, evaluation_report, order_report
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

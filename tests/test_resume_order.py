@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from iterwego.cli import main
-from iterwego.synth import SynthConfig, synthesize
+from iterwego.apps.cli import main
+from iterwego.data.synth import SynthConfig, synthesize
 
 TRAIN_ARGS = ["--quiet", "--set", "train.unimodal_epochs=3", "--set", "train.iterative_epochs=2", "--set", "aligner.epochs=2",
               "--set", "encoder.image_size=32", "--set", "train.num_threads=1", "--set", "train.early_stop=0"]

@@ -26,12 +26,12 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from iterwego.cli import main
-from iterwego.data import load_split
+from iterwego.apps.cli import main
+from iterwego.data.readers import load_split
 from iterwego.errors import IterWeGOError, ModelLoadError
-from iterwego.inference import order_stories, stories_from_args
-from iterwego.serve import MAX_BODY_BYTES, MAX_ITEMS, OrderService, cmd_serve, make_server, register, run_server
-from iterwego.synth import SynthConfig, synthesize
+from iterwego.apps.order import order_stories, stories_from_args
+from iterwego.apps.serve import MAX_BODY_BYTES, MAX_ITEMS, OrderService, cmd_serve, make_server, register, run_server
+from iterwego.data.synth import SynthConfig, synthesize
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",

@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from iterwego import data as data_mod
+from iterwego.data import readers as data_mod
 from iterwego.errors import DataError
-from iterwego.synth import (
+from iterwego.data.synth import (
     COLOURS,
     HOUR_WORDS,
     KINDS,
@@ -401,7 +401,7 @@ def test_config_accepts_lengths_from_json():
 
 
 def test_cli_synth(tmp_path, capsys):
-    from iterwego.cli import main
+    from iterwego.apps.cli import main
 
     assert main(["synth", str(tmp_path / "cli"), "--stories", "5", "--image-size", "32", "--lengths", "2-4", "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out)

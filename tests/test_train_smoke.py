@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from iterwego.cli import main
-from iterwego.synth import SynthConfig, synthesize
+from iterwego.apps.cli import main
+from iterwego.data.synth import SynthConfig, synthesize
 
 TRAIN_ARGS = [
     "--quiet",
@@ -117,8 +117,8 @@ def test_evaluate_missing_run_is_a_one_line_error(trained, tmp_path, capsys):
 @pytest.mark.slow
 def test_compile_and_bf16_autocast_train_and_reload(tmp_path):
     """train.compile (in-place Module.compile) and bf16 autocast run end to end; the run reloads with plain keys."""
-    from iterwego.run import load_run
-    from iterwego.synth import SynthConfig, synthesize
+    from iterwego.model import load_run
+    from iterwego.data.synth import SynthConfig, synthesize
 
     synthesize(tmp_path / "d", SynthConfig(stories=20, seed=2, image_size=32))
     args = ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"), "--quiet", "--no-cache", "--set", "train.compile=true",

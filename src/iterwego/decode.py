@@ -379,3 +379,29 @@ def _local_search(s: np.ndarray, order: list[int], max_rounds: int | None = None
         item = o[p]
         o = np.insert(np.delete(o, p), q, item)
     return o.tolist()
+
+
+#: The exact decoder's default limit; longer stories fall back to beam search (and callers say so).
+MAX_EXACT = 12
+
+
+def decode_story(logprobs: Any, method: str = "exact", *, max_exact: int = MAX_EXACT) -> tuple[list[int], bool]:
+    """:func:`decode` with the one fallback policy: ``exact`` above ``max_exact`` items becomes ``beam``.
+
+    Returns ``(order, fell_back)`` so every caller can tell the user when the exact decoder was not used.
+    """
+    n = len(logprobs)
+    if method == "exact" and n > max_exact:
+        return decode(logprobs, method="beam"), True
+    return decode(logprobs, method=method, max_exact=max_exact), False
+
+
+def decode_stories(logprobs: Any, lengths: Sequence[int], method: str = "exact") -> tuple[list[list[int]], int]:
+    """Decode each story of a padded ``(B, n, n)`` log-probability batch; returns slot orders and fallback count."""
+    lp = _to_numpy(logprobs, "logprobs") if not isinstance(logprobs, np.ndarray) else logprobs
+    orders, fallbacks = [], 0
+    for b, n in enumerate(lengths):
+        order, fb = decode_story(lp[b, :n, :n], method)
+        orders.append(order)
+        fallbacks += fb
+    return orders, fallbacks

@@ -12,9 +12,12 @@ accumulate, and so they do here (``index_add``), in one vectorised call.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from .config import GuidanceConfig
+
+__all__ = ["RULES", "guide", "iterate", "select_pairs"]
 
 RULES = ("any", "class0", "class1")
 
@@ -86,12 +89,9 @@ def iterate(
     t2i: Tensor,
     i2t: Tensor,
     rounds: int,
+    g: GuidanceConfig,
     *,
-    threshold_t2i: float,
-    threshold_i2t: float,
-    weight_t2i: float,
-    weight_i2t: float,
-    rule: str = "any",
+    rule: str | None = None,
     image_valid: Tensor | None = None,
     text_valid: Tensor | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
@@ -100,44 +100,13 @@ def iterate(
     Round r applies r alternating steps; each step guides the image logits by
     the text logits, then the text logits by the *updated* image logits.
     ``t2i[b, s]`` is the image aligned to sentence s, ``i2t[b, k]`` the sentence aligned to image k.
+    Thresholds and weights come from ``g``; ``rule`` defaults to ``g.eval_rule``.
     """
+    rule = g.eval_rule if rule is None else rule
     out = [(image_logits, text_logits)]
     img, txt = image_logits, text_logits
     for _ in range(rounds):
-        img = guide(img, txt, t2i, threshold=threshold_t2i, weight=weight_t2i, rule=rule, valid=text_valid)
-        txt = guide(txt, img, i2t, threshold=threshold_i2t, weight=weight_i2t, rule=rule, valid=image_valid)
+        img = guide(img, txt, t2i, threshold=g.threshold_t2i, weight=g.weight_t2i, rule=rule, valid=text_valid)
+        txt = guide(txt, img, i2t, threshold=g.threshold_i2t, weight=g.weight_i2t, rule=rule, valid=image_valid)
         out.append((img, txt))
-    return out
-
-
-def align(scores: Tensor, method: str = "argmax", valid_rows: Tensor | None = None, valid_cols: Tensor | None = None) -> Tensor:
-    """Map each row item to a column item from a ``(B, m, n)`` score matrix.
-
-    ``argmax`` takes each row's best column (the paper; two rows may share a
-    column). ``hungarian`` is one-to-one within each story
-    (``scipy.optimize.linear_sum_assignment``). Padding rows map to ``-1``.
-    """
-    B, m, n = scores.shape
-    s = scores.detach().float()
-    if valid_cols is not None:
-        s = s.masked_fill(~valid_cols[:, None, :], float("-inf"))
-    if method == "argmax":
-        out = s.argmax(-1)
-    elif method == "hungarian":
-        from scipy.optimize import linear_sum_assignment
-
-        out = torch.full((B, m), -1, dtype=torch.long)
-        s_np = s.cpu().numpy()
-        rows_ok = np.ones((B, m), bool) if valid_rows is None else valid_rows.cpu().numpy()
-        cols_ok = np.ones((B, n), bool) if valid_cols is None else valid_cols.cpu().numpy()
-        for k in range(B):  # one small assignment per story, not per pair
-            r_idx, c_idx = np.flatnonzero(rows_ok[k]), np.flatnonzero(cols_ok[k])
-            sub = s_np[k][np.ix_(r_idx, c_idx)]
-            rr, cc = linear_sum_assignment(sub, maximize=True)
-            out[k, torch.as_tensor(r_idx[rr])] = torch.as_tensor(c_idx[cc])
-        out = out.to(scores.device)
-    else:
-        raise ValueError(f"unknown alignment mapping {method!r}; choose 'argmax' or 'hungarian'")
-    if valid_rows is not None:
-        out = out.masked_fill(~valid_rows, -1)
     return out

@@ -4,7 +4,7 @@ Every image the library touches goes through :func:`load_image`, which always
 returns a fully decoded RGB picture or raises :class:`~iterwego.errors.ImageError`
 with one line naming the file and what is wrong. A missing or broken image is
 never replaced by a blank one: silently training on black squares hides data
-problems that :func:`iterwego.data.dataset_stats` is meant to surface.
+problems that :func:`iterwego.data.readers.dataset_stats` is meant to surface.
 
 Pillow's ``LOAD_TRUNCATED_IMAGES`` is deliberately left off so truncated files
 are reported instead of being padded with grey.

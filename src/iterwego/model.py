@@ -1,4 +1,13 @@
-"""The IterWeGO model: two unimodal orderers and an aligner.
+"""The IterWeGO model: two unimodal orderers, an aligner, and the figure as one ``forward``.
+
+:meth:`IterWeGO.forward` is the paper's figure: each orderer scores every
+ordered pair of its items, the aligner scores every image against every
+sentence, and R rounds of weak cross-modal guidance carry each modality's
+confident pairs onto the other's; the fused logits (beyond the paper) sum
+both modalities' evidence on one-to-one aligned items. Evaluation, ``order``,
+the web app, the official import and the benchmark all call it, and only
+decode, score or optimise what it returns. :meth:`IterWeGO.guided_loss` is
+one phase of the paper's iterative learning.
 
 An orderer is a head over frozen backbone features, a set transformer with
 no positional encoding (so the input order carries no information), and a
@@ -10,14 +19,19 @@ importing it is a key rename, not a translation.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import AlignerConfig, Config, OrdererConfig
+from .aligner import align, build_aligner
+from .batch import Batch, scatter_items
+from .config import Config, GuidanceConfig, OrdererConfig
 from .encoders import Encoder
+from .fusion import fuse_logits
+from .guidance import guide, iterate
 
 
 class SelfAttention(nn.Module):
@@ -99,24 +113,6 @@ class PairHead(nn.Module):
         return self.classifier(torch.tanh(self.drop(left[:, :, None, :] + right[:, None, :, :])))
 
 
-def autocast(device: torch.device | str, mode: str = "auto"):
-    """bf16 autocast on CUDA ("auto"/"bf16"); a no-op on CPU under "auto" and everywhere under "off"."""
-    device = torch.device(device)
-    if mode not in ("auto", "bf16", "off"):
-        raise ValueError(f"train.amp must be 'auto', 'bf16' or 'off', got {mode!r}")
-    on = mode == "bf16" or (mode == "auto" and device.type == "cuda")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=on)
-
-
-def scatter_items(feats: Tensor, index: Tensor) -> Tensor:
-    """Place per-item rows ``(N, d)`` into a padded ``(B, n, d)`` batch; ``index`` is ``(B, n)``, -1 for padding."""
-    B, n = index.shape
-    out = feats.new_zeros(B * n, feats.shape[-1])
-    flat = index.reshape(-1)
-    out[flat >= 0] = feats[flat[flat >= 0]]
-    return out.view(B, n, -1)
-
-
 class Orderer(nn.Module):
     """One modality's orderer: head -> (projection) -> set transformer -> pair head."""
 
@@ -153,83 +149,107 @@ def n_pairs(valid: Tensor) -> int:
     return int((k * (k - 1)).sum())
 
 
-class LearnedAligner(nn.Module):
-    """Projection heads over each modality's backbone features, trained with symmetric InfoNCE."""
+@dataclass
+class ForwardOutput:
+    """Everything the figure computes for a batch; decoders, metrics and losses read from here.
 
-    def __init__(self, image_encoder: Encoder, text_encoder: Encoder, cfg: AlignerConfig):
-        super().__init__()
-        self.image_head, self.text_head = image_encoder.new_head(), text_encoder.new_head()
-        self.image_proj = nn.Sequential(nn.Linear(image_encoder.out_dim, cfg.dim), nn.ReLU(), nn.Linear(cfg.dim, cfg.dim))
-        self.text_proj = nn.Sequential(nn.Linear(text_encoder.out_dim, cfg.dim), nn.ReLU(), nn.Linear(cfg.dim, cfg.dim))
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
+    ``image[r]`` / ``text[r]`` are ``(B, n, n, 2)`` pair logits after ``r``
+    guidance rounds (``r = 0``: the orderer alone; class 1 of ``(i, j)`` is
+    "i before j"); a modality the batch or model lacks has an empty list.
+    Cross-modal fields are ``None`` unless both modalities and an aligner are present.
+    """
 
-    def embed_images(self, feats: Tensor) -> Tensor:
-        return F.normalize(self.image_proj(self.image_head(feats)), dim=-1)
+    image: list[Tensor] = field(default_factory=list)  # per round 0..R, (B, n_img, n_img, 2)
+    text: list[Tensor] = field(default_factory=list)  # per round 0..R, (B, n_txt, n_txt, 2)
+    scores: Tensor | None = None  # (B, n_img, n_txt) aligner scores within each story
+    i2t: Tensor | None = None  # (B, n_img) sentence slot guiding each image under the config's mapping, -1 padding
+    t2i: Tensor | None = None  # (B, n_txt) image slot guiding each sentence
+    pairing: Tensor | None = None  # (B, n_img) one-to-one image -> sentence pairing used by fusion
+    fused: Tensor | None = None  # (B, n_img, n_img, 2) fused pair logits on the image slots
 
-    def embed_texts(self, feats: Tensor) -> Tensor:
-        return F.normalize(self.text_proj(self.text_head(feats)), dim=-1)
-
-    def loss(self, image_feats: Tensor, text_feats: Tensor) -> Tensor:
-        """Symmetric InfoNCE over matched rows (row k of each modality is one item)."""
-        logits = self.log_scale.exp().clamp(max=100) * self.embed_images(image_feats) @ self.embed_texts(text_feats).T
-        target = torch.arange(len(logits), device=logits.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-
-    def scores(self, image_feats: Tensor, text_feats: Tensor, img_index: Tensor, txt_index: Tensor) -> Tensor:
-        """Within-story image x sentence scores ``(B, n_img, n_txt)``."""
-        ei = scatter_items(self.embed_images(image_feats), img_index)
-        et = scatter_items(self.embed_texts(text_feats), txt_index)
-        return ei @ et.transpose(1, 2)
-
-
-class CLIPAligner(nn.Module):
-    """Zero-shot CLIP similarity; features are CLIP's normalised image and text embeddings."""
-
-    def __init__(self, logit_scale: float = 100.0):
-        super().__init__()
-        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
-
-    def scores(self, image_feats: Tensor, text_feats: Tensor, img_index: Tensor, txt_index: Tensor) -> Tensor:
-        ei, et = scatter_items(image_feats, img_index), scatter_items(text_feats, txt_index)
-        return self.logit_scale * ei @ et.transpose(1, 2)
+    def logits(self, modality: str, rounds: int) -> Tensor:
+        """A modality's logits after ``rounds`` rounds (clamped to the rounds computed)."""
+        rs = self.image if modality == "image" else self.text
+        return rs[min(rounds, len(rs) - 1)]
 
 
 class IterWeGO(nn.Module):
     """Image orderer, text orderer and aligner; the encoders' frozen backbones live outside the state dict."""
 
-    def __init__(self, cfg: Config, image_encoder: Encoder | None, text_encoder: Encoder | None, align_encoders: tuple[Encoder, Encoder] | None = None):
+    def __init__(self, cfg: Config, image_encoder: Encoder | None, text_encoder: Encoder | None,
+                 align_encoders: tuple[Encoder, Encoder] | None = None):
         super().__init__()
         self.cfg = cfg
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
         self.image = Orderer(image_encoder, cfg.orderer) if image_encoder is not None else None
         self.text = Orderer(text_encoder, cfg.orderer) if text_encoder is not None else None
         self.align_encoders = align_encoders
-        if image_encoder is None or text_encoder is None:
-            self.aligner = None
-        elif cfg.aligner.kind == "learned":
-            self.aligner = LearnedAligner(image_encoder, text_encoder, cfg.aligner)
-        elif cfg.aligner.kind == "clip":
-            if align_encoders is None:
-                raise ValueError("aligner kind 'clip' needs CLIP image/text embedding encoders")
-            self.aligner = CLIPAligner()
-        else:
-            raise ValueError(f"unknown aligner kind {cfg.aligner.kind!r}; choose 'learned' or 'clip'")
+        both = image_encoder is not None and text_encoder is not None
+        self.aligner = build_aligner(cfg.aligner, image_encoder, text_encoder, align_encoders is not None) if both else None
+        self.meta: dict = {}
 
-    @classmethod
-    def from_pretrained(cls, run_dir, device="cpu") -> "IterWeGO":
-        """Rebuild a saved model (config, weights, backbones) from a run directory; see :mod:`iterwego.run`."""
-        from .run import load_run
+    # ------------------------------------------------------------------ the figure
+    def forward(self, batch: Batch, rounds: int = 0, *, guidance: GuidanceConfig | None = None,
+                mapping: str | None = None, modalities: tuple[str, ...] = ("image", "text"), fuse: bool = True) -> ForwardOutput:
+        """Orderers -> aligner -> ``rounds`` guidance rounds -> fused logits, for one padded batch.
 
-        model, meta = load_run(run_dir, device)
-        model.meta = meta
-        return model
+        ``guidance`` and ``mapping`` default to the model's config (inference
+        thresholds, ``eval_rule``); ``modalities`` restricts the orderers run.
+        Logits are float32 whatever the autocast the caller runs under.
+        """
+        g = self.cfg.guidance if guidance is None else guidance
+        mods = [m for m in modalities if getattr(self, m) is not None and m in batch.index]
+        logits = {m: self.orderer(m)(batch.feats[m], batch.index[m]).float() for m in mods}
+        out = ForwardOutput(**{m: [lg] for m, lg in logits.items()})
+        if len(mods) < 2 or self.aligner is None:
+            return out
+        iv, tv = batch.valid("image"), batch.valid("text")
+        out.scores = self.alignment_scores(batch)
+        out.i2t, out.t2i = self.mappings(out.scores, batch, mapping)
+        steps = iterate(logits["image"], logits["text"], out.t2i, out.i2t, rounds, g, image_valid=iv, text_valid=tv)
+        out.image, out.text = [s[0] for s in steps], [s[1] for s in steps]
+        if fuse:
+            out.pairing = align(out.scores, "hungarian", iv, tv)
+            out.fused = fuse_logits(logits["image"], logits["text"], out.pairing)
+        return out
 
-    def save_pretrained(self, run_dir, meta: dict | None = None) -> None:
-        """Write config, weights (safetensors) and metadata atomically into ``run_dir``."""
-        from .run import save_run
+    def alignment_scores(self, batch: Batch) -> Tensor:
+        """Within-story image x sentence scores ``(B, n_img, n_txt)``; CLIP aligners read their own features."""
+        fi = batch.feats.get("align_image", batch.feats["image"])
+        ft = batch.feats.get("align_text", batch.feats["text"])
+        return self.aligner.scores(fi, ft, batch.index["image"], batch.index["text"])
 
-        save_run(run_dir, self, {**getattr(self, "meta", {}), **(meta or {})})
+    def mappings(self, scores: Tensor, batch: Batch, mapping: str | None = None) -> tuple[Tensor, Tensor]:
+        """``(i2t, t2i)``: the aligned item of the other modality for every image and every sentence."""
+        method = self.cfg.aligner.mapping if mapping is None else mapping
+        iv, tv = batch.valid("image"), batch.valid("text")
+        return align(scores, method, iv, tv), align(scores.transpose(1, 2), method, tv, iv)
 
+    def guided_loss(self, batch: Batch, target: str, *, normalizer: int | None = None) -> Tensor:
+        """One phase of iterative learning: the ``target`` orderer's pair loss under the other modality's guidance.
+
+        The guiding orderer and the aligner run without gradients and in eval
+        mode: they do not learn in this phase. The loss is the mean over valid
+        pairs, or their sum divided by ``normalizer`` (the global pair count
+        under data parallelism). No gold cross-modal order is used.
+        """
+        g = self.cfg.guidance
+        src = "text" if target == "image" else "image"
+        thr, lam = (g.threshold_t2i, g.weight_t2i) if target == "image" else (g.threshold_i2t, g.weight_i2t)
+        with torch.no_grad():
+            self.orderer(src).eval()
+            src_logits = self.orderer(src)(batch.feats[src], batch.index[src])
+            scores = self.alignment_scores(batch)
+            if src == "text":
+                scores = scores.transpose(1, 2)
+            src_to_tgt = align(scores, self.cfg.aligner.mapping, batch.valid(src), batch.valid(target))
+        logits = self.orderer(target)(batch.feats[target], batch.index[target])
+        guided = guide(logits, src_logits, src_to_tgt, threshold=thr, weight=lam, rule=g.train_rule, valid=batch.valid(src))
+        if normalizer is None:
+            return pair_loss(guided, batch.pos[target], batch.valid(target))
+        return pair_loss(guided, batch.pos[target], batch.valid(target), reduction="sum") / max(normalizer, 1)
+
+    # ------------------------------------------------------------------ parts and persistence
     def encoders(self) -> dict:
         """Every backbone the model reads features from, by feature-bank name."""
         out = {"image": self.image_encoder, "text": self.text_encoder}
@@ -243,8 +263,34 @@ class IterWeGO(nn.Module):
             raise ValueError(f"this model has no {modality} orderer")
         return o
 
+    @classmethod
+    def from_pretrained(cls, run_dir, device="cpu", *, modalities: tuple[str, ...] = ("image", "text")) -> "IterWeGO":
+        """Rebuild a saved model (config, weights, backbones) from a run directory; ``model.meta`` holds its metadata."""
+        from .pretrained import check_backbones, read_config, read_weights
 
-def create_model(cfg: Config | str, *, base_dir=None, modalities: tuple[str, ...] = ("image", "text"), preloaded: dict | None = None) -> IterWeGO:
+        run_dir = Path(run_dir)
+        cfg, meta = read_config(run_dir)
+        model = create_model(cfg, base_dir=run_dir, modalities=modalities)
+        check_backbones(run_dir, model.encoders(), meta)
+        model.load_state_dict(read_weights(run_dir, model.state_dict(), modalities), strict=False)
+        model.meta = meta
+        return model.to(device).eval()
+
+    def save_pretrained(self, run_dir, meta: dict | None = None) -> None:
+        """Write config, weights (safetensors) and metadata atomically into ``run_dir``."""
+        from .pretrained import save_run
+
+        save_run(run_dir, self, {**self.meta, **(meta or {})})
+
+
+def load_run(run_dir, device="cpu", *, modalities: tuple[str, ...] = ("image", "text")) -> tuple[IterWeGO, dict]:
+    """``(model, meta)`` of a saved run; see :meth:`IterWeGO.from_pretrained`."""
+    model = IterWeGO.from_pretrained(run_dir, device, modalities=modalities)
+    return model, model.meta
+
+
+def create_model(cfg: Config | str, *, base_dir=None, modalities: tuple[str, ...] = ("image", "text"),
+                 preloaded: dict | None = None) -> IterWeGO:
     """Build an untrained model from a config or a preset name (``"tiny"``, ``"paper"``).
 
     Backbone weights are loaded from the names or local directories in the
@@ -256,9 +302,11 @@ def create_model(cfg: Config | str, *, base_dir=None, modalities: tuple[str, ...
 
     if isinstance(cfg, str):
         cfg = preset(cfg)
-    enc = {m: build_encoder(m, cfg.encoder, cfg.orderer.d_model, base_dir=base_dir, preloaded=preloaded) if m in modalities else None for m in ("image", "text")}
-    align = None
+    d = cfg.orderer.d_model
+    enc = {m: build_encoder(m, cfg.encoder, d, base_dir=base_dir, preloaded=preloaded) if m in modalities else None
+           for m in ("image", "text")}
+    align_enc = None
     if enc["image"] is not None and enc["text"] is not None and cfg.aligner.kind == "clip":
         spec = cfg.aligner.clip_model or (cfg.encoder.image if cfg.encoder.image.startswith("clip:") else "")
-        align = build_align_encoders(spec, cfg.encoder, base_dir=base_dir, preloaded=preloaded)
-    return IterWeGO(cfg, enc["image"], enc["text"], align)
+        align_enc = build_align_encoders(spec, cfg.encoder, base_dir=base_dir, preloaded=preloaded)
+    return IterWeGO(cfg, enc["image"], enc["text"], align_enc)

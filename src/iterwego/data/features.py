@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import Story
-from .encoders import Encoder
-from .errors import DataError
+from .readers import Story
+from ..encoders import Encoder
+from ..batch import Batch
+from ..errors import DataError
 
 
 class FeatureBank:
@@ -114,45 +115,6 @@ def build_features(encoders: dict, stories: dict[str, list[Story]], *, cross_mod
         if encoders.get("align_" + m) is not None:
             banks["align_" + m] = banks[m].mirror(encoders["align_" + m])
     return sets, {name: b.build(progress=progress) for name, b in banks.items()}
-
-
-@dataclass
-class Batch:
-    """A padded batch of stories.
-
-    ``index[m]``: (B, n) rows into ``feats[m]`` for modality ``m`` in
-    {"image", "text"}, -1 for padding. ``pos[m]``: the gold position of the
-    item shown at each slot. ``feats`` holds the gathered backbone features;
-    extra banks (e.g. "align_image") share the row layout of their modality.
-    """
-
-    ids: list[int]
-    index: dict[str, Tensor]
-    pos: dict[str, Tensor]
-    feats: dict[str, Tensor]
-
-    def to(self, device) -> "Batch":
-        pin = torch.device(device).type == "cuda"  # pinned host memory lets the copy overlap with compute
-        mv = lambda d: {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
-        return Batch(self.ids, mv(self.index), mv(self.pos), mv(self.feats))
-
-    def valid(self, modality: str) -> Tensor:
-        return self.index[modality] >= 0
-
-    def rows(self, keep: list[int]) -> "Batch":
-        """The sub-batch of stories ``keep`` (row numbers), with features re-gathered (data-parallel shards)."""
-        r = torch.as_tensor(keep, dtype=torch.long)
-        index, pos, feats = {}, {}, {}
-        for m, idx in self.index.items():
-            sub = idx[r]
-            ok = sub >= 0
-            local = torch.full_like(sub, -1)
-            local[ok] = torch.arange(int(ok.sum()))
-            index[m], pos[m] = local, self.pos[m][r]
-            for name, f in self.feats.items():
-                if name == m or name == "align_" + m:
-                    feats[name] = f[sub[ok]]
-        return Batch([self.ids[k] for k in keep], index, pos, feats)
 
 
 def make_batch(ss: StorySet, ids: list[int], rng: np.random.Generator, feats: dict[str, Tensor], shuffle: bool = True) -> Batch:

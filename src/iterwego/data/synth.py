@@ -33,10 +33,10 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import DataError
+from ..errors import DataError
 
 SPLITS = ("train", "val", "test")
-GENERATOR = "iterwego.synth"
+GENERATOR = "iterwego.data.synth"
 FORMAT_VERSION = 1
 META_FILE = "synth_meta.json"
 CEILINGS_FILE = "ceilings.json"

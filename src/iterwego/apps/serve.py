@@ -6,7 +6,7 @@ loads nothing from anywhere else (a Content-Security-Policy enforces that).
 
 The run is loaded once at start-up. Each ``POST /api/order`` writes the
 uploaded images into its own temporary directory, calls
-:func:`iterwego.inference.order_stories` exactly as ``iterwego order`` does,
+:func:`iterwego.apps.order.order_stories` exactly as ``iterwego order`` does,
 deletes the directory and answers with the same result dictionary that
 ``iterwego order --json`` writes, so the page and the CLI cannot disagree.
 
@@ -45,8 +45,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from . import __version__
-from .errors import ImageError, IterWeGOError
+from .. import __version__
+from ..errors import ImageError, IterWeGOError
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
@@ -131,11 +131,10 @@ class OrderService:
         Raises:
             ModelLoadError: the run directory is missing, incomplete or incompatible.
         """
-        import torch
+        from ..device import pick_device
+        from ..model import load_run
 
-        from .run import load_run
-
-        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dev = device or pick_device()
         model, meta = load_run(run, dev)
         return cls(model, meta, run_name=Path(run).name, **kw)
 
@@ -153,8 +152,8 @@ class OrderService:
             ImageError: an upload is not a usable image (message names the uploaded file).
             IterWeGOError: anything else ``order_stories`` rejects.
         """
-        from .images import check_image, load_image
-        from .inference import order_stories, stories_from_args
+        from ..images import check_image, load_image
+        from .order import order_stories, stories_from_args
 
         if not isinstance(payload, dict):
             raise RequestError("the request body must be a JSON object")
@@ -308,7 +307,7 @@ class AppServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], service: OrderService, *, max_body: int = MAX_BODY_BYTES, log: TextIO | None = None):
         self.service, self.max_body, self.log = service, max_body, log
-        web = resources.files("iterwego") / "web"
+        web = resources.files("iterwego.apps") / "web"
         self.static = {name: (web / name).read_bytes() for name, _ in _STATIC.values()}
         if ":" in address[0]:  # an IPv6 literal such as ::1
             self.address_family = socket.AF_INET6

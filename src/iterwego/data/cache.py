@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .encoders import content_key
-from .errors import ImageError
+from ..encoders import content_key
+from ..errors import ImageError
 
 FORMAT = "iterwego-feature-cache/1"
 LAYOUT = "v1"  # bump with FORMAT when shards change incompatibly; old trees are then ignored, not misread
@@ -65,7 +65,7 @@ def _slug(identity: str) -> str:
 class FeatureCache:
     """Backbone features stored on disk, keyed by item content and backbone identity.
 
-    ``get_or_compute(encoder, items)`` is what :class:`iterwego.features.FeatureBank`
+    ``get_or_compute(encoder, items)`` is what :class:`iterwego.data.features.FeatureBank`
     calls; rows of the result align with ``items``. The object holds no open
     files and pickles without its in-memory index, so it can be handed to
     DataLoader workers.
@@ -317,7 +317,7 @@ class FeatureCache:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    from .run import atomic_write_bytes  # one home for atomic writes (WriteError is an OSError too)
+    from ..io import atomic_write_bytes  # one home for atomic writes (WriteError is an OSError too)
 
     atomic_write_bytes(path, data)
 

@@ -35,9 +35,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .data import Item, Story
-from .run import atomic_write_bytes
-from .errors import DataError
+from .readers import Item, Story
+from ..io import atomic_write_bytes
+from ..errors import DataError
 
 MODALITIES = ("sentence", "image")
 

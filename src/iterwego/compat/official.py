@@ -38,10 +38,11 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from .config import AlignerConfig, Config, EncoderConfig, GuidanceConfig, OrdererConfig, preset
-from .errors import ModelLoadError
-from .guidance import align, iterate
-from .model import PairHead, SetTransformer
+from ..config import AlignerConfig, Config, EncoderConfig, GuidanceConfig, OrdererConfig, preset
+from ..errors import ModelLoadError
+from ..aligner import align
+from ..guidance import iterate
+from ..model import PairHead, SetTransformer
 
 __all__ = [
     "EVAL_GUIDANCE",
@@ -320,10 +321,8 @@ def official_guidance(
     A thin wrapper over :func:`iterwego.guidance.iterate`, whose ``index_add``
     equals the authors' one-pair-at-a-time additions (repeated targets accumulate).
     """
-    steps = iterate(
-        image_logits[None], text_logits[None], t2i[None], i2t[None], rounds,
-        threshold_t2i=threshold_t2i, threshold_i2t=threshold_i2t, weight_t2i=weight_t2i, weight_i2t=weight_i2t, rule="any",
-    )
+    g = GuidanceConfig(threshold_t2i=threshold_t2i, threshold_i2t=threshold_i2t, weight_t2i=weight_t2i, weight_i2t=weight_i2t)
+    steps = iterate(image_logits[None], text_logits[None], t2i[None], i2t[None], rounds, g, rule="any")
     img, txt = steps[-1]
     return img[0], txt[0]
 
@@ -462,7 +461,7 @@ def clip_align_encoders(name: str, model=None, tokenizer=None, *, local_files_on
     """
     from transformers import AutoTokenizer, CLIPModel
 
-    from .encoders import CLIPTextBackbone, CLIPVisionBackbone, Encoder, L2Head, _from_pretrained
+    from ..encoders import CLIPTextBackbone, CLIPVisionBackbone, Encoder, L2Head, _from_pretrained
 
     if model is None:
         model = _from_pretrained(CLIPModel, name, local_files_only, "CLIP aligner")
@@ -497,9 +496,10 @@ def save_as_run(model: OfficialModel, out_dir: str | Path, *, bert_tokenizer=Non
     tokenizers were saved). A run without a BERT tokenizer fails with a clear
     error when its text encoder is used.
     """
-    from .encoders import build_encoder
-    from .model import IterWeGO
-    from .run import atomic_write_bytes, atomic_write_json, save_run
+    from ..encoders import build_encoder
+    from ..model import IterWeGO
+    from ..io import atomic_write_bytes, atomic_write_json
+    from ..pretrained import save_run
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):

@@ -2,7 +2,7 @@
 
 A :class:`Story` is an id plus its items **in gold order**. Readers never
 shuffle: shuffling happens at training/evaluation time with a seeded
-generator (see :func:`iterwego.features.make_batch`).
+generator (see :func:`iterwego.data.features.make_batch`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Sequence
 
 
-from .errors import DataError, ImageError
+from ..errors import DataError, ImageError
+
+__all__ = [
+    "Item", "Story", "read_vist", "read_tacos", "read_jsonl", "split_file", "split_image_dir", "load_split",
+    "dataset_stats", "format_stats",
+]
 
 
 @dataclass(frozen=True)
@@ -147,7 +152,7 @@ class _ImageIndex:
 
 def _check_story_images(source: Path, wanted: list[tuple[str, str, int | None]]) -> None:
     """Raise ImageError for the first (in file order) unusable image; ``wanted`` is [(image, story id, line)]."""
-    from .images import quick_check_image
+    from ..images import quick_check_image
 
     unique = list(dict.fromkeys(w[0] for w in wanted))
     if not unique:
@@ -475,7 +480,7 @@ _SHOW = 10  # missing/unreadable paths listed by format_stats per split
 
 
 def _split_stats(stories: list[Story], path: Path) -> dict:
-    from .images import check_image
+    from ..images import check_image
 
     lengths = Counter(len(s) for s in stories)
     words = [len(it.sentence.split()) for s in stories for it in s.items if it.sentence is not None]

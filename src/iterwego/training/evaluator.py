@@ -15,12 +15,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .config import GuidanceConfig
-from .decode import decode, pair_logprobs
-from .features import Batch, StorySet, batches
-from .guidance import align, iterate
-from .metrics import order_metrics
-from .model import autocast
+from ..aligner import alignment_hits
+from ..config import GuidanceConfig
+from ..batch import Batch
+from ..data.features import StorySet, batches
+from ..decode import decode_stories, pair_logprobs
+from ..device import autocast
+from ..fusion import sentence_order
+from ..metrics import order_metrics
 
 HEADLINE = ("acc", "pmr", "tau")
 
@@ -71,25 +73,15 @@ class EvalResult:
         return out
 
 
-def _decode_batch(lp: Tensor, index: Tensor, pos: Tensor, method: str) -> tuple[list[list[int]], int]:
-    """Decode each story; returns orders as gold ids, plus how many stories fell back to beam."""
-    lp_np, n_valid, pos_np = lp.float().cpu().numpy(), (index >= 0).sum(1).tolist(), pos.cpu().numpy()
-    orders, fallbacks = [], 0
-    for b, n in enumerate(n_valid):
-        m = method
-        if method == "exact" and n > 12:
-            m, fallbacks = "beam", fallbacks + 1
-        slots = decode(lp_np[b, :n, :n], method=m)
-        orders.append([int(pos_np[b, s]) for s in slots])
-    return orders, fallbacks
-
-
 class Evaluator:
     """Evaluate a model on a fixed, seeded presentation of a story set."""
 
-    def __init__(self, ss: StorySet, feats: dict[str, Tensor], guidance: GuidanceConfig, *, mapping: str = "hungarian", decoder: str = "exact", rounds: int | None = None, batch_size: int = 64, seed: int = 1234, device: str | torch.device = "cpu", amp: str = "auto", dist_ctx=None):
+    def __init__(self, ss: StorySet, feats: dict[str, Tensor], guidance: GuidanceConfig | None = None, *,
+                 mapping: str | None = None, decoder: str = "exact", rounds: int | None = None, batch_size: int = 64,
+                 seed: int = 1234, device: str | torch.device = "cpu", amp: str = "auto", dist_ctx=None):
+        """``guidance`` / ``mapping`` default to the evaluated model's config; ``rounds`` to ``guidance.max_rounds``."""
         self.ss, self.feats, self.g, self.mapping, self.decoder = ss, feats, guidance, mapping, decoder
-        self.rounds = guidance.max_rounds if rounds is None else rounds
+        self.rounds = rounds
         rng = np.random.default_rng(seed)
         self.batches: list[Batch] = list(batches(ss, batch_size, rng, feats, shuffle_stories=False))
         self.device, self.amp = torch.device(device), amp
@@ -108,7 +100,8 @@ class Evaluator:
         res = EvalResult(story_ids=[s.id for s in self.ss.stories])
         mods = [m for m in ("image", "text") if getattr(model, m) is not None and m in self.feats and only in (None, m)]
         cross = len(mods) == 2 and model.aligner is not None
-        n_rounds = self.rounds if cross else 0
+        g = self.g or model.cfg.guidance
+        n_rounds = (g.max_rounds if self.rounds is None else self.rounds) if cross else 0
         parts = {bi: self._batch(model, b.to(self.device), mods, cross, n_rounds, keep_orders)
                  for bi, b in enumerate(self.batches) if bi % self.world == self.rank}
         if self.world > 1:
@@ -144,75 +137,27 @@ class Evaluator:
         """Predictions of one batch, as plain lists (so they can be gathered across processes)."""
         out: dict = {"fallbacks": 0, "align_hits": 0, "align_total": 0}
         with autocast(self.device, self.amp):
-            logits = {m: model.orderer(m)(batch.feats[m], batch.index[m]).float() for m in mods}
+            fw = model(batch, n_rounds, guidance=self.g, mapping=self.mapping, modalities=tuple(mods), fuse=cross)
         for m in mods:
             out[f"gold/{m}"] = [list(range(int(n))) for n in batch.valid(m).sum(1).tolist()]
             if keep_orders:
-                out[f"conf/{m}"] = _adjacent_conf(pair_logprobs(logits[m]).exp(), batch, m)
-        if not cross:
-            for m in mods:
-                out[f"{m}/round0"], fb = _decode_batch(pair_logprobs(logits[m]), batch.index[m], batch.pos[m], self.decoder)
-                out["fallbacks"] += fb
-            return out
-        iv, tv = batch.valid("image"), batch.valid("text")
-        scores = alignment_scores(model, batch)  # (B, n_img, n_txt)
-        i2t = align(scores, self.mapping, iv, tv)
-        t2i = align(scores.transpose(1, 2), self.mapping, tv, iv)
-        am = align(scores, "argmax", iv, tv)  # top-1 within-story alignment accuracy, image -> sentence
-        hit = (batch.pos["text"].gather(1, am.clamp(min=0)) == batch.pos["image"]) & iv
-        out["align_hits"], out["align_total"] = int(hit.sum()), int(iv.sum())
-        steps = iterate(logits["image"], logits["text"], t2i, i2t, n_rounds, threshold_t2i=self.g.threshold_t2i, threshold_i2t=self.g.threshold_i2t,
-                        weight_t2i=self.g.weight_t2i, weight_i2t=self.g.weight_i2t, rule=self.g.eval_rule, image_valid=iv, text_valid=tv)
-        for r, (li, lt) in enumerate(steps):
-            for m, lg in (("image", li), ("text", lt)):
-                out[f"{m}/round{r}"], fb = _decode_batch(pair_logprobs(lg), batch.index[m], batch.pos[m], self.decoder)
-                out["fallbacks"] += fb
-        out["fused/image"], out["fused/text"] = fused_orders(logits["image"], logits["text"], scores, batch, self.decoder)
+                out[f"conf/{m}"] = _adjacent_conf(pair_logprobs(fw.logits(m, 0)).exp(), batch, m)
+            for r, lg in enumerate(getattr(fw, m)):
+                out[f"{m}/round{r}"] = self._decode(lg, batch, m, out)[0]
+        if cross:
+            out["align_hits"], out["align_total"] = alignment_hits(fw.scores, batch)
+            out["fused/image"], slots = self._decode(fw.fused, batch, "image", out)
+            pairing, n_txt, pos_t = fw.pairing.cpu().numpy(), batch.valid("text").sum(1).tolist(), batch.pos["text"].cpu().numpy()
+            out["fused/text"] = [[int(pos_t[b, s]) for s in sentence_order(o, pairing[b], n_txt[b])] for b, o in enumerate(slots)]
         return out
 
-
-def alignment_scores(model, batch: Batch) -> Tensor:
-    """Within-story image x sentence scores from the model's aligner."""
-    fi = batch.feats.get("align_image", batch.feats["image"])
-    ft = batch.feats.get("align_text", batch.feats["text"])
-    return model.aligner.scores(fi, ft, batch.index["image"], batch.index["text"])
-
-
-def fuse_logits(img_logits: Tensor, txt_logits: Tensor, i2t: Tensor) -> Tensor:
-    """Image pair logits plus the text pair logits of the aligned sentences (``i2t``: (B, n_img), -1 unpaired).
-
-    Summing in logit space multiplies the two pairwise experts: each aligned
-    pair's log-odds is the sum of both modalities' log-odds.
-    """
-    B = i2t.shape[0]
-    ac = i2t.clamp(min=0)
-    txt_on_img = txt_logits[torch.arange(B, device=i2t.device)[:, None, None], ac[:, :, None], ac[:, None, :]]
-    paired = (i2t >= 0)[:, :, None] & (i2t >= 0)[:, None, :]
-    return img_logits + torch.where(paired[..., None], txt_on_img, torch.zeros_like(txt_on_img))
-
-
-def fused_orders(img_logits: Tensor, txt_logits: Tensor, scores: Tensor, batch: Batch, decoder: str) -> tuple[list[list[int]], list[list[int]]]:
-    """Fused decoding: one-to-one alignment, summed pair evidence, one order mapped to both modalities.
-
-    Evidence is summed in logit space (a product of the two pairwise
-    experts), which is the sum of both modalities' log-odds for each aligned pair.
-    """
-    iv, tv = batch.valid("image"), batch.valid("text")
-    a = align(scores, "hungarian", iv, tv)  # image slot -> text slot
-    B = a.shape[0]
-    lp = pair_logprobs(fuse_logits(img_logits, txt_logits, a)).float().cpu().numpy()
-    a_np, pos_i, pos_t = a.cpu().numpy(), batch.pos["image"].cpu().numpy(), batch.pos["text"].cpu().numpy()
-    n_img, n_txt = iv.sum(1).tolist(), tv.sum(1).tolist()
-    img_orders, txt_orders = [], []
-    for b in range(B):
-        n = n_img[b]
-        slots = decode(lp[b, :n, :n], method="beam" if decoder == "exact" and n > 12 else decoder)
-        img_orders.append([int(pos_i[b, s]) for s in slots])
-        # the same order mapped to the sentences; unpaired sentences (unequal counts) go last in slot order
-        t_slots = [int(a_np[b, s]) for s in slots if a_np[b, s] >= 0]
-        t_slots += [s for s in range(n_txt[b]) if s not in set(t_slots)]
-        txt_orders.append([int(pos_t[b, s]) for s in t_slots])
-    return img_orders, txt_orders
+    def _decode(self, logits: Tensor, batch: Batch, m: str, out: dict) -> tuple[list[list[int]], list[list[int]]]:
+        """Decode each story: (orders as gold ids, orders as slots); counts beam fallbacks into ``out``."""
+        lengths = batch.valid(m).sum(1).tolist()
+        slots, fb = decode_stories(pair_logprobs(logits).float().cpu().numpy(), lengths, self.decoder)
+        out["fallbacks"] += fb
+        pos = batch.pos[m].cpu().numpy()
+        return [[int(pos[b, s]) for s in order] for b, order in enumerate(slots)], slots
 
 
 def _adjacent_conf(p: Tensor, batch: Batch, m: str) -> list[list[float]]:
@@ -228,21 +173,29 @@ def _adjacent_conf(p: Tensor, batch: Batch, m: str) -> list[list[float]]:
     return out
 
 
-def format_table(report: dict, ceilings: dict | None = None, title: str = "", fused_text: dict | None = None) -> str:
-    """One table: Acc / PMR / tau for images and sentences, one row per variant."""
-    rows: list[tuple[str, dict | None, dict | None]] = []
+def metric_rows(report: dict, fused_text: dict | None = None) -> list[tuple[str, dict | None, dict | None, bool]]:
+    """The rows of every metric table (text and HTML): (variant, image metrics, text metrics, val-chosen row?)."""
     img, txt = report.get("image"), report.get("text")
     n_rounds = max(len(img["rounds"]) if img else 0, len(txt["rounds"]) if txt else 0)
-    get = lambda d, r: d["rounds"][r] if d and r < len(d["rounds"]) else None  # noqa: E731
-    rows.append(("unimodal (round 0)", img and img["unimodal"], txt and txt["unimodal"]))
-    for r in range(1, n_rounds):
-        rows.append((f"round {r}", get(img, r), get(txt, r)))
+
+    def get(d: dict | None, r: int) -> dict | None:
+        return d["rounds"][r] if d and r < len(d["rounds"]) else None
+
+    rows: list[tuple[str, dict | None, dict | None, bool]] = [
+        ("unimodal (round 0)", img and img["unimodal"], txt and txt["unimodal"], False)]
+    rows += [(f"round {r}", get(img, r), get(txt, r), False) for r in range(1, n_rounds)]
     if img or txt:
         ci = f"{img['chosen_round']}" if img else "-"
         ct = f"{txt['chosen_round']}" if txt else "-"
-        rows.append((f"guided (val-chosen: img {ci}, txt {ct})", img and img["guided"], txt and txt["guided"]))
+        rows.append((f"guided (val-chosen: img {ci}, txt {ct})", img and img["guided"], txt and txt["guided"], True))
     if "fused" in report:
-        rows.append(("fused decoding", report["fused"], fused_text or report["fused"]))
+        rows.append(("fused decoding", report["fused"], fused_text or report["fused"], False))
+    return rows
+
+
+def format_table(report: dict, ceilings: dict | None = None, title: str = "", fused_text: dict | None = None) -> str:
+    """One table: Acc / PMR / tau for images and sentences, one row per variant."""
+    rows = metric_rows(report, fused_text)
     fmt = lambda m: "   -      -      -  " if m is None else f"{100*m['acc']:5.1f}  {100*m['pmr']:5.1f}  {m['tau']:+.3f}"  # noqa: E731
     w = max(len(r[0]) for r in rows) + 2
     lines = []
@@ -251,7 +204,7 @@ def format_table(report: dict, ceilings: dict | None = None, title: str = "", fu
     lines.append(" " * w + "|      images (%)       |     sentences (%)")
     lines.append("variant".ljust(w) + "|  Acc    PMR    tau    |  Acc    PMR    tau")
     lines.append("-" * w + "+" + "-" * 23 + "+" + "-" * 22)
-    for name, a, b in rows:
+    for name, a, b, _ in rows:
         lines.append(name.ljust(w) + "| " + fmt(a) + "  | " + fmt(b))
     if "alignment_accuracy" in report:
         lines.append(f"alignment accuracy (top-1 within story, image->sentence): {100*report['alignment_accuracy']:.1f}%")

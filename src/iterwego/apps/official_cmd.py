@@ -17,7 +17,7 @@ def _tokenizer(given: str | None, kind: str):
     """
     from transformers import AutoTokenizer
 
-    from .errors import ModelLoadError
+    from ..errors import ModelLoadError
 
     name = given or DEFAULT_TOKENIZERS[kind]
     try:
@@ -31,7 +31,7 @@ def _tokenizer(given: str | None, kind: str):
 
 def cmd_import_official(a: argparse.Namespace) -> int:
     """Load, check and convert the checkpoint; print a short summary."""
-    from .official import _tokenizer_fits, load_official, save_as_run
+    from ..compat.official import _tokenizer_fits, load_official, save_as_run
 
     t0 = time.time()
     print(f"reading {a.checkpoint}", flush=True)

@@ -7,15 +7,15 @@ import json
 import time
 from pathlib import Path
 
-from .config import PRESETS
-from .errors import IterWeGOError
+from ..config import PRESETS
+from ..errors import IterWeGOError
 
 
 def _cache(a: argparse.Namespace):
     """The on-disk feature cache the user asked for (default: $ITERWEGO_CACHE or ~/.cache/iterwego), or None."""
     if getattr(a, "no_cache", False):
         return None
-    from .cache import FeatureCache
+    from ..data.cache import FeatureCache
 
     return FeatureCache(getattr(a, "cache_dir", None) or FeatureCache.default_root())
 
@@ -27,20 +27,19 @@ def _add_cache_args(s) -> None:
 
 def _eval_run(run: Path, data: Path, split: str, *, fmt="vist", image_dir=None, text_field="text", decoder="exact", progress=True, keep_orders=False, cache=None):
     """Evaluate a run on ``split``; the inference round comes from validation (saved at training, or computed here)."""
-    import torch
+    from ..data.readers import load_split
+    from ..training.evaluator import Evaluator
+    from ..data.features import build_features
+    from ..device import pick_device
+    from ..model import load_run
 
-    from .data import load_split
-    from .evaluate import Evaluator
-    from .features import build_features
-    from .run import load_run
-
-    model, meta = load_run(run, "cuda" if torch.cuda.is_available() else "cpu")
+    model, meta = load_run(run, pick_device())
     cfg = model.cfg
     read = dict(fmt=fmt, image_dir=image_dir, text_field=text_field)
     splits = list(dict.fromkeys([split] + ([] if meta.get("chosen_rounds") else ["val"])))
     sets, feats = build_features(model.encoders(), {sp: load_split(data, sp, **read) for sp in splits}, where=str(data), progress=progress, cache=cache)
     device = next(model.parameters()).device
-    ev = lambda ss: Evaluator(ss, feats, cfg.guidance, mapping=cfg.aligner.mapping, decoder=decoder, seed=cfg.train.seed + 2, device=device)  # noqa: E731
+    ev = lambda ss: Evaluator(ss, feats, decoder=decoder, seed=cfg.train.seed + 2, device=device)  # noqa: E731
     chosen = meta.get("chosen_rounds") or ev(sets["val"])(model).choose_rounds()
     result = ev(sets[split])(model, keep_orders=keep_orders)
     return result, chosen, sets[split], meta
@@ -48,7 +47,7 @@ def _eval_run(run: Path, data: Path, split: str, *, fmt="vist", image_dir=None, 
 
 def _ceilings(data: Path, split: str) -> dict | None:
     """The synthetic split's Bayes-optimal PMRs for the table, or None (real data, or an unreadable file)."""
-    from .synth import load_ceilings
+    from ..data.synth import load_ceilings
 
     try:
         c = (load_ceilings(data) or {}).get(split) or {}
@@ -59,8 +58,8 @@ def _ceilings(data: Path, split: str) -> dict | None:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from .config import preset
-    from .train import TrainRecipe, resume_recipe
+    from ..config import preset
+    from ..training.recipe import TrainRecipe, resume_recipe
 
     if a.resume:
         recipe = resume_recipe(a.resume, progress=not a.quiet, cache=_cache(a))
@@ -84,7 +83,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from .evaluate import format_table
+    from ..training.evaluator import format_table
 
     t0 = time.time()
     result, chosen, ss, _ = _eval_run(Path(a.run), Path(a.data), a.split, fmt=a.fmt, image_dir=a.image_dir, text_field=a.text_field, decoder=a.decoder, progress=not a.quiet, keep_orders=bool(a.html), cache=_cache(a))
@@ -109,10 +108,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     """synth -> train --preset tiny -> evaluate on the synthetic test split."""
-    from .config import preset
-    from .evaluate import format_table
-    from .synth import SynthConfig, synthesize
-    from .train import TrainRecipe
+    from ..config import preset
+    from ..training.evaluator import format_table
+    from ..data.synth import SynthConfig, synthesize
+    from ..training.recipe import TrainRecipe
 
     t0 = time.time()
     out = Path(a.out)
@@ -179,16 +178,15 @@ def register(sub, add_data_args) -> None:
 
 
 def cmd_order(a: argparse.Namespace) -> int:
-    import torch
-
-    from .data import read_jsonl
-    from .inference import order_stories, stories_from_args
-    from .run import load_run
+    from ..data.readers import read_jsonl
+    from ..device import pick_device
+    from ..model import load_run
+    from .order import order_stories, stories_from_args
 
     if a.jsonl and (a.images or a.sentences):
         raise IterWeGOError("give either --jsonl or --images/--sentences, not both")
     stories = read_jsonl(a.jsonl) if a.jsonl else stories_from_args(a.images, a.sentences)
-    model, meta = load_run(a.run, "cuda" if torch.cuda.is_available() else "cpu")
+    model, meta = load_run(a.run, pick_device())
     results = order_stories(model, stories, chosen_rounds=meta.get("chosen_rounds"), decoder=a.decoder)
     for story, r in zip(stories, results):
         print(format_order(r, has_gold=bool(a.jsonl)))

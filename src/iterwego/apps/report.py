@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .data import Story
-from .errors import ImageError
-from .images import load_image
+from ..data.readers import Story
+from ..errors import ImageError
+from ..images import load_image
+from ..training.evaluator import metric_rows
 
 if TYPE_CHECKING:  # evaluate pulls in torch; the report only needs the attributes
-    from .evaluate import EvalResult
+    from ..training.evaluator import EvalResult
 
 __all__ = ["order_report", "evaluation_report", "THUMB_PX", "PLOT_FILES"]
 
@@ -85,7 +86,7 @@ def _esc(x: object) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    from .run import atomic_write_bytes  # one home for atomic writes
+    from ..io import atomic_write_bytes  # one home for atomic writes
 
     atomic_write_bytes(path, data)
 
@@ -113,7 +114,7 @@ def _conf_class(c: float) -> str:
 
 
 def _fmt_metric(m: dict | None) -> list[str]:
-    """Acc / PMR in percent and tau, formatted exactly as :func:`iterwego.evaluate.format_table` prints them."""
+    """Acc / PMR in percent and tau, formatted exactly as :func:`iterwego.training.evaluator.format_table` prints them."""
     if m is None:
         return ["-", "-", "-"]
     tau = m["tau"]
@@ -305,7 +306,7 @@ def _order_story(r: dict, thumbs: _Thumbs, gold: bool) -> str:
 
 
 def order_report(stories: Sequence[Story], results: Sequence[dict], path: str | os.PathLike, *, gold: bool = False) -> Path:
-    """Write a self-contained HTML page showing :func:`iterwego.inference.order_stories` results.
+    """Write a self-contained HTML page showing :func:`iterwego.apps.order.order_stories` results.
 
     Per story: the predicted order as an image strip (fused order when images
     and sentences were aligned, else the image-only order) with the paired
@@ -354,32 +355,12 @@ def order_report(stories: Sequence[Story], results: Sequence[dict], path: str | 
 
 
 # ----------------------------------------------------------------- evaluation report
-def _metric_rows(report: dict, fused_text: dict | None) -> list[tuple[str, dict | None, dict | None, bool]]:
-    """The rows of :func:`iterwego.evaluate.format_table`, plus whether the row is the val-chosen one."""
-    img, txt = report.get("image"), report.get("text")
-    n_rounds = max(len(img["rounds"]) if img else 0, len(txt["rounds"]) if txt else 0)
-
-    def get(d: dict | None, r: int) -> dict | None:
-        return d["rounds"][r] if d and r < len(d["rounds"]) else None
-
-    rows: list[tuple[str, dict | None, dict | None, bool]] = [("unimodal (round 0)", img and img["unimodal"], txt and txt["unimodal"], False)]
-    for r in range(1, n_rounds):
-        rows.append((f"round {r}", get(img, r), get(txt, r), False))
-    if img or txt:
-        ci = f"{img['chosen_round']}" if img else "-"
-        ct = f"{txt['chosen_round']}" if txt else "-"
-        rows.append((f"guided (val-chosen: img {ci}, txt {ct})", img and img["guided"], txt and txt["guided"], True))
-    if "fused" in report:
-        rows.append(("fused decoding", report["fused"], fused_text or report["fused"], False))
-    return rows
-
-
 def _metric_table(report: dict, ceilings: dict | None, fused_text: dict | None) -> str:
     out = ['<table class="metrics"><thead>',
            '<tr><th rowspan="2">variant</th><th colspan="3">images</th><th colspan="3">sentences</th></tr>',
            "<tr><th>Acc %</th><th>PMR %</th><th>&#964;</th><th>Acc %</th><th>PMR %</th><th>&#964;</th></tr>",
            "</thead><tbody>"]
-    for name, a, b, chosen in _metric_rows(report, fused_text):
+    for name, a, b, chosen in metric_rows(report, fused_text):
         cells = "".join(f"<td>{_esc(x)}</td>" for x in _fmt_metric(a) + _fmt_metric(b))
         tr = '<tr class="chosen">' if chosen else "<tr>"
         out.append(f"{tr}<td>{_esc(name)}</td>{cells}</tr>")
@@ -577,7 +558,7 @@ def evaluation_report(path: str | os.PathLike, *, report: dict, result: "EvalRes
                       ceilings: dict | None = None, fused_text: dict | None = None, max_samples: int = 12, seed: int = 0) -> Path:
     """Write an HTML evaluation report to ``path`` and its plots to ``<stem>_files/`` next to it.
 
-    Contents: the metric table (the rows of :func:`iterwego.evaluate.format_table`:
+    Contents: the metric table (the rows of :func:`iterwego.training.evaluator.format_table`:
     unimodal, each guidance round, the val-chosen guided row and fused
     decoding, Acc / PMR / tau per modality, alignment accuracy and ceilings if
     given); two plots (metrics per round with the chosen round starred, and

@@ -25,28 +25,24 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config
-from .data import load_split
-from .encoders import CNNHead
-from .errors import IterWeGOError
-from .evaluate import Evaluator, alignment_scores, pick
-from .features import batches, build_features
-from .guidance import align, guide
+from ..aligner import alignment_hits
+from ..config import Config
+from ..data.features import batches, build_features
+from ..data.readers import load_split
+from ..device import autocast, pick_device
+from ..encoders import CNNHead
+from ..errors import IterWeGOError
+from ..io import atomic_write_json
+from ..model import create_model, n_pairs, pair_loss
+from ..pretrained import save_run
 from .distributed import Dist
-from .model import autocast, create_model, n_pairs, pair_loss
-from .run import atomic_write_json, save_run
+from .evaluator import Evaluator, pick
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class TrainingDiverged(IterWeGOError):
@@ -94,7 +90,7 @@ class TrainRecipe:
             self.log(f"note: {truncated} sentence(s) longer than {c.encoder.text_max_length} tokens were truncated")
         self.truncated = truncated
         self.log(f"data: {len(self.train_stories)} train / {len(self.val_stories)} val stories; features ready in {time.time() - t0:.1f}s")
-        self.val_eval = Evaluator(self.val_set, self.feats, c.guidance, mapping=c.aligner.mapping, decoder=c.train.decoder, seed=c.train.seed + 1, device=self.device, amp=c.train.amp, dist_ctx=self.dist, batch_size=c.train.eval_batch_size)
+        self.val_eval = Evaluator(self.val_set, self.feats, decoder=c.train.decoder, seed=c.train.seed + 1, device=self.device, amp=c.train.amp, dist_ctx=self.dist, batch_size=c.train.eval_batch_size)
         self.rng = np.random.default_rng(c.train.seed)
         return self
 
@@ -162,7 +158,7 @@ class TrainRecipe:
         if not self.main:
             return
 
-        from .run import atomic_write_bytes
+        from ..io import atomic_write_bytes
 
         state = {
             "stage": stage, "epoch": epoch, "since": since, "best": best,
@@ -178,7 +174,7 @@ class TrainRecipe:
 
     def load_state(self) -> None:
         """Resume from ``RUN/train_state.pt`` (call after :meth:`setup`)."""
-        from .errors import ModelLoadError
+        from ..errors import ModelLoadError
 
         path = self.out / "train_state.pt"
         if not path.is_file():
@@ -322,41 +318,25 @@ class TrainRecipe:
     def alignment_accuracy(self, ss) -> float:
         self.model.eval()
         hits = total = 0
-        rng = np.random.default_rng(0)
-        for b in batches(ss, 64, rng, self.feats, shuffle_stories=False):
+        for b in batches(ss, 64, np.random.default_rng(0), self.feats, shuffle_stories=False):
             b = b.to(self.device)
-            iv, tv = b.valid("image"), b.valid("text")
-            am = align(alignment_scores(self.model, b), "argmax", iv, tv)
-            hits += int(((b.pos["text"].gather(1, am.clamp(min=0)) == b.pos["image"]) & iv).sum())
-            total += int(iv.sum())
+            h, n = alignment_hits(self.model.alignment_scores(b), b)
+            hits, total = hits + h, total + n
         return hits / max(total, 1)
 
     def _guided_phase(self, tgt: str, opt, epoch: int) -> float:
         """One pass updating the ``tgt`` orderer under guidance from the other modality (fixed)."""
-        c, t, g, m = self.cfg, self.cfg.train, self.cfg.guidance, self.model
-        src = "text" if tgt == "image" else "image"
-        thr, lam = (g.threshold_t2i, g.weight_t2i) if tgt == "image" else (g.threshold_i2t, g.weight_i2t)
+        t, m = self.cfg.train, self.model
         losses = []
         for gb in batches(self.train_set, t.batch_size, self.rng, self.feats, shuffle_stories=True):
             global_pairs, b = n_pairs(gb.valid(tgt)), self._local(gb)
-            if b is None:
-                losses.append(self._step(opt, None, m.orderer(tgt).parameters(), f"iterative epoch {epoch} {tgt} phase step {len(losses)}", sharded=True))
-                continue
-            b = b.to(self.device)
-            with torch.no_grad(), autocast(self.device, t.amp):  # the guiding orderer and the aligner do not learn in this phase
-                m.orderer(src).eval()
-                src_logits = m.orderer(src)(b.feats[src], b.index[src])
-                scores = alignment_scores(m, b)
-                if src == "text":
-                    mapping = align(scores.transpose(1, 2), c.aligner.mapping, b.valid("text"), b.valid("image"))
-                else:
-                    mapping = align(scores, c.aligner.mapping, b.valid("image"), b.valid("text"))
-            m.orderer(tgt).train()
-            with autocast(self.device, t.amp):
-                logits = m.orderer(tgt)(b.feats[tgt], b.index[tgt])
-            guided = guide(logits, src_logits, mapping, threshold=thr, weight=lam, rule=g.train_rule, valid=b.valid(src))
-            loss = self._pair_loss(guided, b, tgt, global_pairs)
-            losses.append(self._step(opt, loss, m.orderer(tgt).parameters(), f"iterative epoch {epoch} {tgt} phase step {len(losses)}", sharded=True))
+            loss = None
+            if b is not None:
+                m.orderer(tgt).train()
+                with autocast(self.device, t.amp):
+                    loss = m.guided_loss(b.to(self.device), tgt, normalizer=global_pairs)
+            where = f"iterative epoch {epoch} {tgt} phase step {len(losses)}"
+            losses.append(self._step(opt, loss, m.orderer(tgt).parameters(), where, sharded=True))
         return float(np.mean(losses))
 
     def _val_entry(self, res) -> dict:
@@ -429,7 +409,7 @@ def _tensorboard(path: Path):
 
 def resume_recipe(run: str | Path, *, progress: bool = True, log=print, cache=None) -> TrainRecipe:
     """A recipe continuing the interrupted training in ``run`` (set up, state loaded)."""
-    from .errors import ModelLoadError
+    from ..errors import ModelLoadError
 
     args_path = Path(run) / "train_args.json"
     if not args_path.is_file():

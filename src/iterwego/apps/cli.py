@@ -14,7 +14,7 @@ import os
 import sys
 
 
-from .errors import IterWeGOError
+from ..errors import IterWeGOError
 
 EXIT_USER_ERROR = 2
 
@@ -44,7 +44,7 @@ def _add_data_args(p: argparse.ArgumentParser, *, positional: bool = False, requ
 
 # ----------------------------------------------------------------- foundation
 def _cmd_synth(a: argparse.Namespace) -> int:
-    from .synth import SynthConfig, synthesize
+    from ..data.synth import SynthConfig, synthesize
 
     cfg = SynthConfig(stories=a.stories, seed=a.seed, lengths=a.lengths, image_size=a.image_size)
     summary = synthesize(a.out, cfg, progress=not a.quiet)
@@ -53,7 +53,7 @@ def _cmd_synth(a: argparse.Namespace) -> int:
 
 
 def _cmd_stats(a: argparse.Namespace) -> int:
-    from .data import dataset_stats, format_stats
+    from ..data.readers import dataset_stats, format_stats
 
     stats = dataset_stats(a.data, fmt=a.fmt, image_dir=a.image_dir, text_field=a.text_field, splits=a.splits)
     if a.json:
@@ -64,7 +64,7 @@ def _cmd_stats(a: argparse.Namespace) -> int:
 
 
 def _cmd_resize(a: argparse.Namespace) -> int:
-    from .images import resize_tree
+    from ..images import resize_tree
 
     report = resize_tree(a.src, a.dst, size=a.size, workers=a.workers, progress=not a.quiet)
     print(report.summary())
@@ -74,8 +74,8 @@ def _cmd_resize(a: argparse.Namespace) -> int:
 
 
 def _cmd_prepare_pairs(a: argparse.Namespace) -> int:
-    from .data import load_split
-    from .pairs import write_pairs
+    from ..data.readers import load_split
+    from ..data.pairs import write_pairs
 
     stories = load_split(a.data, a.split, fmt=a.fmt, image_dir=a.image_dir, text_field=a.text_field, check_images=a.modality == "image")
     out = write_pairs(stories, a.out, split=a.split, modality=a.modality, seed=a.seed)
@@ -122,17 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed for the random pair directions")
     s.set_defaults(func=_cmd_prepare_pairs)
 
-    try:  # model commands arrive with the model issue
-        from . import cli_model
+    from . import commands, official_cmd, serve
 
-        cli_model.register(sub, _add_data_args)
-        from . import cli_official, serve
-
-        cli_official.register(sub)
-        serve.register(sub)
-    except ImportError as err:  # pragma: no cover - only while the model module is absent
-        if "cli_model" not in str(err):
-            raise
+    commands.register(sub, _add_data_args)
+    official_cmd.register(sub)
+    serve.register(sub)
     return p
 
 

@@ -1,0 +1,121 @@
+"""The aligner: image x sentence scores within a story, and the item mapping read off them.
+
+Two kinds score pairs: :class:`LearnedAligner` (projection heads trained here
+with symmetric InfoNCE) and :class:`CLIPAligner` (zero-shot CLIP similarity,
+the authors' choice). :func:`align` turns a score matrix into a mapping
+(argmax per row as in the paper, or one-to-one), and
+:func:`alignment_hits` counts how often the top-1 sentence of an image is its own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .batch import Batch, scatter_items
+from .config import AlignerConfig
+from .encoders import Encoder
+
+__all__ = ["CLIPAligner", "LearnedAligner", "align", "alignment_hits", "build_aligner"]
+
+MAPPINGS = ("argmax", "hungarian")
+
+
+class LearnedAligner(nn.Module):
+    """Projection heads over each modality's backbone features, trained with symmetric InfoNCE."""
+
+    def __init__(self, image_encoder: Encoder, text_encoder: Encoder, cfg: AlignerConfig):
+        super().__init__()
+        self.image_head, self.text_head = image_encoder.new_head(), text_encoder.new_head()
+        self.image_proj = _mlp(image_encoder.out_dim, cfg.dim)
+        self.text_proj = _mlp(text_encoder.out_dim, cfg.dim)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.temperature)))
+
+    def embed_images(self, feats: Tensor) -> Tensor:
+        return F.normalize(self.image_proj(self.image_head(feats)), dim=-1)
+
+    def embed_texts(self, feats: Tensor) -> Tensor:
+        return F.normalize(self.text_proj(self.text_head(feats)), dim=-1)
+
+    def loss(self, image_feats: Tensor, text_feats: Tensor) -> Tensor:
+        """Symmetric InfoNCE over matched rows (row k of each modality is one item)."""
+        logits = self.log_scale.exp().clamp(max=100) * self.embed_images(image_feats) @ self.embed_texts(text_feats).T
+        target = torch.arange(len(logits), device=logits.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+    def scores(self, image_feats: Tensor, text_feats: Tensor, img_index: Tensor, txt_index: Tensor) -> Tensor:
+        """Within-story image x sentence scores ``(B, n_img, n_txt)``."""
+        ei = scatter_items(self.embed_images(image_feats), img_index)
+        et = scatter_items(self.embed_texts(text_feats), txt_index)
+        return ei @ et.transpose(1, 2)
+
+
+def _mlp(d_in: int, d: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d), nn.ReLU(), nn.Linear(d, d))
+
+
+class CLIPAligner(nn.Module):
+    """Zero-shot CLIP similarity; features are CLIP's normalised image and text embeddings."""
+
+    def __init__(self, logit_scale: float = 100.0):
+        super().__init__()
+        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+
+    def scores(self, image_feats: Tensor, text_feats: Tensor, img_index: Tensor, txt_index: Tensor) -> Tensor:
+        ei, et = scatter_items(image_feats, img_index), scatter_items(text_feats, txt_index)
+        return self.logit_scale * ei @ et.transpose(1, 2)
+
+
+def build_aligner(cfg: AlignerConfig, image_encoder: Encoder, text_encoder: Encoder, has_clip_features: bool) -> nn.Module:
+    if cfg.kind == "learned":
+        return LearnedAligner(image_encoder, text_encoder, cfg)
+    if cfg.kind == "clip":
+        if not has_clip_features:
+            raise ValueError("aligner kind 'clip' needs CLIP image/text embedding encoders")
+        return CLIPAligner()
+    raise ValueError(f"unknown aligner kind {cfg.kind!r}; choose 'learned' or 'clip'")
+
+
+def align(scores: Tensor, method: str = "argmax", valid_rows: Tensor | None = None, valid_cols: Tensor | None = None) -> Tensor:
+    """Map each row item to a column item from a ``(B, m, n)`` score matrix.
+
+    ``argmax`` takes each row's best column (the paper; two rows may share a
+    column). ``hungarian`` is one-to-one within each story
+    (``scipy.optimize.linear_sum_assignment``). Padding rows map to ``-1``.
+    """
+    B, m, n = scores.shape
+    s = scores.detach().float()
+    if valid_cols is not None:
+        s = s.masked_fill(~valid_cols[:, None, :], float("-inf"))
+    if method == "argmax":
+        out = s.argmax(-1)
+    elif method == "hungarian":
+        from scipy.optimize import linear_sum_assignment
+
+        out = torch.full((B, m), -1, dtype=torch.long)
+        s_np = s.cpu().numpy()
+        rows_ok = np.ones((B, m), bool) if valid_rows is None else valid_rows.cpu().numpy()
+        cols_ok = np.ones((B, n), bool) if valid_cols is None else valid_cols.cpu().numpy()
+        for k in range(B):  # one small assignment per story, not per pair
+            r_idx, c_idx = np.flatnonzero(rows_ok[k]), np.flatnonzero(cols_ok[k])
+            sub = s_np[k][np.ix_(r_idx, c_idx)]
+            rr, cc = linear_sum_assignment(sub, maximize=True)
+            out[k, torch.as_tensor(r_idx[rr])] = torch.as_tensor(c_idx[cc])
+        out = out.to(scores.device)
+    else:
+        raise ValueError(f"unknown alignment mapping {method!r}; choose one of {MAPPINGS}")
+    if valid_rows is not None:
+        out = out.masked_fill(~valid_rows, -1)
+    return out
+
+
+def alignment_hits(scores: Tensor, batch: Batch) -> tuple[int, int]:
+    """(images whose top-1 sentence within the story is their own, images): top-1 alignment accuracy's parts."""
+    iv, tv = batch.valid("image"), batch.valid("text")
+    am = align(scores, "argmax", iv, tv)
+    hit = (batch.pos["text"].gather(1, am.clamp(min=0)) == batch.pos["image"]) & iv
+    return int(hit.sum()), int(iv.sum())

@@ -1,0 +1,145 @@
+"""Ordering new albums: the job a user comes for.
+
+:func:`order_stories` takes stories whose items are in *arbitrary* order
+(no gold), runs both orderers, the aligner and the validation-chosen number
+of guidance rounds, and returns per story the recovered orders, the
+image-sentence pairing and the confidence of each adjacent step, for every
+variant (image only, sentences only, guided, fused).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.features import build_features, make_batch
+from ..data.readers import Item, Story
+from ..decode import MAX_EXACT, combine, decode_story, pair_logprobs
+from ..errors import DataError
+from ..fusion import sentence_order
+
+SCHEMA_VERSION = 1
+
+
+def _adjacent(p: np.ndarray, order: list[int]) -> list[float]:
+    """P(order[k] before order[k+1]) under the combined pair probabilities."""
+    return [float(p[a, b]) for a, b in zip(order, order[1:])]
+
+
+def _decoded(logits, decoder: str) -> tuple[list[int], list[float], bool]:
+    """(order, confidence of each adjacent step, fell back to beam) of one story's ``(1, n, n, 2)`` logits."""
+    lp = pair_logprobs(logits)[0].float().cpu().numpy()
+    order, fell_back = decode_story(lp, decoder)
+    return order, _adjacent(np.exp(combine(lp)), order), fell_back
+
+
+def _notes(imgs: list, sents: list, cross: bool) -> list[str]:
+    if imgs and sents and len(imgs) != len(sents):
+        return [f"{len(imgs)} images but {len(sents)} sentences: each modality is ordered alone"]
+    if imgs and sents and not cross:
+        return ["this run cannot align images and sentences: each modality is ordered alone"]
+    return []
+
+
+def _story_batch(model, story_id: str, imgs: list, sents: list):
+    """Features of one album, as a one-story batch in the order given (it carries no gold).
+
+    With both lists the items are paired by position for the feature index only; the model never reads that pairing.
+    """
+    encs = model.encoders()
+    if imgs and sents:
+        sets, feats = build_features(encs, {"x": [Story(story_id, [Item(image=i, sentence=t) for i, t in zip(imgs, sents)])]})
+    else:
+        its = [Item(image=p) for p in imgs] if imgs else [Item(sentence=t) for t in sents]
+        mod = "image" if imgs else "text"
+        sets, feats = build_features({mod: encs[mod]}, {"x": [Story(story_id, its)]}, cross_modal=False)
+    return make_batch(sets["x"], [0], np.random.default_rng(0), feats, shuffle=False).to(next(model.parameters()).device)
+
+
+@torch.no_grad()
+def order_story(model, s: Story, *, chosen_rounds: dict | None = None, decoder: str = "exact") -> dict:
+    """Order one story's images and sentences (the given order is ignored); see :func:`order_stories`."""
+    chosen = {"image": 0, "text": 0, **(chosen_rounds or {})}
+    imgs = [it.image for it in s.items if it.image is not None]
+    sents = [it.sentence for it in s.items if it.sentence is not None]
+    res: dict = {"schema": SCHEMA_VERSION, "id": s.id, "images": imgs, "sentences": sents, "variants": {}}
+    use = {"image": bool(imgs) and model.image is not None, "text": bool(sents) and model.text is not None}
+    cross = use["image"] and use["text"] and len(imgs) == len(sents) and model.aligner is not None
+    notes = _notes(imgs, sents, cross)
+    model.eval()
+    # the text backbone counts sentences it cut at its token limit; the user should hear about them
+    text_bb = getattr(model.encoders().get("text"), "backbone", None)
+    cut_before = getattr(text_bb, "truncated", 0)
+    out = {}
+    if cross:
+        out["both"] = model(_story_batch(model, s.id, imgs, sents), max(chosen["image"], chosen["text"]))
+    else:
+        for mod in ("image", "text"):
+            if use[mod]:
+                b = _story_batch(model, s.id, imgs if mod == "image" else [], sents if mod == "text" else [])
+                out[mod] = model(b, modalities=(mod,))
+    cut = getattr(text_bb, "truncated", 0) - cut_before
+    fell_back = False
+    for m in ("image", "text"):
+        fw = out.get("both", out.get(m))
+        if fw is None or not getattr(fw, m):
+            continue
+        o, conf, fb = _decoded(fw.logits(m, 0), decoder)
+        fell_back |= fb
+        res["variants"][f"{m}_only"] = {"order": o, "confidence": conf}
+    if cross:
+        fw = out["both"]
+        oi, ci, fbi = _decoded(fw.logits("image", chosen["image"]), decoder)
+        ot, ct, fbt = _decoded(fw.logits("text", chosen["text"]), decoder)
+        of, cf, fbf = _decoded(fw.fused, decoder)
+        fell_back |= fbi or fbt or fbf
+        a = fw.pairing[0].cpu().numpy()
+        res["variants"]["guided"] = {"image_order": oi, "sentence_order": ot, "rounds": chosen, "image_confidence": ci,
+                                     "sentence_confidence": ct}
+        res["variants"]["fused"] = {"image_order": of, "sentence_order": sentence_order(of, a, len(sents)), "confidence": cf}
+        res["pairing"] = [[int(k), int(a[k])] for k in range(len(a))]
+        res["pairing_score"] = [float(fw.scores[0, k, a[k]]) for k in range(len(a))]
+        res["image_order"], res["sentence_order"] = of, res["variants"]["fused"]["sentence_order"]
+        res["mode"] = "fused"
+    else:
+        if "image_only" in res["variants"]:
+            res["image_order"] = res["variants"]["image_only"]["order"]
+        if "text_only" in res["variants"]:
+            res["sentence_order"] = res["variants"]["text_only"]["order"]
+        res["mode"] = "unimodal"
+    if fell_back:
+        notes.append(f"{max(len(imgs), len(sents))} items: more than the exact decoder's {MAX_EXACT}, so the beam decoder was used")
+    if cut:
+        notes.append(f"{cut} sentence(s) longer than {getattr(text_bb, 'max_length', '?')} tokens were truncated")
+    if notes:
+        res["note"] = "; ".join(notes)
+    return res
+
+
+def order_stories(model, stories: list[Story], *, chosen_rounds: dict | None = None, decoder: str = "exact",
+                  progress: bool = False) -> list[dict]:
+    """Order each story's images and sentences as given (the given order is ignored).
+
+    A story may have images only, sentences only, or both; with both in
+    equal numbers the guided and fused variants are computed, otherwise
+    each modality is ordered alone and ``note`` says so. Each story runs
+    through :meth:`iterwego.model.IterWeGO.forward` alone, which keeps memory
+    flat for large albums (batching is for evaluation).
+    """
+    for s in stories:
+        if len(s.items) < 2:
+            raise DataError(f"a story needs at least 2 items to order, got {len(s.items)}", path=s.meta.get("source"),
+                            line=s.meta.get("line"), story=s.id)
+    return [order_story(model, s, chosen_rounds=chosen_rounds, decoder=decoder) for s in stories]
+
+
+def stories_from_args(images: list[str] | None, sentences: list[str] | None) -> list[Story]:
+    """One story from CLI lists (either may be absent)."""
+    images, sentences = images or [], sentences or []
+    if not images and not sentences:
+        raise DataError("give --images and/or --sentences, or --jsonl")
+    n = max(len(images), len(sentences))
+    items = [Item(image=str(Path(images[k])) if k < len(images) else None, sentence=sentences[k] if k < len(sentences) else None) for k in range(n)]
+    return [Story("album", items)]

@@ -1,0 +1,35 @@
+"""Fused ordering (beyond the paper): one order from both modalities' pair evidence.
+
+Images and sentences are paired one to one by the aligner; each aligned
+pair's log-odds are summed (a product of the two pairwise experts), one order
+is decoded on the image slots, and the same order is carried to the sentences.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["fuse_logits", "sentence_order"]
+
+
+def fuse_logits(img_logits: Tensor, txt_logits: Tensor, i2t: Tensor) -> Tensor:
+    """Image pair logits plus the text pair logits of the aligned sentences (``i2t``: (B, n_img), -1 unpaired).
+
+    Summing in logit space multiplies the two pairwise experts: each aligned
+    pair's log-odds is the sum of both modalities' log-odds.
+    """
+    B = i2t.shape[0]
+    ac = i2t.clamp(min=0)
+    txt_on_img = txt_logits[torch.arange(B, device=i2t.device)[:, None, None], ac[:, :, None], ac[:, None, :]]
+    paired = (i2t >= 0)[:, :, None] & (i2t >= 0)[:, None, :]
+    return img_logits + torch.where(paired[..., None], txt_on_img, torch.zeros_like(txt_on_img))
+
+
+def sentence_order(image_order: Sequence[int], i2t: Sequence[int], n_sentences: int) -> list[int]:
+    """The fused image order carried to the sentences; unpaired sentences (unequal counts) go last, in slot order."""
+    slots = [int(i2t[k]) for k in image_order if i2t[k] >= 0]
+    seen = set(slots)
+    return slots + [s for s in range(n_sentences) if s not in seen]
