@@ -52,22 +52,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import naive  # noqa: E402
-
-from iterwego.data.cache import FeatureCache  # noqa: E402
 from iterwego.config import Config, preset  # noqa: E402
+from iterwego.data.cache import FeatureCache  # noqa: E402
+from iterwego.data.features import Batch, StorySet, build_features, make_batch  # noqa: E402
 from iterwego.data.readers import Item, Story  # noqa: E402
 from iterwego.decode import decode, pair_logprobs  # noqa: E402
 from iterwego.encoders import BertBackbone, CLIPTextBackbone, CLIPVisionBackbone, PixelBackbone, minilm_dir  # noqa: E402
-from iterwego.training.evaluator import alignment_scores  # noqa: E402
-from iterwego.data.features import Batch, StorySet, build_features, make_batch  # noqa: E402
 from iterwego.guidance import align, guide, iterate, select_pairs  # noqa: E402
 from iterwego.model import IterWeGO, create_model, pair_loss  # noqa: E402
+from iterwego.training.evaluator import alignment_scores  # noqa: E402
 
 LENGTHS = (5, 10, 20, 50)
 EXACT_NS = (8, 10, 12)
 INFER_BATCH = 64  # stories per inference batch, as the Evaluator uses
-WORDS = ("the red blue green old small happy family dog cat boat house park beach tree friends walked played "
-         "looked waited near under after before morning evening day together again finally water road city").split()
+WORDS = (
+    "the red blue green old small happy family dog cat boat house park beach tree friends walked played "
+    "looked waited near under after before morning evening day together again finally water road city"
+).split()
 
 
 # --------------------------------------------------------------------------- setup
@@ -95,14 +96,32 @@ def paper_backbones(device: torch.device) -> dict:
     """Random-weight CLIP ViT-L/14 and bert-base-uncased from their architecture configs (no download)."""
     from transformers import AutoTokenizer, BertConfig, BertModel, CLIPConfig, CLIPModel
 
-    text = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                max_position_embeddings=77, projection_dim=768)
-    vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
-                  patch_size=14, projection_dim=768)
+    text = dict(
+        vocab_size=49408,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        max_position_embeddings=77,
+        projection_dim=768,
+    )
+    vision = dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        projection_dim=768,
+    )
     torch.manual_seed(0)
     with torch.device(device):  # initialising on the accelerator is much faster than on 2 CPU cores
         clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=768))
-        bert = BertModel(BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072))
+        bert = BertModel(
+            BertConfig(
+                vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+            )
+        )
     tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
     cfg = preset("paper")
     return {cfg.encoder.image: clip, cfg.encoder.text: (bert, tok)}
@@ -176,7 +195,11 @@ class Memory:
 
     @property
     def what(self) -> str:
-        return "torch.cuda.max_memory_allocated per section" if self.device.type == "cuda" else "peak RSS of the process so far (getrusage)"
+        return (
+            "torch.cuda.max_memory_allocated per section"
+            if self.device.type == "cuda"
+            else "peak RSS of the process so far (getrusage)"
+        )
 
 
 def autocast(device: torch.device):
@@ -200,9 +223,13 @@ def backbone_forward(backbone, items: list[str], device: torch.device) -> None:
         with autocast(device):
             backbone.model(**enc)
     elif isinstance(backbone, CLIPTextBackbone):
-        enc = backbone.tokenizer(items, padding=True, truncation=True, max_length=backbone.max_length, return_tensors="pt")
+        enc = backbone.tokenizer(
+            items, padding=True, truncation=True, max_length=backbone.max_length, return_tensors="pt"
+        )
         with autocast(device):
-            backbone.model.text_model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
+            backbone.model.text_model(
+                input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)
+            )
     else:
         raise TypeError(f"no floor for backbone {type(backbone).__name__}")
 
@@ -234,8 +261,22 @@ def ours_infer(model: IterWeGO, batches: list[Batch], device: torch.device) -> l
         scores = alignment_scores(model, b)
         i2t = align(scores, mapping, iv, tv)
         t2i = align(scores.transpose(1, 2), mapping, tv, iv)
-        out.append(iterate(li, lt, t2i, i2t, 1, threshold_t2i=g.threshold_t2i, threshold_i2t=g.threshold_i2t, weight_t2i=g.weight_t2i,
-                           weight_i2t=g.weight_i2t, rule=g.eval_rule, image_valid=iv, text_valid=tv)[1])
+        out.append(
+            iterate(
+                li,
+                lt,
+                t2i,
+                i2t,
+                1,
+                threshold_t2i=g.threshold_t2i,
+                threshold_i2t=g.threshold_i2t,
+                weight_t2i=g.weight_t2i,
+                weight_i2t=g.weight_i2t,
+                rule=g.eval_rule,
+                image_valid=iv,
+                text_valid=tv,
+            )[1]
+        )
     return out
 
 
@@ -276,7 +317,10 @@ def ours_train(model: IterWeGO, tgt: str, opt, batches: list[Batch], device: tor
 
 def phase_optimizers(model: IterWeGO) -> dict:
     lr = model.cfg.train.lr
-    return {m: torch.optim.Adam([p for p in model.orderer(m).parameters() if p.requires_grad], lr=lr) for m in ("image", "text")}
+    return {
+        m: torch.optim.Adam([p for p in model.orderer(m).parameters() if p.requires_grad], lr=lr)
+        for m in ("image", "text")
+    }
 
 
 def chunks(ids: list[int], size: int) -> list[list[int]]:
@@ -284,7 +328,9 @@ def chunks(ids: list[int], size: int) -> list[list[int]]:
 
 
 # --------------------------------------------------------------------------- naive glue
-def story_views(stories: list[Story], batches: list[Batch]) -> list[tuple[list[str], list[str], np.ndarray, np.ndarray]]:
+def story_views(
+    stories: list[Story], batches: list[Batch]
+) -> list[tuple[list[str], list[str], np.ndarray, np.ndarray]]:
     """Per story, in the batches' presentation: images and sentences in slot order, and their gold positions."""
     out = []
     for b in batches:
@@ -303,7 +349,13 @@ def naive_infer(model: IterWeGO, views) -> list[tuple[torch.Tensor, torch.Tensor
 
 def naive_train(model: IterWeGO, tgt: str, opt, batches_of_views) -> None:
     for group in batches_of_views:
-        naive.train_step(model, tgt, opt, [(im, se, (pi if tgt == "image" else pt).tolist()) for im, se, pi, pt in group], model.cfg.train.grad_clip)
+        naive.train_step(
+            model,
+            tgt,
+            opt,
+            [(im, se, (pi if tgt == "image" else pt).tolist()) for im, se, pi, pt in group],
+            model.cfg.train.grad_clip,
+        )
 
 
 # --------------------------------------------------------------------------- other sections
@@ -364,9 +416,15 @@ def preprocessing(paths: list[str], repeats: int) -> dict:
         t_ours1, _ = timed(ours_fn, repeats, cpu, warmup=ours_fn)
     finally:
         torch.set_num_threads(threads)
-    return {"processor": type(proc).__name__, "images": len(paths), "hf_ms_per_image": 1e3 * t_hf / len(paths), "ours_ms_per_image": 1e3 * t_ours / len(paths),
-            "ours_1thread_ms_per_image": 1e3 * t_ours1 / len(paths),
-            "max_abs_diff": float((torch.as_tensor(hf).float() - ours).abs().max()), "shape": list(ours.shape)}
+    return {
+        "processor": type(proc).__name__,
+        "images": len(paths),
+        "hf_ms_per_image": 1e3 * t_hf / len(paths),
+        "ours_ms_per_image": 1e3 * t_ours / len(paths),
+        "ours_1thread_ms_per_image": 1e3 * t_ours1 / len(paths),
+        "max_abs_diff": float((torch.as_tensor(hf).float() - ours).abs().max()),
+        "shape": list(ours.shape),
+    }
 
 
 def exact_decoder(repeats: int) -> dict:
@@ -374,7 +432,9 @@ def exact_decoder(repeats: int) -> dict:
     out = {}
     for n in EXACT_NS:
         lp = pair_logprobs(rng.standard_normal((n, n, 2)) * 2)
-        t, _ = timed(lambda: decode(lp, "exact"), max(repeats, 3), torch.device("cpu"), warmup=lambda: decode(lp, "exact"))
+        t, _ = timed(
+            lambda: decode(lp, "exact"), max(repeats, 3), torch.device("cpu"), warmup=lambda: decode(lp, "exact")
+        )
         out[n] = 1e3 * t
     return out
 
@@ -385,19 +445,41 @@ def run(args) -> dict:
     mem = Memory(device)
     torch.manual_seed(args.seed)
     work = Path(args.work or tempfile.mkdtemp(prefix="iterwego-bench-"))
-    res: dict = {"load_average_start": os.getloadavg(), "size": args.size, "device": str(device), "stories": args.stories, "items_per_story": 5, "repeats": args.repeats,
-                 "threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "memory_measure": mem.what}
+    res: dict = {
+        "load_average_start": os.getloadavg(),
+        "size": args.size,
+        "device": str(device),
+        "stories": args.stories,
+        "items_per_story": 5,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "cpu_cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "memory_measure": mem.what,
+    }
     stories = make_corpus(work / "images", args.stories, 5, args.seed)
     cfg, model = build_model(args.size, device)
-    for bb, items in distinct_backbones(model, stories[:1]):  # first-call costs (kernel selection, allocator) out of every timing
+    for bb, items in distinct_backbones(
+        model, stories[:1]
+    ):  # first-call costs (kernel selection, allocator) out of every timing
         backbone_forward(bb, items[:1], device)
         bb.featurize(items[:1])
 
     # -- floor: one batched backbone forward over every item
     mem.start()
-    t_floor, _ = timed(lambda: [backbone_forward(bb, items, device) for bb, items in distinct_backbones(model, stories)], args.repeats, device)
-    res["floor"] = {"ms_per_story": 1e3 * t_floor / args.stories, "peak_mib": mem.peak_mib(), "dtype": "bf16" if device.type == "cuda" else "float32"}
+    t_floor, _ = timed(
+        lambda: [backbone_forward(bb, items, device) for bb, items in distinct_backbones(model, stories)],
+        args.repeats,
+        device,
+    )
+    res["floor"] = {
+        "ms_per_story": 1e3 * t_floor / args.stories,
+        "peak_mib": mem.peak_mib(),
+        "dtype": "bf16" if device.type == "cuda" else "float32",
+    }
 
     # -- ours: backbones once per item through the cache (cold), then a hit
     mem.start()
@@ -410,7 +492,11 @@ def run(args) -> dict:
     t_cold, ((sets, feats), cache) = timed(cold, args.repeats, device)
     cache_root = cache.root
     peak_cold = mem.peak_mib()
-    t_hit, _ = timed(lambda: build_features(model.encoders(), {"bench": stories}, cache=FeatureCache(cache_root)), args.repeats, device)
+    t_hit, _ = timed(
+        lambda: build_features(model.encoders(), {"bench": stories}, cache=FeatureCache(cache_root)),
+        args.repeats,
+        device,
+    )
     res["backbones_once"] = {"ms_per_story": 1e3 * t_cold / args.stories, "peak_mib": peak_cold}
     res["cache_hit"] = {"ms_per_story": 1e3 * t_hit / args.stories}
     feats = {k: v.to(device) for k, v in feats.items()}
@@ -423,30 +509,56 @@ def run(args) -> dict:
 
     # -- inference: ours (cached features) and naive (story by story), before any training step changes weights
     mem.start()
-    t_inf, ours_out = timed(lambda: ours_infer(model, infer_batches, device), args.repeats, device, warmup=lambda: ours_infer(model, infer_batches[:1], device))
+    t_inf, ours_out = timed(
+        lambda: ours_infer(model, infer_batches, device),
+        args.repeats,
+        device,
+        warmup=lambda: ours_infer(model, infer_batches[:1], device),
+    )
     res["ours_inference"] = {"ms_per_story": 1e3 * t_inf / args.stories, "peak_mib": mem.peak_mib()}
     nv_ids = ids[: args.naive_stories]
     views = story_views(stories, infer_batches)[: args.naive_stories]
     mem.start()
-    t_ninf, naive_out = timed(lambda: naive_infer(model, views), args.naive_repeats, device, warmup=lambda: naive_infer(model, views[:1]))
-    res["naive_inference"] = {"ms_per_story": 1e3 * t_ninf / len(nv_ids), "peak_mib": mem.peak_mib(), "stories": len(nv_ids)}
+    t_ninf, naive_out = timed(
+        lambda: naive_infer(model, views), args.naive_repeats, device, warmup=lambda: naive_infer(model, views[:1])
+    )
+    res["naive_inference"] = {
+        "ms_per_story": 1e3 * t_ninf / len(nv_ids),
+        "peak_mib": mem.peak_mib(),
+        "stories": len(nv_ids),
+    }
 
     # -- agreement of the two computations
-    flat = [(li[k], lt[k], int(b.valid("image")[k].sum())) for (li, lt), b in zip(ours_out, infer_batches) for k in range(len(b.ids))]
-    diff = max(max(float((a[:n, :n] - na).abs().max()), float((t[:n, :n] - nt).abs().max())) for (a, t, n), (na, nt) in zip(flat, naive_out))
+    flat = [
+        (li[k], lt[k], int(b.valid("image")[k].sum()))
+        for (li, lt), b in zip(ours_out, infer_batches)
+        for k in range(len(b.ids))
+    ]
+    diff = max(
+        max(float((a[:n, :n] - na).abs().max()), float((t[:n, :n] - nt).abs().max()))
+        for (a, t, n), (na, nt) in zip(flat, naive_out)
+    )
     g = cfg.guidance
     with torch.no_grad():
         b0 = infer_batches[0].to(device)
-        sel = {m: float(select_pairs(model.orderer(m)(b0.feats[m], b0.index[m]), thr, g.eval_rule, b0.valid(m)).float().sum()
-                        / max(int(b0.valid(m).sum(1).mul(b0.valid(m).sum(1) - 1).sum()), 1))
-               for m, thr in (("text", g.threshold_t2i), ("image", g.threshold_i2t))}
+        sel = {
+            m: float(
+                select_pairs(model.orderer(m)(b0.feats[m], b0.index[m]), thr, g.eval_rule, b0.valid(m)).float().sum()
+                / max(int(b0.valid(m).sum(1).mul(b0.valid(m).sum(1) - 1).sum()), 1)
+            )
+            for m, thr in (("text", g.threshold_t2i), ("image", g.threshold_i2t))
+        }
         model.eval()
         one = make_batch(ss, [0], np.random.default_rng(1), feats).to(device)
         v0 = story_views(stories, [one])[0]
         loss_diff = {}
         for tgt in ("image", "text"):
             a = float(ours_phase_loss(model, tgt, one, train=False))
-            b = float(naive.phase_story_loss(model, tgt, v0[0], v0[1], (v0[2] if tgt == "image" else v0[3]).tolist(), train=False))
+            b = float(
+                naive.phase_story_loss(
+                    model, tgt, v0[0], v0[1], (v0[2] if tgt == "image" else v0[3]).tolist(), train=False
+                )
+            )
             loss_diff[tgt] = abs(a - b)
     res["check"] = {"max_abs_diff_guided_logits": diff, "abs_diff_phase_loss": loss_diff, "guiding_pairs_selected": sel}
 
@@ -454,11 +566,21 @@ def run(args) -> dict:
     for tgt in ("image", "text"):
         mem.start()
         opt = phase_optimizers(model)[tgt]
-        t, _ = timed(lambda: ours_train(model, tgt, opt, train_batches, device), args.repeats, device, warmup=lambda: ours_train(model, tgt, opt, train_batches[:1], device))
+        t, _ = timed(
+            lambda: ours_train(model, tgt, opt, train_batches, device),
+            args.repeats,
+            device,
+            warmup=lambda: ours_train(model, tgt, opt, train_batches[:1], device),
+        )
         res[f"ours_train_{tgt}"] = {"ms_per_story": 1e3 * t / args.stories, "peak_mib": mem.peak_mib()}
         groups = chunks(story_views(stories, train_batches)[: args.naive_stories], cfg.train.batch_size)
         mem.start()
-        t, _ = timed(lambda: naive_train(model, tgt, opt, groups), args.naive_repeats, device, warmup=lambda: naive_train(model, tgt, opt, [groups[0][:1]]))
+        t, _ = timed(
+            lambda: naive_train(model, tgt, opt, groups),
+            args.naive_repeats,
+            device,
+            warmup=lambda: naive_train(model, tgt, opt, [groups[0][:1]]),
+        )
         res[f"naive_train_{tgt}"] = {"ms_per_story": 1e3 * t / len(nv_ids), "peak_mib": mem.peak_mib()}
 
     # -- cost per story against story length (ours, cached features of the right shapes)
@@ -471,16 +593,36 @@ def run(args) -> dict:
         sid = list(range(args.stories))
         ib = [make_batch(sset, c, srng, sf) for c in chunks(sid, INFER_BATCH)]
         tb = [make_batch(sset, c, srng, sf) for c in chunks(sid, cfg.train.batch_size)]
-        row = {"inference": 1e3 * timed(lambda: ours_infer(model, ib, device), args.repeats, device, warmup=lambda: ours_infer(model, ib[:1], device))[0] / args.stories}
+        row = {
+            "inference": 1e3
+            * timed(
+                lambda: ours_infer(model, ib, device),
+                args.repeats,
+                device,
+                warmup=lambda: ours_infer(model, ib[:1], device),
+            )[0]
+            / args.stories
+        }
         for tgt in ("image", "text"):
             opt = phase_optimizers(model)[tgt]
-            row[f"train_{tgt}"] = 1e3 * timed(lambda: ours_train(model, tgt, opt, tb, device), args.repeats, device, warmup=lambda: ours_train(model, tgt, opt, tb[:1], device))[0] / args.stories
+            row[f"train_{tgt}"] = (
+                1e3
+                * timed(
+                    lambda: ours_train(model, tgt, opt, tb, device),
+                    args.repeats,
+                    device,
+                    warmup=lambda: ours_train(model, tgt, opt, tb[:1], device),
+                )[0]
+                / args.stories
+            )
         row["total"] = row["inference"] + row["train_image"] + row["train_text"]
         row["peak_mib"] = mem.peak_mib()
         sweep[n] = row
     res["lengths"] = sweep
     res["exact_decoder_ms"] = exact_decoder(args.repeats)
-    res["clip_preprocessing"] = preprocessing([it.image for s in stories[: max(1, min(len(stories), 8))] for it in s.items], args.repeats)
+    res["clip_preprocessing"] = preprocessing(
+        [it.image for s in stories[: max(1, min(len(stories), 8))] for it in s.items], args.repeats
+    )
     res["summary"] = summarize(res)
     return res
 
@@ -488,12 +630,24 @@ def run(args) -> dict:
 def summarize(r: dict) -> dict:
     floor = r["floor"]["ms_per_story"]
     rows = {}
-    parts = (("inference", "ours_inference", "naive_inference"), ("train_image", "ours_train_image", "naive_train_image"), ("train_text", "ours_train_text", "naive_train_text"))
+    parts = (
+        ("inference", "ours_inference", "naive_inference"),
+        ("train_image", "ours_train_image", "naive_train_image"),
+        ("train_text", "ours_train_text", "naive_train_text"),
+    )
     for name, o, n in parts:
         rows[name] = (r[o]["ms_per_story"], r[n]["ms_per_story"])
     rows["sum"] = tuple(sum(rows[p][k] for p, _, _ in parts) for k in (0, 1))
     rows["end_to_end"] = (rows["sum"][0] + r["backbones_once"]["ms_per_story"], rows["sum"][1])
-    return {k: {"ours_ms": o, "naive_ms": n, "naive_over_ours": n / o if o else float("inf"), "ours_over_floor": o / floor if floor else float("inf")} for k, (o, n) in rows.items()}
+    return {
+        k: {
+            "ours_ms": o,
+            "naive_ms": n,
+            "naive_over_ours": n / o if o else float("inf"),
+            "ours_over_floor": o / floor if floor else float("inf"),
+        }
+        for k, (o, n) in rows.items()
+    }
 
 
 def table(r: dict) -> str:
@@ -508,30 +662,74 @@ def table(r: dict) -> str:
 
     def row(label, o, n=None, ratio=None, of=None, peak=None):
         f = lambda v, w, spec: f"{v:{w}{spec}}" if v is not None else " " * (w - 1) + "-"  # noqa: E731
-        lines.append(f"{label:44s}{f(o, 10, '.2f')}{f(n, 11, '.2f')}{f(ratio, 11, '.1f')}{'x' if ratio is not None else ' '}{f(of, 12, '.3f')}{f(peak, 10, '.0f')}")
+        lines.append(
+            f"{label:44s}{f(o, 10, '.2f')}{f(n, 11, '.2f')}{f(ratio, 11, '.1f')}{'x' if ratio is not None else ' '}{f(of, 12, '.3f')}{f(peak, 10, '.0f')}"
+        )
 
-    for key, label, peak_key in (("inference", "inference, 1 guided round (cached feats)", "ours_inference"),
-                                 ("train_image", "train step, image phase", "ours_train_image"),
-                                 ("train_text", "train step, text phase", "ours_train_text"),
-                                 ("sum", "sum of the three", None)):
+    for key, label, peak_key in (
+        ("inference", "inference, 1 guided round (cached feats)", "ours_inference"),
+        ("train_image", "train step, image phase", "ours_train_image"),
+        ("train_text", "train step, text phase", "ours_train_text"),
+        ("sum", "sum of the three", None),
+    ):
         e = s[key]
-        row(label, e["ours_ms"], e["naive_ms"], e["naive_over_ours"], e["ours_over_floor"], r[peak_key]["peak_mib"] if peak_key else None)
+        row(
+            label,
+            e["ours_ms"],
+            e["naive_ms"],
+            e["naive_over_ours"],
+            e["ours_over_floor"],
+            r[peak_key]["peak_mib"] if peak_key else None,
+        )
     bo = r["backbones_once"]["ms_per_story"]
-    row("backbones once per item (cache miss)", bo, None, None, bo / floor if floor else None, r["backbones_once"]["peak_mib"])
+    row(
+        "backbones once per item (cache miss)",
+        bo,
+        None,
+        None,
+        bo / floor if floor else None,
+        r["backbones_once"]["peak_mib"],
+    )
     e = s["end_to_end"]
-    row("end to end: backbones once + the three", e["ours_ms"], e["naive_ms"], e["naive_over_ours"], e["ours_over_floor"])
-    row("cache hit (read features from disk)", r["cache_hit"]["ms_per_story"], None, None, r["cache_hit"]["ms_per_story"] / floor if floor else None)
+    row(
+        "end to end: backbones once + the three",
+        e["ours_ms"],
+        e["naive_ms"],
+        e["naive_over_ours"],
+        e["ours_over_floor"],
+    )
+    row(
+        "cache hit (read features from disk)",
+        r["cache_hit"]["ms_per_story"],
+        None,
+        None,
+        r["cache_hit"]["ms_per_story"] / floor if floor else None,
+    )
     row(f"floor: 1 batched backbone forward ({r['floor']['dtype']})", floor, None, None, 1.0, r["floor"]["peak_mib"])
     lines.append("")
-    lines.append("ours, ms per story vs story length n: " + "  ".join(f"n={n}: {v['total']:.2f} (inf {v['inference']:.2f}, img {v['train_image']:.2f}, txt {v['train_text']:.2f})" for n, v in r["lengths"].items()))
-    lines.append("exact decoder, ms per story: " + "  ".join(f"n={n}: {v:.2f}" for n, v in r["exact_decoder_ms"].items()))
+    lines.append(
+        "ours, ms per story vs story length n: "
+        + "  ".join(
+            f"n={n}: {v['total']:.2f} (inf {v['inference']:.2f}, img {v['train_image']:.2f}, txt {v['train_text']:.2f})"
+            for n, v in r["lengths"].items()
+        )
+    )
+    lines.append(
+        "exact decoder, ms per story: " + "  ".join(f"n={n}: {v:.2f}" for n, v in r["exact_decoder_ms"].items())
+    )
     p = r["clip_preprocessing"]
-    lines.append(f"CLIP preprocessing, ms per 256-px JPEG -> 224: transformers {p['processor']} {p['hf_ms_per_image']:.2f}, iterwego tensor path "
-                 f"{p['ours_ms_per_image']:.2f} (1 torch thread: {p['ours_1thread_ms_per_image']:.2f}); max |diff| = {p['max_abs_diff']:.2e}")
+    lines.append(
+        f"CLIP preprocessing, ms per 256-px JPEG -> 224: transformers {p['processor']} {p['hf_ms_per_image']:.2f}, iterwego tensor path "
+        f"{p['ours_ms_per_image']:.2f} (1 torch thread: {p['ours_1thread_ms_per_image']:.2f}); max |diff| = {p['max_abs_diff']:.2e}"
+    )
     c = r["check"]
-    lines.append(f"check ours vs naive: max |diff| guided logits {c['max_abs_diff_guided_logits']:.1e}; phase loss |diff| image {c['abs_diff_phase_loss']['image']:.1e}, "
-                 f"text {c['abs_diff_phase_loss']['text']:.1e}; guiding pairs selected: text {100 * c['guiding_pairs_selected']['text']:.0f}%, image {100 * c['guiding_pairs_selected']['image']:.0f}%")
-    lines.append(f"peak memory: {r['memory_measure']}; wall time of the whole run {r.get('wall_s', float('nan')):.0f} s")
+    lines.append(
+        f"check ours vs naive: max |diff| guided logits {c['max_abs_diff_guided_logits']:.1e}; phase loss |diff| image {c['abs_diff_phase_loss']['image']:.1e}, "
+        f"text {c['abs_diff_phase_loss']['text']:.1e}; guiding pairs selected: text {100 * c['guiding_pairs_selected']['text']:.0f}%, image {100 * c['guiding_pairs_selected']['image']:.0f}%"
+    )
+    lines.append(
+        f"peak memory: {r['memory_measure']}; wall time of the whole run {r.get('wall_s', float('nan')):.0f} s"
+    )
     return "\n".join(lines)
 
 
@@ -539,11 +737,28 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=("tiny", "paper"), default="tiny")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--stories", type=int, default=None, help="stories of 5 items (default: tiny 32; paper 4 on CPU, 64 on GPU)")
-    ap.add_argument("--naive-stories", type=int, default=None, help="stories the naive baseline runs on (default: all; paper on GPU 16)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed runs per measurement, median reported (default: 3; paper on CPU 1)")
+    ap.add_argument(
+        "--stories", type=int, default=None, help="stories of 5 items (default: tiny 32; paper 4 on CPU, 64 on GPU)"
+    )
+    ap.add_argument(
+        "--naive-stories",
+        type=int,
+        default=None,
+        help="stories the naive baseline runs on (default: all; paper on GPU 16)",
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed runs per measurement, median reported (default: 3; paper on CPU 1)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write every number to this JSON file")
-    ap.add_argument("--work", type=str, default=None, help="directory for the generated images and caches, kept afterwards (default: a temporary one, removed)")
+    ap.add_argument(
+        "--work",
+        type=str,
+        default=None,
+        help="directory for the generated images and caches, kept afterwards (default: a temporary one, removed)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

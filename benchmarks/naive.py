@@ -39,7 +39,10 @@ def backbone_features(model: IterWeGO, bank: str, items: Sequence[str]) -> Tenso
 
 def pair_logits(orderer: Orderer, feats: Tensor) -> Tensor:
     """One story's ``(n, n, 2)`` pair logits, the pair classifier called once per ordered pair."""
-    h = orderer.encoder(orderer.input_drop(orderer.item_vectors(feats))[None], torch.ones(1, len(feats), dtype=torch.bool, device=feats.device))[0]
+    h = orderer.encoder(
+        orderer.input_drop(orderer.item_vectors(feats))[None],
+        torch.ones(1, len(feats), dtype=torch.bool, device=feats.device),
+    )[0]
     head = orderer.classifier
     rows = []
     for i in range(len(h)):
@@ -84,7 +87,9 @@ def align_story(scores: Tensor, method: str) -> list[int]:
     return out
 
 
-def guide_story(target: Tensor, source: Tensor, mapping: list[int], threshold: float, weight: float, rule: str) -> Tensor:
+def guide_story(
+    target: Tensor, source: Tensor, mapping: list[int], threshold: float, weight: float, rule: str
+) -> Tensor:
     """target[a(i), a(j)] += weight * source[i, j] for each confident source pair, pair by pair."""
     if weight == 0 or threshold >= 1:
         return target
@@ -132,7 +137,15 @@ def infer_story(model: IterWeGO, images: Sequence[str], sentences: Sequence[str]
     return li, lt
 
 
-def phase_story_loss(model: IterWeGO, tgt: str, images: Sequence[str], sentences: Sequence[str], positions: Sequence[int], *, train: bool = True) -> Tensor:
+def phase_story_loss(
+    model: IterWeGO,
+    tgt: str,
+    images: Sequence[str],
+    sentences: Sequence[str],
+    positions: Sequence[int],
+    *,
+    train: bool = True,
+) -> Tensor:
     """Guided loss of one story in the ``tgt`` phase; every backbone is re-run."""
     g, mapping = model.cfg.guidance, model.cfg.aligner.mapping
     src = "text" if tgt == "image" else "image"
@@ -149,7 +162,13 @@ def phase_story_loss(model: IterWeGO, tgt: str, images: Sequence[str], sentences
     return story_loss(guide_story(logits, src_logits, a, thr, lam, g.train_rule), positions)
 
 
-def train_step(model: IterWeGO, tgt: str, opt: torch.optim.Optimizer, stories: list[tuple[list[str], list[str], list[int]]], grad_clip: float) -> float:
+def train_step(
+    model: IterWeGO,
+    tgt: str,
+    opt: torch.optim.Optimizer,
+    stories: list[tuple[list[str], list[str], list[int]]],
+    grad_clip: float,
+) -> float:
     """One optimiser step of the ``tgt`` phase over a batch, one story at a time (gradients accumulated)."""
     opt.zero_grad(set_to_none=True)
     total = 0.0

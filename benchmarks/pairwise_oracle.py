@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from iterwego.decode import decode
 from iterwego.data.synth import story_ceiling
+from iterwego.decode import decode
 
 
 def pairwise_posterior(times, visible, T) -> np.ndarray:

@@ -32,8 +32,19 @@ from PIL import Image
 from iterwego.apps.cli import main
 from iterwego.data.synth import SynthConfig, synthesize
 
-TRAIN_ARGS = ["--quiet", "--set", "train.unimodal_epochs=1", "--set", "train.iterative_epochs=1", "--set", "aligner.epochs=1",
-              "--set", "encoder.image_size=32", "--set", "train.num_threads=1"]
+TRAIN_ARGS = [
+    "--quiet",
+    "--set",
+    "train.unimodal_epochs=1",
+    "--set",
+    "train.iterative_epochs=1",
+    "--set",
+    "aligner.epochs=1",
+    "--set",
+    "encoder.image_size=32",
+    "--set",
+    "train.num_threads=1",
+]
 LONG_SENTENCE = " ".join(["word"] * 10_000)
 
 
@@ -112,7 +123,9 @@ def _first_story(recs: list[dict]) -> list[dict]:
 
 def _jpeg_bytes(size: int = 128) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+        buf, "JPEG", quality=90
+    )
     return buf.getvalue()
 
 
@@ -242,12 +255,28 @@ def _(ctx):
 
 @case("train-data-dir-missing", "data directory not found")
 def _(ctx):
-    return ["train", "--data", str(ctx.tmp / "no-data"), "--out", str(ctx.tmp / "out"), *TRAIN_ARGS], ctx.tmp / "no-data"
+    return [
+        "train",
+        "--data",
+        str(ctx.tmp / "no-data"),
+        "--out",
+        str(ctx.tmp / "out"),
+        *TRAIN_ARGS,
+    ], ctx.tmp / "no-data"
 
 
 @case("evaluate-split-missing", "split 'dev' not found")
 def _(ctx):
-    return ["evaluate", "--run", str(ctx.run), "--data", str(ctx.data), "--split", "dev", "--quiet"], ctx.data / "dev.story-in-sequence.json"
+    return [
+        "evaluate",
+        "--run",
+        str(ctx.run),
+        "--data",
+        str(ctx.data),
+        "--split",
+        "dev",
+        "--quiet",
+    ], ctx.data / "dev.story-in-sequence.json"
 
 
 # JSONL ------------------------------------------------------------------------
@@ -302,10 +331,22 @@ def _(ctx):
     d = ctx.tmp / "jdata"
     d.mkdir()
     img = ctx.images(2)
-    lines = [{"id": "a", "images": img, "sentences": ctx.sentences(2)}, {"id": "b", "images": img[:1], "sentences": ctx.sentences(2)}]
+    lines = [
+        {"id": "a", "images": img, "sentences": ctx.sentences(2)},
+        {"id": "b", "images": img[:1], "sentences": ctx.sentences(2)},
+    ]
     (d / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     (d / "val.jsonl").write_text(json.dumps(lines[0]) + "\n")
-    return ["train", "--data", str(d), "--format", "jsonl", "--out", str(ctx.tmp / "out"), *TRAIN_ARGS], d / "train.jsonl"
+    return [
+        "train",
+        "--data",
+        str(d),
+        "--format",
+        "jsonl",
+        "--out",
+        str(ctx.tmp / "out"),
+        *TRAIN_ARGS,
+    ], d / "train.jsonl"
 
 
 # runs and checkpoints -----------------------------------------------------------
@@ -447,7 +488,9 @@ def test_bad_input_is_one_clear_line(cid, trained, tmp_path, capsys):
 
 def _cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "iterwego", *args], capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "iterwego", *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def test_hostile_pickle_in_a_real_process(trained, tmp_path):
@@ -501,8 +544,8 @@ def test_disk_full_while_saving_keeps_the_previous_run(trained, tmp_path, monkey
 
 def test_unwritable_cache_directory_warns_once_and_still_trains(trained, tmp_path):
     """A feature cache that cannot be created: one CacheWarning, and the features are the uncached ones."""
-    from iterwego.data.cache import CacheWarning, FeatureCache
     from iterwego.config import Config
+    from iterwego.data.cache import CacheWarning, FeatureCache
     from iterwego.data.features import build_features
     from iterwego.training.recipe import TrainRecipe
 
@@ -512,7 +555,14 @@ def test_unwritable_cache_directory_warns_once_and_still_trains(trained, tmp_pat
         (tmp_path / "ro").mkdir(mode=0o500)
     cache = FeatureCache(tmp_path / "ro" / "cache")
     args = json.loads((trained["run"] / "train_args.json").read_text())
-    recipe = TrainRecipe(Config.from_dict(args["config"]), trained["data"], tmp_path / "out", progress=False, log=lambda *a: None, cache=cache)
+    recipe = TrainRecipe(
+        Config.from_dict(args["config"]),
+        trained["data"],
+        tmp_path / "out",
+        progress=False,
+        log=lambda *a: None,
+        cache=cache,
+    )
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -545,8 +595,12 @@ def _odd_images(d: Path) -> list[Path]:
         "cmyk.jpg": lambda p: Image.fromarray(rgb).convert("CMYK").save(p, "JPEG"),
         "grey16.png": lambda p: Image.fromarray(rng.integers(0, 65535, (30, 40), dtype=np.uint16)).save(p),
         "palette.png": lambda p: Image.fromarray(rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(p),
-        "alpha.png": lambda p: Image.fromarray(np.dstack([rgb, rng.integers(0, 255, (30, 40), dtype=np.uint8)])).save(p),
-        "animated.gif": lambda p: Image.fromarray(rgb).save(p, save_all=True, append_images=[Image.fromarray(255 - rgb)], duration=100, loop=0),
+        "alpha.png": lambda p: Image.fromarray(np.dstack([rgb, rng.integers(0, 255, (30, 40), dtype=np.uint8)])).save(
+            p
+        ),
+        "animated.gif": lambda p: Image.fromarray(rgb).save(
+            p, save_all=True, append_images=[Image.fromarray(255 - rgb)], duration=100, loop=0
+        ),
     }
     for name, save in out.items():
         save(d / name)
@@ -571,7 +625,17 @@ def test_every_image_mode_orders(trained, tmp_path, capsys):
 
 def test_order_fourteen_items_falls_back_to_beam_and_says_so(trained, tmp_path, capsys):
     js = tmp_path / "o.json"
-    rc = main(["order", "--run", str(trained["run"]), "--sentences", *[f"step {k} of the day ." for k in range(14)], "--json", str(js)])
+    rc = main(
+        [
+            "order",
+            "--run",
+            str(trained["run"]),
+            "--sentences",
+            *[f"step {k} of the day ." for k in range(14)],
+            "--json",
+            str(js),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "beam decoder" in out.splitlines()[0]
@@ -585,7 +649,10 @@ def test_evaluate_fourteen_item_story_falls_back_to_beam_and_says_so(trained, tm
     pngs = sorted((trained["data"] / "images" / "train").glob("*.png"))[:14]
     for p in pngs:
         shutil.copy(p, d / "images" / "test" / p.name)
-    anns = [[{"story_id": "long", "photo_flickr_id": p.stem, "worker_arranged_photo_order": k, "text": f"step {k} ."}] for k, p in enumerate(pngs)]
+    anns = [
+        [{"story_id": "long", "photo_flickr_id": p.stem, "worker_arranged_photo_order": k, "text": f"step {k} ."}]
+        for k, p in enumerate(pngs)
+    ]
     (d / "test.story-in-sequence.json").write_text(json.dumps({"annotations": anns}))
     js = tmp_path / "m.json"
     rc = main(["evaluate", "--run", str(trained["run"]), "--data", str(d), "--quiet", "--json", str(js)])
@@ -597,7 +664,9 @@ def test_evaluate_fourteen_item_story_falls_back_to_beam_and_says_so(trained, tm
 
 def test_order_empty_and_very_long_sentences(trained, tmp_path, capsys):
     js = tmp_path / "o.json"
-    rc = main(["order", "--run", str(trained["run"]), "--sentences", "", LONG_SENTENCE, "we went home .", "--json", str(js)])
+    rc = main(
+        ["order", "--run", str(trained["run"]), "--sentences", "", LONG_SENTENCE, "we went home .", "--json", str(js)]
+    )
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     res = json.loads(js.read_text())

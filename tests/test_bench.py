@@ -18,13 +18,41 @@ def test_bench_tiny_prints_the_table(tmp_path):
     out = tmp_path / "bench.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--size", "tiny", "--device", "cpu", "--stories", "4", "--repeats", "1", "--json", str(out), "--work", str(tmp_path / "work")],
-        capture_output=True, text=True, timeout=600, env=env,
+        [
+            sys.executable,
+            str(BENCH),
+            "--size",
+            "tiny",
+            "--device",
+            "cpu",
+            "--stories",
+            "4",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+            "--work",
+            str(tmp_path / "work"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = proc.stdout
-    for needle in ("inference, 1 guided round", "train step, image phase", "train step, text phase", "backbones once per item",
-                   "cache hit", "floor: 1 batched backbone forward", "n=50", "exact decoder", "CLIP preprocessing", "check ours vs naive"):
+    for needle in (
+        "inference, 1 guided round",
+        "train step, image phase",
+        "train step, text phase",
+        "backbones once per item",
+        "cache hit",
+        "floor: 1 batched backbone forward",
+        "n=50",
+        "exact decoder",
+        "CLIP preprocessing",
+        "check ours vs naive",
+    ):
         assert needle in text, f"missing {needle!r} in:\n{text}"
     res = json.loads(out.read_text())
     s = res["summary"]

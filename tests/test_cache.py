@@ -17,16 +17,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from iterwego.config import EncoderConfig, OrdererConfig
 from iterwego.data import cache as cache_mod
 from iterwego.data.cache import CacheWarning, FeatureCache
-from iterwego.config import EncoderConfig, OrdererConfig
+from iterwego.data.features import FeatureBank
 from iterwego.encoders import Encoder, L2Head, build_encoder
 from iterwego.errors import ImageError
-from iterwego.data.features import FeatureBank
 from iterwego.model import Orderer
 
 SMALL = OrdererConfig(d_model=16, layers=1, heads=2, ffn=32, dropout=0.1)
-SENTENCES = ["the red circle waits by the tank.", "hour seven: a green square looks at the water.", "a cat.", "then it rained all day long on the old blue house."]
+SENTENCES = [
+    "the red circle waits by the tank.",
+    "hour seven: a green square looks at the water.",
+    "a cat.",
+    "then it rained all day long on the old blue house.",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # 2 shared cores: extra threads only contend

@@ -130,7 +130,9 @@ def test_read_vist_text_only_and_unchecked_missing_images(tmp_path):
 
 def test_read_tacos_lengths_3_and_7(tmp_path):
     spec = {"v1": story_spec("a", 3), "v2": story_spec("b", 7), "v3": story_spec("c", 1)}
-    j = write_vist(tmp_path / "tacos" / "test.story-in-sequence.json", spec, image_dir=tmp_path / "tacos" / "images" / "test")
+    j = write_vist(
+        tmp_path / "tacos" / "test.story-in-sequence.json", spec, image_dir=tmp_path / "tacos" / "images" / "test"
+    )
     stories = read_tacos(j, tmp_path / "tacos" / "images" / "test")
     assert sorted(len(s) for s in stories) == [1, 3, 7]
     by_id = {s.id: s for s in stories}
@@ -299,8 +301,20 @@ def _vist_bad(tmp_path: Path, case: str) -> tuple[Path, Path | None, str]:
 
 
 VIST_BAD = [
-    "malformed", "not_utf8", "missing_key", "missing_text_field", "duplicate_pos", "gap_pos", "pos_type", "text_type",
-    "empty", "no_annotations", "missing_image", "zero_byte_image", "truncated_image", "text_as_image",
+    "malformed",
+    "not_utf8",
+    "missing_key",
+    "missing_text_field",
+    "duplicate_pos",
+    "gap_pos",
+    "pos_type",
+    "text_type",
+    "empty",
+    "no_annotations",
+    "missing_image",
+    "zero_byte_image",
+    "truncated_image",
+    "text_as_image",
 ]
 
 

@@ -106,7 +106,9 @@ def test_order_score_is_the_sum_of_log_probabilities_of_the_chosen_pairs():
     prob = rng.uniform(0.05, 0.95, size=(5, 5))
     lp = consistent(prob)
     order = [3, 0, 4, 1, 2]
-    expected = sum(math.log(prob[a, b]) if a < b else math.log1p(-prob[b, a]) for a, b in itertools.combinations(order, 2))
+    expected = sum(
+        math.log(prob[a, b]) if a < b else math.log1p(-prob[b, a]) for a, b in itertools.combinations(order, 2)
+    )
     assert order_score(lp, order) == pytest.approx(expected, rel=1e-9)
     with pytest.raises(ValueError, match="permutation"):
         order_score(lp, [0, 1, 2, 3, 3])

@@ -8,7 +8,16 @@ import pytest
 
 from iterwego.apps.cli import main
 
-FAST = ["--set", "train.unimodal_epochs=1", "--set", "train.iterative_epochs=1", "--set", "aligner.epochs=1", "--set", "train.num_threads=1"]
+FAST = [
+    "--set",
+    "train.unimodal_epochs=1",
+    "--set",
+    "train.iterative_epochs=1",
+    "--set",
+    "aligner.epochs=1",
+    "--set",
+    "train.num_threads=1",
+]
 
 
 def test_demo_runs_end_to_end_small(tmp_path, capsys):
@@ -29,7 +38,9 @@ def test_cli_fills_and_reuses_the_feature_cache(tmp_path, monkeypatch):
     assert any(cache.rglob("*.safetensors"))
     calls = []
     orig = encoders.Encoder.featurize
-    monkeypatch.setattr(encoders.Encoder, "featurize", lambda self, items, **kw: calls.append(len(items)) or orig(self, items, **kw))
+    monkeypatch.setattr(
+        encoders.Encoder, "featurize", lambda self, items, **kw: calls.append(len(items)) or orig(self, items, **kw)
+    )
     args[2] = str(tmp_path / "b")
     assert main(args) == 0  # same seed, same data: every backbone feature comes from the cache
     assert calls == []
@@ -44,4 +55,7 @@ def test_demo_meets_the_targets(tmp_path):
     for m in ("image", "text"):
         assert rep[m]["guided"]["pmr"] >= rep[m]["unimodal"]["pmr"] + 0.10
     assert rep["fused"]["pmr"] >= 0.8 * ceil["fused_pmr"]
-    assert rep["image"]["unimodal"]["pmr"] >= 0.8 * ceil["image_pmr"] and rep["text"]["unimodal"]["pmr"] >= 0.8 * ceil["text_pmr"]
+    assert (
+        rep["image"]["unimodal"]["pmr"] >= 0.8 * ceil["image_pmr"]
+        and rep["text"]["unimodal"]["pmr"] >= 0.8 * ceil["text_pmr"]
+    )

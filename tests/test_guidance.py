@@ -30,11 +30,13 @@ def pair(p0: float, p1: float) -> list[float]:
 #   (0,1) -> (0,2), (0,2) -> (0,2): class1 pairs accumulate: target[0,2] += 0.5*(0,2) + 0.5*(0,3) = (0, 2.5)
 #   (1,0) -> (2,0), (2,0) -> (2,0): class0 pairs accumulate: target[2,0] += 0.5*(3,0) + 0.5*(2,0) = (2.5, 0)
 SOURCE = torch.tensor(
-    [[
-        [pair(5, 0), pair(0, 2), pair(0, 3)],
-        [pair(3, 0), pair(5, 0), pair(0, 1)],
-        [pair(2, 0), pair(0.5, 0), pair(5, 0)],
-    ]]
+    [
+        [
+            [pair(5, 0), pair(0, 2), pair(0, 3)],
+            [pair(3, 0), pair(5, 0), pair(0, 1)],
+            [pair(2, 0), pair(0.5, 0), pair(5, 0)],
+        ]
+    ]
 )
 ALIGN = torch.tensor([[0, 2, 2]])
 # Dyadic values so every sum below is exact in float32.

@@ -222,7 +222,9 @@ def test_resize_tree_failures_and_resume(tmp_path):
 
     (dst / "a" / "big.jpg").write_bytes(b"")  # a damaged output is redone, not trusted
     assert resize_tree(src, dst, size=32, workers=1, progress=False).done == 1
-    assert resize_tree(src, dst, size=16, workers=1, progress=False).done == 4  # new size: redo (small.png is 20x10 either way)
+    assert (
+        resize_tree(src, dst, size=16, workers=1, progress=False).done == 4
+    )  # new size: redo (small.png is 20x10 either way)
 
 
 def test_resize_tree_in_parallel_matches_inline(tmp_path):

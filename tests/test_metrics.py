@@ -11,7 +11,19 @@ from hypothesis import strategies as st
 
 from iterwego.metrics import format_metrics, order_metrics
 
-KEYS = {"acc", "pmr", "tau", "tau_excluded", "lcs", "window_1", "window_2", "window_3", "n_stories", "n_items", "by_length"}
+KEYS = {
+    "acc",
+    "pmr",
+    "tau",
+    "tau_excluded",
+    "lcs",
+    "window_1",
+    "window_2",
+    "window_3",
+    "n_stories",
+    "n_items",
+    "by_length",
+}
 
 
 # ------------------------------------------------------------------ brute-force definitions
@@ -65,7 +77,9 @@ def test_matches_brute_force_definitions(stories):
     assert set(got) >= KEYS
     for key, value in want.items():
         assert got[key] == pytest.approx(value, abs=1e-12), key
-    assert -1.0 <= got["tau"] <= 1.0 and 0.0 <= got["acc"] <= got["window_1"] <= got["window_2"] <= got["window_3"] <= 1.0
+    assert (
+        -1.0 <= got["tau"] <= 1.0 and 0.0 <= got["acc"] <= got["window_1"] <= got["window_2"] <= got["window_3"] <= 1.0
+    )
     # by_length: counts add up and each group is the metric restricted to that length
     by = got["by_length"]
     assert list(by) == sorted(by) and all(type(n) is int for n in by)

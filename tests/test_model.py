@@ -17,12 +17,15 @@ from PIL import Image
 from iterwego.config import Config, EncoderConfig, OrdererConfig
 from iterwego.encoders import BertTopHead, CNNHead, Encoder, L2Head, ProjectionHead, build_encoder, pool_tokens
 from iterwego.errors import ModelLoadError
-from iterwego.model import IterWeGO, Orderer, PairHead, pair_loss
-from iterwego.model import load_run
+from iterwego.model import IterWeGO, Orderer, PairHead, load_run, pair_loss
 from iterwego.pretrained import save_run
 
 SMALL = OrdererConfig(d_model=16, layers=2, heads=2, ffn=32, dropout=0.1)
-SENTENCES = ["the red circle waits by the tank.", "hour seven: a green square looks at the water level today.", "a cat."]
+SENTENCES = [
+    "the red circle waits by the tank.",
+    "hour seven: a green square looks at the water level today.",
+    "a cat.",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # 2 shared cores: extra threads only contend
@@ -48,7 +51,11 @@ def fake_encoder(dim: int = 16) -> Encoder:
 def backward_reaches(module: torch.nn.Module, loss: torch.Tensor) -> list[str]:
     """Names of trainable parameters of ``module`` left without a gradient after ``loss.backward()``."""
     loss.backward()
-    return [n for n, p in module.named_parameters() if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())]
+    return [
+        n
+        for n, p in module.named_parameters()
+        if p.requires_grad and (p.grad is None or not torch.isfinite(p.grad).all())
+    ]
 
 
 def orderer_loss(orderer: Orderer, feats: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +133,9 @@ def test_orderer_over_clip_shapes_and_backward(tiny_clip_dir, image_paths):
 @pytest.mark.parametrize("layers", [0, 1])
 def test_bert_encoder_shapes_and_backward(tiny_bert_dir, layers):
     torch.manual_seed(0)
-    enc = build_encoder("text", EncoderConfig(text=f"bert:{tiny_bert_dir}", text_train_layers=layers, text_max_length=16))
+    enc = build_encoder(
+        "text", EncoderConfig(text=f"bert:{tiny_bert_dir}", text_train_layers=layers, text_max_length=16)
+    )
     feats = enc.featurize(SENTENCES)
     if layers == 0:
         assert feats.shape == (3, 32)
@@ -148,7 +157,9 @@ def test_bert_encoder_shapes_and_backward(tiny_bert_dir, layers):
 @pytest.mark.parametrize("layers", [1, 2])
 def test_bert_split_head_matches_the_full_model(tiny_bert_dir, layers):
     """Frozen lower layers + trainable top layers compute exactly what the whole model computes."""
-    enc = build_encoder("text", EncoderConfig(text=f"bert:{tiny_bert_dir}", text_train_layers=layers, text_max_length=16))
+    enc = build_encoder(
+        "text", EncoderConfig(text=f"bert:{tiny_bert_dir}", text_train_layers=layers, text_max_length=16)
+    )
     with torch.no_grad():
         split = enc.new_head()(enc.featurize(SENTENCES))
         tok = enc.backbone.tokenize(SENTENCES)
@@ -159,7 +170,10 @@ def test_bert_split_head_matches_the_full_model(tiny_bert_dir, layers):
 @pytest.mark.parametrize("layers", [0, 1])
 def test_masked_mean_and_official_pooling_differ_only_with_padding(tiny_bert_dir, layers):
     kw = dict(text=f"bert:{tiny_bert_dir}", text_train_layers=layers, text_max_length=32)
-    masked, official = build_encoder("text", EncoderConfig(**kw)), build_encoder("text", EncoderConfig(**kw, official_text_pooling=True))
+    masked, official = (
+        build_encoder("text", EncoderConfig(**kw)),
+        build_encoder("text", EncoderConfig(**kw, official_text_pooling=True)),
+    )
     assert masked.identity != official.identity  # cached features must not mix the two
     with torch.no_grad():
         a = masked.new_head()(masked.featurize(SENTENCES))
@@ -293,7 +307,9 @@ def test_pair_head_broadcasting_equals_explicit_concatenation():
     h = torch.randn(B, n, d)
     hi = h[:, :, None, :].expand(B, n, n, d)
     hj = h[:, None, :, :].expand(B, n, n, d)
-    explicit = head.classifier(torch.tanh(head.linear(torch.cat([hi, hj], -1))))  # [h_i; h_j] -> Linear -> tanh -> Linear
+    explicit = head.classifier(
+        torch.tanh(head.linear(torch.cat([hi, hj], -1)))
+    )  # [h_i; h_j] -> Linear -> tanh -> Linear
     torch.testing.assert_close(head(h), explicit, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(head(h), head(h).transpose(1, 2))  # order matters: (i, j) != (j, i)
 
@@ -333,7 +349,14 @@ def test_pair_loss_label_convention():
 # --------------------------------------------------------------------------- run directories
 def _tiny_run(tiny_bert_dir, image_paths):
     cfg = Config(
-        encoder=EncoderConfig(image="cnn", image_size=32, cnn_width=4, text=f"bert:{tiny_bert_dir}", text_train_layers=1, text_max_length=16),
+        encoder=EncoderConfig(
+            image="cnn",
+            image_size=32,
+            cnn_width=4,
+            text=f"bert:{tiny_bert_dir}",
+            text_train_layers=1,
+            text_max_length=16,
+        ),
         orderer=OrdererConfig(d_model=16, layers=1, heads=2, ffn=16),
     )
     torch.manual_seed(0)
@@ -390,7 +413,9 @@ def test_corrupt_weights_are_a_model_load_error(saved_run, corrupt):
     run = saved_run[0]
     w = run / "model.safetensors"
     data = w.read_bytes()
-    w.write_bytes({"garbage": b"not a safetensors file at all" * 10, "truncated": data[: len(data) // 2], "empty": b""}[corrupt])
+    w.write_bytes(
+        {"garbage": b"not a safetensors file at all" * 10, "truncated": data[: len(data) // 2], "empty": b""}[corrupt]
+    )
     with pytest.raises(ModelLoadError, match="model.safetensors"):
         load_run(run)
 
@@ -432,13 +457,23 @@ def test_choose_rounds_prefers_pmr_then_tau_then_fewer_rounds():
 def test_report_uses_the_given_rounds_and_the_documented_shape():
     from iterwego.training.evaluator import EvalResult
 
-    res = EvalResult(rounds={"image": [_m(0.1, 0.0, 0.1), _m(0.2, 0.1, 0.2), _m(0.3, 0.2, 0.3)], "text": [_m(0.4, 0.3, 0.4), _m(0.5, 0.4, 0.5)]},
-                     fused=_m(0.9, 0.8, 0.7), alignment_accuracy=0.75)
+    res = EvalResult(
+        rounds={
+            "image": [_m(0.1, 0.0, 0.1), _m(0.2, 0.1, 0.2), _m(0.3, 0.2, 0.3)],
+            "text": [_m(0.4, 0.3, 0.4), _m(0.5, 0.4, 0.5)],
+        },
+        fused=_m(0.9, 0.8, 0.7),
+        alignment_accuracy=0.75,
+    )
     rep = res.report({"image": 1, "text": 1})
     assert set(rep) == {"image", "text", "fused", "alignment_accuracy"}
     assert rep["image"] == {
         "unimodal": {"acc": 0.1, "pmr": 0.0, "tau": 0.1},
-        "rounds": [{"acc": 0.1, "pmr": 0.0, "tau": 0.1}, {"acc": 0.2, "pmr": 0.1, "tau": 0.2}, {"acc": 0.3, "pmr": 0.2, "tau": 0.3}],
+        "rounds": [
+            {"acc": 0.1, "pmr": 0.0, "tau": 0.1},
+            {"acc": 0.2, "pmr": 0.1, "tau": 0.2},
+            {"acc": 0.3, "pmr": 0.2, "tau": 0.3},
+        ],
         "chosen_round": 1,
         "guided": {"acc": 0.2, "pmr": 0.1, "tau": 0.2},
     }

@@ -21,23 +21,53 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iterwego.errors import ModelLoadError
 from iterwego.compat.official import load_official, official_guidance, save_as_run
+from iterwego.errors import ModelLoadError
 
 D, FFN, LAYERS = 32, 64, 2
 CLIP_CFG = {
     "model_type": "clip",
     "projection_dim": D,
     "initializer_factor": 5.0,  # larger random weights make tiny backbones tell items apart
-    "text_config": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 2,
-                    "vocab_size": 99, "max_position_embeddings": 40, "bos_token_id": 97, "eos_token_id": 98, "pad_token_id": 1,
-                    "initializer_factor": 5.0},
-    "vision_config": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 2,
-                      "image_size": 30, "patch_size": 15, "initializer_factor": 5.0},
+    "text_config": {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "vocab_size": 99,
+        "max_position_embeddings": 40,
+        "bos_token_id": 97,
+        "eos_token_id": 98,
+        "pad_token_id": 1,
+        "initializer_factor": 5.0,
+    },
+    "vision_config": {
+        "hidden_size": 32,
+        "intermediate_size": 37,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 30,
+        "patch_size": 15,
+        "initializer_factor": 5.0,
+    },
 }
-WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "the a cat dog sat on mat ran went home park we they saw big red old".split()
-BERT_CFG = {"model_type": "bert", "vocab_size": len(WORDS), "hidden_size": D, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "intermediate_size": 37, "max_position_embeddings": 64, "initializer_range": 0.1}
+WORDS = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+] + "the a cat dog sat on mat ran went home park we they saw big red old".split()
+BERT_CFG = {
+    "model_type": "bert",
+    "vocab_size": len(WORDS),
+    "hidden_size": D,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 37,
+    "max_position_embeddings": 64,
+    "initializer_range": 0.1,
+}
 SENTENCES = ["the cat sat", "we saw a big red dog on the mat", "they went home"]
 THR, LAM_T, LAM_I = 0.8, 1.0, 0.25
 
@@ -60,10 +90,16 @@ def hf_models(seed: int):
     from transformers import BertConfig, BertModel, CLIPConfig, CLIPModel
 
     torch.manual_seed(seed)
-    return CLIPModel(CLIPConfig.from_dict(CLIP_CFG)), BertModel(BertConfig.from_dict(BERT_CFG)), CLIPModel(CLIPConfig.from_dict(CLIP_CFG))
+    return (
+        CLIPModel(CLIPConfig.from_dict(CLIP_CFG)),
+        BertModel(BertConfig.from_dict(BERT_CFG)),
+        CLIPModel(CLIPConfig.from_dict(CLIP_CFG)),
+    )
 
 
-def authors_state(seed: int = 0, cls_scale: float = 6.0, diff_scale: float = 3.0, text_bias: tuple[float, float] | None = None) -> dict:
+def authors_state(
+    seed: int = 0, cls_scale: float = 6.0, diff_scale: float = 3.0, text_bias: tuple[float, float] | None = None
+) -> dict:
     """A natorderNet state dict with the authors' key names and random (but confident) orderer weights."""
     clip, bert, clip_al = hf_models(seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -75,16 +111,28 @@ def authors_state(seed: int = 0, cls_scale: float = 6.0, diff_scale: float = 3.0
             for k in range(4):
                 sd[p + f"self_attn.linears.{k}.weight"] = r(D, D, scale=1 / math.sqrt(D))
                 sd[p + f"self_attn.linears.{k}.bias"] = r(D, scale=0.1)
-            sd[p + "feed_forward.w_1.weight"], sd[p + "feed_forward.w_1.bias"] = r(FFN, D, scale=1 / math.sqrt(D)), r(FFN, scale=0.1)
-            sd[p + "feed_forward.w_2.weight"], sd[p + "feed_forward.w_2.bias"] = r(D, FFN, scale=1 / math.sqrt(FFN)), r(D, scale=0.1)
+            sd[p + "feed_forward.w_1.weight"], sd[p + "feed_forward.w_1.bias"] = (
+                r(FFN, D, scale=1 / math.sqrt(D)),
+                r(FFN, scale=0.1),
+            )
+            sd[p + "feed_forward.w_2.weight"], sd[p + "feed_forward.w_2.bias"] = (
+                r(D, FFN, scale=1 / math.sqrt(FFN)),
+                r(D, scale=0.1),
+            )
             for s in range(2):
-                sd[p + f"sublayer.{s}.norm.weight"], sd[p + f"sublayer.{s}.norm.bias"] = 1 + r(D, scale=0.1), r(D, scale=0.1)
+                sd[p + f"sublayer.{s}.norm.weight"], sd[p + f"sublayer.{s}.norm.bias"] = (
+                    1 + r(D, scale=0.1),
+                    r(D, scale=0.1),
+                )
         # Tiny random backbones give similar items; a pair head reading mostly h_i - h_j turns their
         # differences into a mix of confident and unconfident pairs, so guidance has work to do.
         a = r(D, D, scale=diff_scale / math.sqrt(D))
         sd[f"{flow}.classifier.linear.weight"] = torch.cat([a, -a], 1) + r(D, 2 * D, scale=0.3 / math.sqrt(D))
         sd[f"{flow}.classifier.linear.bias"] = r(D, scale=0.1)
-        sd[f"{flow}.classifier.classifier.weight"], sd[f"{flow}.classifier.classifier.bias"] = r(2, D, scale=cls_scale / math.sqrt(D)), r(2, scale=0.1)
+        sd[f"{flow}.classifier.classifier.weight"], sd[f"{flow}.classifier.classifier.bias"] = (
+            r(2, D, scale=cls_scale / math.sqrt(D)),
+            r(2, scale=0.1),
+        )
         sd.update({f"{flow}.{backbone_name}.{k}": v.clone() for k, v in backbone.state_dict().items()})
     if text_bias is not None:
         sd["txt_flow.classifier.classifier.bias"] = torch.tensor(text_bias)
@@ -93,8 +141,23 @@ def authors_state(seed: int = 0, cls_scale: float = 6.0, diff_scale: float = 3.0
 
 
 def authors_args() -> argparse.Namespace:
-    return argparse.Namespace(model="wego", model_path="model", lr=2e-4, batch_size=64, seed=34, thr_thi=0.8, thr_iht=0.9,
-                              d_rnn=D, d_mlp=D, gnnl=LAYERS, attdp=0.2, lamda_t=1.0, lamda_i=0.25, cp="", do_test=False)
+    return argparse.Namespace(
+        model="wego",
+        model_path="model",
+        lr=2e-4,
+        batch_size=64,
+        seed=34,
+        thr_thi=0.8,
+        thr_iht=0.9,
+        d_rnn=D,
+        d_mlp=D,
+        gnnl=LAYERS,
+        attdp=0.2,
+        lamda_t=1.0,
+        lamda_i=0.25,
+        cp="",
+        do_test=False,
+    )
 
 
 def write_ckpt(path: Path, state: dict, **extra) -> Path:
@@ -131,7 +194,7 @@ def story_inputs(seed: int, clip_ids: torch.Tensor | None = None):
 
 # --------------------------------------------------------------------------- the plain reference
 def sub(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def ref_set_transformer(x: torch.Tensor, w: dict, heads: int = 4) -> torch.Tensor:
@@ -209,7 +272,12 @@ def reference(state: dict, pv, bert_in, clip_in, rounds: int):
 def test_imports_with_checked_shapes(official, ckpt):
     m = official
     assert m.best_score == 0.625 and m.args["lr"] == 2e-4 and m.args["gnnl"] == LAYERS
-    assert (m.img_flow.cfg.layers, m.img_flow.cfg.d_model, m.img_flow.cfg.ffn, m.img_flow.cfg.heads) == (LAYERS, D, FFN, 4)
+    assert (m.img_flow.cfg.layers, m.img_flow.cfg.d_model, m.img_flow.cfg.ffn, m.img_flow.cfg.heads) == (
+        LAYERS,
+        D,
+        FFN,
+        4,
+    )
     # the loaded weights are the checkpoint's, under the authors' own names
     own = m.state_dict()
     for k, v in ckpt[1].items():
@@ -346,7 +414,12 @@ def test_save_as_run_reloads_with_identical_orderer_logits(tmp_path, official):
     meta = json.loads((run / "meta.json").read_text())
     assert cfg["encoder"]["image"] == "clip:backbones/clip" and cfg["encoder"]["text"] == "bert:backbones/bert"
     assert cfg["encoder"]["official_text_pooling"] is True and cfg["encoder"]["text_train_layers"] == 0
-    assert (cfg["orderer"]["d_model"], cfg["orderer"]["heads"], cfg["orderer"]["ffn"], cfg["orderer"]["layers"]) == (D, 4, FFN, LAYERS)
+    assert (cfg["orderer"]["d_model"], cfg["orderer"]["heads"], cfg["orderer"]["ffn"], cfg["orderer"]["layers"]) == (
+        D,
+        4,
+        FFN,
+        LAYERS,
+    )
     assert cfg["aligner"]["kind"] == "clip" and cfg["aligner"]["mapping"] == "argmax"
     assert cfg["guidance"]["train_rule"] == "class0" and cfg["guidance"]["eval_rule"] == "any"
     assert meta["source"] == "official" and meta["best_score"] == 0.625 and meta["args"]["thr_iht"] == 0.9
@@ -390,8 +463,20 @@ def test_cli_import_official(tmp_path, ckpt, capsys):
     bert_tokenizer().save_pretrained(tok_dir)
     p = argparse.ArgumentParser()
     cli_official.register(p.add_subparsers(dest="command"))
-    a = p.parse_args(["import-official", str(ckpt[0]), "--out", str(tmp_path / "run"), "--clip-config", str(clip_json),
-                      "--bert-config", str(bert_json), "--bert-tokenizer", str(tok_dir)])
+    a = p.parse_args(
+        [
+            "import-official",
+            str(ckpt[0]),
+            "--out",
+            str(tmp_path / "run"),
+            "--clip-config",
+            str(clip_json),
+            "--bert-config",
+            str(bert_json),
+            "--bert-tokenizer",
+            str(tok_dir),
+        ]
+    )
     assert a.func(a) == 0
     summary = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert summary["set_transformer"] == {"layers": LAYERS, "d_model": D, "heads": 4, "ffn": FFN}
@@ -400,16 +485,28 @@ def test_cli_import_official(tmp_path, ckpt, capsys):
     empty = tmp_path / "empty_tok"
     empty.mkdir()
     (empty / "config.json").write_text(json.dumps(BERT_CFG))
-    a = p.parse_args(["import-official", str(ckpt[0]), "--out", str(tmp_path / "run2"), "--clip-config", str(clip_json),
-                      "--bert-config", str(bert_json), "--bert-tokenizer", str(empty)])
+    a = p.parse_args(
+        [
+            "import-official",
+            str(ckpt[0]),
+            "--out",
+            str(tmp_path / "run2"),
+            "--clip-config",
+            str(clip_json),
+            "--bert-config",
+            str(bert_json),
+            "--bert-tokenizer",
+            str(empty),
+        ]
+    )
     with pytest.raises(ModelLoadError, match="tokenizer"):
         a.func(a)
 
 
 def test_shipped_configs_are_the_released_architecture():
     """The default configs give the tensor shapes of CLIP ViT-L/14 and bert-base-uncased (built on meta, no memory)."""
-    from iterwego.config import OrdererConfig
     from iterwego.compat.official import HEADS, OfficialModel, _hf_config
+    from iterwego.config import OrdererConfig
 
     cfg = OrdererConfig(d_model=768, layers=2, heads=HEADS, ffn=512, dropout=0.0)
     with torch.device("meta"):
@@ -423,7 +520,14 @@ def test_shipped_configs_are_the_released_architecture():
     assert shapes["txt_flow.bert.pooler.dense.weight"] == (768, 768)
     assert shapes["img_flow.encoder.layers.1.feed_forward.w_1.weight"] == (512, 768)
     assert shapes["txt_flow.classifier.linear.weight"] == (768, 1536)
-    assert sum(1 for k in shapes if k.startswith("img_flow.clip.vision_model.encoder.layers.") and k.endswith("q_proj.weight")) == 24
+    assert (
+        sum(
+            1
+            for k in shapes
+            if k.startswith("img_flow.clip.vision_model.encoder.layers.") and k.endswith("q_proj.weight")
+        )
+        == 24
+    )
     params = lambda p: sum(math.prod(s) for k, s in shapes.items() if k.startswith(p))  # noqa: E731
     assert round(params("img_flow.clip.") / 1e6, 1) == 427.6 and round(params("txt_flow.bert.") / 1e6, 1) == 109.5
 

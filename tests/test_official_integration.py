@@ -18,7 +18,9 @@ from iterwego.compat.official import load_official, save_as_run
 def imported(tmp_path_factory):
     d = tmp_path_factory.mktemp("imp")
     clip_cfg = copy.deepcopy(T.CLIP_CFG)
-    clip_cfg["text_config"]["vocab_size"] = len(T.WORDS)  # the CLIP aligner reads sentences with the same tiny vocabulary
+    clip_cfg["text_config"]["vocab_size"] = len(
+        T.WORDS
+    )  # the CLIP aligner reads sentences with the same tiny vocabulary
     orig = T.CLIP_CFG
     T.CLIP_CFG = clip_cfg
     try:
@@ -45,9 +47,15 @@ def _images(d, n, seed):
 def test_order_on_imported_run(imported, tmp_path):
     imgs = _images(tmp_path, 3, 0)
     out = tmp_path / "o.json"
-    assert main(["order", "--run", str(imported), "--images", *imgs, "--sentences", *T.SENTENCES, "--json", str(out)]) == 0
+    assert (
+        main(["order", "--run", str(imported), "--images", *imgs, "--sentences", *T.SENTENCES, "--json", str(out)]) == 0
+    )
     res = json.loads(out.read_text())
-    assert res["mode"] == "fused" and sorted(res["image_order"]) == [0, 1, 2] and sorted(res["sentence_order"]) == [0, 1, 2]
+    assert (
+        res["mode"] == "fused"
+        and sorted(res["image_order"]) == [0, 1, 2]
+        and sorted(res["sentence_order"]) == [0, 1, 2]
+    )
 
 
 def test_evaluate_on_imported_run(imported, tmp_path):
@@ -63,7 +71,25 @@ def test_evaluate_on_imported_run(imported, tmp_path):
                 imgs = [p for p in _images(data, n, hash((split, s)) % 1000)]
                 f.write(json.dumps({"id": f"{split}{s}", "images": imgs, "sentences": sents}) + "\n")
     js = tmp_path / "m.json"
-    assert main(["evaluate", "--data", str(data), "--format", "jsonl", "--run", str(imported), "--split", "test", "--quiet", "--json", str(js)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data",
+                str(data),
+                "--format",
+                "jsonl",
+                "--run",
+                str(imported),
+                "--split",
+                "test",
+                "--quiet",
+                "--json",
+                str(js),
+            ]
+        )
+        == 0
+    )
     rep = json.loads(js.read_text())
     assert set(rep) == {"image", "text", "fused", "alignment_accuracy"}
     assert len(rep["image"]["rounds"]) == 4

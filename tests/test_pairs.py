@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from iterwego.apps.cli import main
+from iterwego.data.pairs import read_pairs, write_pairs
 from iterwego.data.readers import Item, Story, load_split
 from iterwego.errors import DataError
-from iterwego.data.pairs import read_pairs, write_pairs
 
 
 def text_story(sid: str, n: int) -> Story:
@@ -87,7 +87,11 @@ tricky_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    stories=st.lists(st.lists(tricky_text | st.sampled_from(['a\tb', 'say "hi"', "two\nlines", "\r", ""]), min_size=2, max_size=7), min_size=1, max_size=5),
+    stories=st.lists(
+        st.lists(tricky_text | st.sampled_from(["a\tb", 'say "hi"', "two\nlines", "\r", ""]), min_size=2, max_size=7),
+        min_size=1,
+        max_size=5,
+    ),
     seed=st.integers(0, 2**32 - 1),
 )
 def test_round_trip_property(stories, seed):
@@ -148,8 +152,17 @@ def vist_dir(root: Path, *, with_images: bool) -> Path:
     anns = []
     for sid, n in (("s1", 3), ("s2", 7)):
         for pos in reversed(range(n)):  # file order is not gold order
-            anns.append([{"story_id": sid, "photo_flickr_id": f"{sid}p{pos}", "worker_arranged_photo_order": pos,
-                          "text": f"{sid} sentence {pos}", "original_text": f"{sid.upper()} Sentence {pos}."}])
+            anns.append(
+                [
+                    {
+                        "story_id": sid,
+                        "photo_flickr_id": f"{sid}p{pos}",
+                        "worker_arranged_photo_order": pos,
+                        "text": f"{sid} sentence {pos}",
+                        "original_text": f"{sid.upper()} Sentence {pos}.",
+                    }
+                ]
+            )
             if with_images:
                 (root / "images" / "test").mkdir(parents=True, exist_ok=True)
                 Image.new("RGB", (4, 4)).save(root / "images" / "test" / f"{sid}p{pos}.jpg")

@@ -24,12 +24,25 @@ from safetensors.torch import load_file
 
 import iterwego.training.recipe as train_mod
 from iterwego.apps.cli import main
+from iterwego.data.synth import SynthConfig, synthesize
 from iterwego.errors import WriteError
 from iterwego.io import atomic_write_bytes
-from iterwego.data.synth import SynthConfig, synthesize
 
-TRAIN_ARGS = ["--quiet", "--set", "train.unimodal_epochs=2", "--set", "train.iterative_epochs=2", "--set", "aligner.epochs=2",
-              "--set", "encoder.image_size=32", "--set", "train.num_threads=1", "--set", "train.early_stop=0"]
+TRAIN_ARGS = [
+    "--quiet",
+    "--set",
+    "train.unimodal_epochs=2",
+    "--set",
+    "train.iterative_epochs=2",
+    "--set",
+    "aligner.epochs=2",
+    "--set",
+    "encoder.image_size=32",
+    "--set",
+    "train.num_threads=1",
+    "--set",
+    "train.early_stop=0",
+]
 # log.jsonl lines of one run with TRAIN_ARGS: 1-2 unimodal-image, 3-4 unimodal-text, 5-6 aligner,
 # 7 iterative epoch -1 (before guided training), 8-9 iterative epochs 0 and 1.
 STAGE_LINES = {"unimodal": (2, 4), "aligner": (5, 6), "iterative": (7, 8)}  # from 2: a checkpoint exists by then
@@ -90,7 +103,9 @@ def test_three_sigkills_then_resume_equal_an_uninterrupted_run(data, reference, 
         deadline = time.time() + 180
         while _log_lines(run) < k and p.poll() is None and time.time() < deadline:
             time.sleep(0.02)
-        assert p.poll() is None, f"kill {i + 1} at log line {k} (points {points}) came too late: exit {p.returncode}, {p.stderr.read()!r}"
+        assert p.poll() is None, (
+            f"kill {i + 1} at log line {k} (points {points}) came too late: exit {p.returncode}, {p.stderr.read()!r}"
+        )
         p.send_signal(signal.SIGKILL)
         p.wait()
         p.stderr.close()
@@ -106,7 +121,13 @@ def test_three_sigkills_then_resume_equal_an_uninterrupted_run(data, reference, 
 def test_same_seed_gives_identical_metrics_in_a_fresh_process(data, reference, tmp_path):
     """tests/test_train_smoke.py trains twice in one process; this run is another interpreter with another hash seed."""
     run = tmp_path / "run"
-    r = subprocess.run(_cmd("--data", str(data), "--out", str(run), *TRAIN_ARGS), env=_env(7), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        _cmd("--data", str(data), "--out", str(run), *TRAIN_ARGS),
+        env=_env(7),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert _evaluate(run, data, tmp_path / "metrics.json") == reference["metrics"]
     _assert_same_run(reference["run"], run)
@@ -126,7 +147,11 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(data, tmp_path, m
     rc = main(["train", "--data", str(data), "--out", str(run), *TRAIN_ARGS])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
-    assert "loss became nan at unimodal image epoch 1 step 0" in err[0] and str(run) in err[0] and "Traceback" not in err[0]
+    assert (
+        "loss became nan at unimodal image epoch 1 step 0" in err[0]
+        and str(run) in err[0]
+        and "Traceback" not in err[0]
+    )
     assert not (run / "model.safetensors").exists()
     state = torch.load(run / "train_state.pt", map_location="cpu", weights_only=True)
     assert (state["stage"], state["epoch"]) == ("unimodal-image", 0)
@@ -180,7 +205,9 @@ class _HalfWriter:
         return getattr(self.f, name)
 
 
-@pytest.mark.parametrize("exc", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()], ids=["enospc", "interrupt"])
+@pytest.mark.parametrize(
+    "exc", [OSError(errno.ENOSPC, "No space left on device"), KeyboardInterrupt()], ids=["enospc", "interrupt"]
+)
 def test_exception_mid_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch, exc):
     target = tmp_path / "model.safetensors"
     target.write_bytes(b"old weights")

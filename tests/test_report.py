@@ -20,9 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from iterwego.apps.report import PLOT_FILES, THUMB_PX, evaluation_report, order_report
 from iterwego.data.readers import Item, Story
 from iterwego.training.evaluator import EvalResult, format_table
-from iterwego.apps.report import PLOT_FILES, THUMB_PX, evaluation_report, order_report
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -150,22 +150,40 @@ def fused_result(sid: str, imgs: list[str], sents: list[str], order: list[int], 
     """Shaped like iterwego.inference.order_stories output for an aligned story (pairing = listed pairs)."""
     n = len(imgs)
     return {
-        "schema": 1, "id": sid, "images": imgs, "sentences": sents,
+        "schema": 1,
+        "id": sid,
+        "images": imgs,
+        "sentences": sents,
         "variants": {
             "image_only": {"order": list(range(n))[::-1], "confidence": [0.6] * (n - 1)},
             "text_only": {"order": list(range(n)), "confidence": [0.7] * (n - 1)},
-            "guided": {"image_order": order, "sentence_order": order, "rounds": {"image": 1, "text": 2},
-                       "image_confidence": conf, "sentence_confidence": conf},
+            "guided": {
+                "image_order": order,
+                "sentence_order": order,
+                "rounds": {"image": 1, "text": 2},
+                "image_confidence": conf,
+                "sentence_confidence": conf,
+            },
             "fused": {"image_order": order, "sentence_order": order, "confidence": conf},
         },
-        "pairing": [[k, k] for k in range(n)], "pairing_score": [0.87] * n,
-        "image_order": order, "sentence_order": order, "mode": "fused",
+        "pairing": [[k, k] for k in range(n)],
+        "pairing_score": [0.87] * n,
+        "image_order": order,
+        "sentence_order": order,
+        "mode": "fused",
     }
 
 
 def text_result(sid: str, sents: list[str], order: list[int], conf: list[float]) -> dict:
-    return {"schema": 1, "id": sid, "images": [], "sentences": sents, "variants": {"text_only": {"order": order, "confidence": conf}},
-            "sentence_order": order, "mode": "unimodal"}
+    return {
+        "schema": 1,
+        "id": sid,
+        "images": [],
+        "sentences": sents,
+        "variants": {"text_only": {"order": order, "confidence": conf}},
+        "sentence_order": order,
+        "mode": "unimodal",
+    }
 
 
 # ------------------------------------------------------------------ order_report
@@ -173,10 +191,14 @@ def test_order_report_gold_shows_prediction_gold_and_verdict(tmp_path):
     imgs_a = make_images(tmp_path, 3, big=True)
     (tmp_path / "b").mkdir()
     imgs_b = make_images(tmp_path / "b", 3)
-    stories = [Story("A<1>", [Item(image=i, sentence=s) for i, s in zip(imgs_a, SENTS)]),
-               Story("B", [Item(image=i, sentence=s) for i, s in zip(imgs_b, SENTS)])]
-    results = [fused_result("A<1>", imgs_a, SENTS, [0, 1, 2], [0.97, 0.88]),
-               fused_result("B", imgs_b, SENTS, [2, 0, 1], [0.93, 0.41])]
+    stories = [
+        Story("A<1>", [Item(image=i, sentence=s) for i, s in zip(imgs_a, SENTS)]),
+        Story("B", [Item(image=i, sentence=s) for i, s in zip(imgs_b, SENTS)]),
+    ]
+    results = [
+        fused_result("A<1>", imgs_a, SENTS, [0, 1, 2], [0.97, 0.88]),
+        fused_result("B", imgs_b, SENTS, [2, 0, 1], [0.93, 0.41]),
+    ]
     out = order_report(stories, results, tmp_path / "rep" / "order.html", gold=True)
     assert out == tmp_path / "rep" / "order.html"
     c = check_html(out)
@@ -212,9 +234,20 @@ def test_order_report_gold_shows_prediction_gold_and_verdict(tmp_path):
 def test_order_report_text_only_mismatched_and_no_gold(tmp_path):
     imgs = make_images(tmp_path, 2)
     note = "2 images but 3 sentences: each modality is ordered alone <odd & note>"
-    mixed = {"schema": 1, "id": "mixed", "images": imgs, "sentences": SENTS, "note": note, "mode": "unimodal",
-             "variants": {"image_only": {"order": [1, 0], "confidence": [0.55]}, "text_only": {"order": [2, 1, 0], "confidence": [0.9, 0.2]}},
-             "image_order": [1, 0], "sentence_order": [2, 1, 0]}
+    mixed = {
+        "schema": 1,
+        "id": "mixed",
+        "images": imgs,
+        "sentences": SENTS,
+        "note": note,
+        "mode": "unimodal",
+        "variants": {
+            "image_only": {"order": [1, 0], "confidence": [0.55]},
+            "text_only": {"order": [2, 1, 0], "confidence": [0.9, 0.2]},
+        },
+        "image_order": [1, 0],
+        "sentence_order": [2, 1, 0],
+    }
     results = [text_result("T", SENTS, [1, 0, 2], [0.66, 0.12]), mixed]
     out = order_report([], results, tmp_path / "o.html")
     c = check_html(out)
@@ -256,11 +289,19 @@ def test_order_report_rejects_results_that_do_not_match(tmp_path):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc"), whitelist_characters="\n\t"), max_size=40), min_size=2, max_size=4))
+@given(
+    st.lists(
+        st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc"), whitelist_characters="\n\t"), max_size=40),
+        min_size=2,
+        max_size=4,
+    )
+)
 def test_any_sentence_text_comes_back_verbatim(sentences):
     with tempfile.TemporaryDirectory() as d:
         n = len(sentences)
-        out = order_report([], [text_result("p", sentences, list(range(n))[::-1], [0.5] * (n - 1))], Path(d) / "p.html", gold=True)
+        out = order_report(
+            [], [text_result("p", sentences, list(range(n))[::-1], [0.5] * (n - 1))], Path(d) / "p.html", gold=True
+        )
         c = check_html(out)
         assert sentences_in(c, "predicted-sentences", "p") == sentences[::-1]
         assert sentences_in(c, "gold-sentences", "p") == sentences
@@ -276,7 +317,10 @@ def eval_inputs(tmp_path: Path, n_stories: int = 6, n_right: int = 2):
     img_dir = tmp_path / "imgs"
     img_dir.mkdir()
     pics = make_images(img_dir, 3)
-    stories = [Story(f"s{k}", [Item(image=pics[j], sentence=f"story {k} step {j}: {SENTS[j]}") for j in range(3)]) for k in range(n_stories)]
+    stories = [
+        Story(f"s{k}", [Item(image=pics[j], sentence=f"story {k} step {j}: {SENTS[j]}") for j in range(3)])
+        for k in range(n_stories)
+    ]
     right, wrong = [0, 1, 2], [1, 0, 2]
     per_story = lambda ok: [right if k < n_right else wrong for k in range(n_stories)] if ok else [wrong] * n_stories  # noqa: E731
     orders = {}
@@ -285,12 +329,16 @@ def eval_inputs(tmp_path: Path, n_stories: int = 6, n_right: int = 2):
             orders[f"{m}/round{r}"] = per_story(r == chosen)
     orders["fused/image"] = orders["fused/text"] = [right] * n_stories
     res = EvalResult(
-        rounds={"image": [metric(0.5, 0.2, 0.31), metric(0.61, 0.333, 0.42), metric(0.6, 0.3, 0.4)],
-                "text": [metric(0.4, 0.1, 0.2), metric(0.45, 0.15, 0.25), metric(0.55, 0.25, 0.35)]},
+        rounds={
+            "image": [metric(0.5, 0.2, 0.31), metric(0.61, 0.333, 0.42), metric(0.6, 0.3, 0.4)],
+            "text": [metric(0.4, 0.1, 0.2), metric(0.45, 0.15, 0.25), metric(0.55, 0.25, 0.35)],
+        },
         fused={**metric(0.7, 0.5, 0.6), "text": metric(0.68, 0.45, 0.58)},
-        alignment_accuracy=0.875, orders=orders,
+        alignment_accuracy=0.875,
+        orders=orders,
         confidences={"image": [[0.9, 0.2]] * n_stories, "text": [[0.7, 0.6]] * n_stories},
-        story_ids=[s.id for s in stories])
+        story_ids=[s.id for s in stories],
+    )
     return res, stories
 
 
@@ -308,8 +356,17 @@ def test_evaluation_report_table_plots_and_samples(tmp_path):
     res, stories = eval_inputs(tmp_path)
     report = res.report({"image": 1, "text": 2})
     ceilings = {"image": 0.41, "text": 0.22, "fused": 0.83}
-    out = evaluation_report(tmp_path / "rep" / "eval.html", report=report, result=res, stories=stories, title="test <split>",
-                            ceilings=ceilings, fused_text=res.fused["text"], max_samples=4, seed=3)
+    out = evaluation_report(
+        tmp_path / "rep" / "eval.html",
+        report=report,
+        result=res,
+        stories=stories,
+        title="test <split>",
+        ceilings=ceilings,
+        fused_text=res.fused["text"],
+        max_samples=4,
+        seed=3,
+    )
     c = check_html(out)
     raw = out.read_text(encoding="utf-8")
     assert "test &lt;split&gt;" in raw
@@ -317,7 +374,7 @@ def test_evaluation_report_table_plots_and_samples(tmp_path):
     # the same rows and numbers as the text table
     text = format_table(report, ceilings, fused_text=res.fused["text"]).splitlines()
     expect = []
-    for line in text[text.index(next(x for x in text if "+" in x and set(x) <= {"-", "+"})) + 1:]:
+    for line in text[text.index(next(x for x in text if "+" in x and set(x) <= {"-", "+"})) + 1 :]:
         if "|" not in line:
             break
         name, a, b = line.split("|")
@@ -346,7 +403,12 @@ def test_evaluation_report_table_plots_and_samples(tmp_path):
     assert sentences_in(c, "gold", wrong_id) == story.sentences
     assert sentences_in(c, "predicted", wrong_id) == [story.sentences[1], story.sentences[0], story.sentences[2]]
     # the gold strip's arrows carry the round-0 adjacent-pair confidences of both modalities
-    assert [e.text for e in c.find("c") if e.anc("data-story") == wrong_id and e.anc("data-kind") == "gold"] == ["img 0.90", "txt 0.70", "img 0.20", "txt 0.60"]
+    assert [e.text for e in c.find("c") if e.anc("data-story") == wrong_id and e.anc("data-kind") == "gold"] == [
+        "img 0.90",
+        "txt 0.70",
+        "img 0.20",
+        "txt 0.60",
+    ]
 
 
 def test_evaluation_report_sample_choice_is_seeded(tmp_path):
@@ -354,7 +416,16 @@ def test_evaluation_report_sample_choice_is_seeded(tmp_path):
     report = res.report({"image": 1, "text": 2})
 
     def chosen(seed, max_samples=4):
-        c = check_html(evaluation_report(tmp_path / f"e{seed}.html", report=report, result=res, stories=stories, max_samples=max_samples, seed=seed))
+        c = check_html(
+            evaluation_report(
+                tmp_path / f"e{seed}.html",
+                report=report,
+                result=res,
+                stories=stories,
+                max_samples=max_samples,
+                seed=seed,
+            )
+        )
         return sorted(e.attrs["data-story"] for e in c.find("sample"))
 
     assert chosen(7) == chosen(7)
@@ -393,7 +464,10 @@ def test_evaluation_report_without_kept_orders(tmp_path):
     c = check_html(out)
     notes = " ".join(e.text for e in c.find("note"))
     assert "keep_orders=True" in notes and not c.find("sample")
-    assert [r[0] for r in table_rows(c) if r and r[0] not in ("variant", "Acc %")] == ["unimodal (round 0)", "guided (val-chosen: img 0, txt -)"]
+    assert [r[0] for r in table_rows(c) if r and r[0] not in ("variant", "Acc %")] == [
+        "unimodal (round 0)",
+        "guided (val-chosen: img 0, txt -)",
+    ]
 
 
 # ------------------------------------------------------------------ a real browser, where one is installed
@@ -402,7 +476,19 @@ def test_order_report_renders_in_headless_chromium(tmp_path):
     imgs = make_images(tmp_path, 3)
     out = order_report([], [fused_result("S", imgs, SENTS, [1, 0, 2], [0.8, 0.3])], tmp_path / "o.html", gold=True)
     shot = tmp_path / "shot.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}", "--window-size=1200,900",
-                    out.resolve().as_uri()], check=True, timeout=60, capture_output=True)
+    subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={shot}",
+            "--window-size=1200,900",
+            out.resolve().as_uri(),
+        ],
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
     assert shot.stat().st_size > 0 and shot.read_bytes().startswith(PNG_MAGIC)
     assert Image.open(shot).size == (1200, 900)

@@ -16,8 +16,21 @@ from safetensors.torch import load_file
 from iterwego.apps.cli import main
 from iterwego.data.synth import SynthConfig, synthesize
 
-TRAIN_ARGS = ["--quiet", "--set", "train.unimodal_epochs=3", "--set", "train.iterative_epochs=2", "--set", "aligner.epochs=2",
-              "--set", "encoder.image_size=32", "--set", "train.num_threads=1", "--set", "train.early_stop=0"]
+TRAIN_ARGS = [
+    "--quiet",
+    "--set",
+    "train.unimodal_epochs=3",
+    "--set",
+    "train.iterative_epochs=2",
+    "--set",
+    "aligner.epochs=2",
+    "--set",
+    "encoder.image_size=32",
+    "--set",
+    "train.num_threads=1",
+    "--set",
+    "train.early_stop=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +62,12 @@ def _log_lines(run: Path) -> int:
 def test_sigkill_then_resume_matches_uninterrupted(data, reference, tmp_path, kill_after):
     run = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
-    p = subprocess.Popen(_train_cmd("--data", str(data), "--out", str(run), *TRAIN_ARGS), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        _train_cmd("--data", str(data), "--out", str(run), *TRAIN_ARGS),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while _log_lines(run) < kill_after and p.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -58,7 +76,9 @@ def test_sigkill_then_resume_matches_uninterrupted(data, reference, tmp_path, ki
     p.wait()
     assert not (run / "model.safetensors").exists()
     assert (run / "train_state.pt").exists()
-    r = subprocess.run(_train_cmd("--resume", str(run), "--quiet"), env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        _train_cmd("--resume", str(run), "--quiet"), env=env, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     a, b = load_file(str(reference / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -67,7 +87,10 @@ def test_sigkill_then_resume_matches_uninterrupted(data, reference, tmp_path, ki
     ref_log = [json.loads(x) for x in (reference / "log.jsonl").read_text().splitlines()]
     run_log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert ref_log == run_log
-    assert json.loads((reference / "meta.json").read_text())["chosen_rounds"] == json.loads((run / "meta.json").read_text())["chosen_rounds"]
+    assert (
+        json.loads((reference / "meta.json").read_text())["chosen_rounds"]
+        == json.loads((run / "meta.json").read_text())["chosen_rounds"]
+    )
 
 
 def test_resume_without_state_is_a_clear_error(tmp_path, capsys):
@@ -86,14 +109,34 @@ def test_order_prints_orders_pairing_and_confidence(data, reference, tmp_path, c
     sentences = [a["text"] for a in mine]
     out_json = tmp_path / "o.json"
     html = tmp_path / "o.html"
-    assert main(["order", "--run", str(reference), "--images", *images, "--sentences", *sentences, "--json", str(out_json), "--html", str(html)]) == 0
+    assert (
+        main(
+            [
+                "order",
+                "--run",
+                str(reference),
+                "--images",
+                *images,
+                "--sentences",
+                *sentences,
+                "--json",
+                str(out_json),
+                "--html",
+                str(html),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     res = json.loads(out_json.read_text())
     n = len(images)
     assert sorted(res["image_order"]) == list(range(n)) and sorted(res["sentence_order"]) == list(range(n))
     assert len(res["pairing"]) == n and sorted(p[1] for p in res["pairing"]) == list(range(n))
     assert set(res["variants"]) == {"image_only", "text_only", "guided", "fused"}
-    assert all(0.0 <= c <= 1.0 for c in res["variants"]["fused"]["confidence"]) and len(res["variants"]["fused"]["confidence"]) == n - 1
+    assert (
+        all(0.0 <= c <= 1.0 for c in res["variants"]["fused"]["confidence"])
+        and len(res["variants"]["fused"]["confidence"]) == n - 1
+    )
     assert "P(next after this)" in printed and Path(images[res["image_order"][0]]).name in printed
     assert html.is_file() and "http://" not in html.read_text() and stories  # self-contained report written
 
@@ -101,7 +144,23 @@ def test_order_prints_orders_pairing_and_confidence(data, reference, tmp_path, c
 def test_order_single_modality_and_unequal_counts(data, reference, tmp_path):
     imgs = sorted((data / "images" / "test").glob("*.png"))[:3]
     out = tmp_path / "a.json"
-    assert main(["order", "--run", str(reference), "--images", *map(str, imgs), "--sentences", "a red circle .", "a black star .", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "order",
+                "--run",
+                str(reference),
+                "--images",
+                *map(str, imgs),
+                "--sentences",
+                "a red circle .",
+                "a black star .",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())
     assert res["mode"] == "unimodal" and "2 sentences" in res["note"]
     assert sorted(res["image_order"]) == [0, 1, 2] and sorted(res["sentence_order"]) == [0, 1]
@@ -117,7 +176,23 @@ def test_order_rejects_a_single_item(reference, capsys):
 
 def test_evaluate_html_report(data, reference, tmp_path):
     html = tmp_path / "rep" / "report.html"
-    assert main(["evaluate", "--data", str(data), "--run", str(reference), "--split", "test", "--quiet", "--html", str(html)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data",
+                str(data),
+                "--run",
+                str(reference),
+                "--split",
+                "test",
+                "--quiet",
+                "--html",
+                str(html),
+            ]
+        )
+        == 0
+    )
     text = html.read_text()
     assert "<table" in text and "http://" not in text and "https://" not in text
     assert (html.parent / "report_files" / "metrics_per_round.png").is_file()

@@ -27,15 +27,24 @@ import pytest
 from PIL import Image
 
 from iterwego.apps.cli import main
-from iterwego.data.readers import load_split
-from iterwego.errors import IterWeGOError, ModelLoadError
 from iterwego.apps.order import order_stories, stories_from_args
 from iterwego.apps.serve import MAX_BODY_BYTES, MAX_ITEMS, OrderService, cmd_serve, make_server, register, run_server
+from iterwego.data.readers import load_split
 from iterwego.data.synth import SynthConfig, synthesize
+from iterwego.errors import IterWeGOError, ModelLoadError
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--window-size=1200,860"]
+CHROME_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1200,860",
+]
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "app.png"
 
 
@@ -45,8 +54,29 @@ def trained(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("serve")
     data, run = root / "data", root / "run"
     synthesize(data, SynthConfig(stories=24, seed=7, image_size=32))
-    assert main(["train", "--data", str(data), "--out", str(run), "--quiet", "--set", "train.unimodal_epochs=1", "--set", "train.iterative_epochs=1",
-                 "--set", "aligner.epochs=1", "--set", "encoder.image_size=32", "--set", "train.num_threads=1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                "--quiet",
+                "--set",
+                "train.unimodal_epochs=1",
+                "--set",
+                "train.iterative_epochs=1",
+                "--set",
+                "aligner.epochs=1",
+                "--set",
+                "encoder.image_size=32",
+                "--set",
+                "train.num_threads=1",
+            ]
+        )
+        == 0
+    )
     story = next(s for s in load_split(data, "test") if len(s.items) >= 3)
     items = story.items[:3]
     # presented out of gold order, images and sentences shuffled differently, as a user would paste them
@@ -69,7 +99,10 @@ def app(trained, tmp_path_factory):
 
 
 def _image_payload(paths: list[str]) -> list[dict]:
-    return [{"name": Path(p).name, "data": "data:image/png;base64," + base64.b64encode(Path(p).read_bytes()).decode()} for p in paths]
+    return [
+        {"name": Path(p).name, "data": "data:image/png;base64," + base64.b64encode(Path(p).read_bytes()).decode()}
+        for p in paths
+    ]
 
 
 def _post(url: str, body: bytes | dict, ctype: str = "application/json") -> tuple[int, dict]:
@@ -89,7 +122,9 @@ def _get(url: str) -> tuple[int, bytes, dict]:
 
 def _expected(app, images: list[str], sentences: list[str]) -> dict:
     """What ``iterwego order`` computes for the same album, with file names as the page sends them."""
-    res = order_stories(app.service.model, stories_from_args(images, sentences), chosen_rounds=app.service.meta.get("chosen_rounds"))[0]
+    res = order_stories(
+        app.service.model, stories_from_args(images, sentences), chosen_rounds=app.service.meta.get("chosen_rounds")
+    )[0]
     res["images"] = [Path(p).name for p in res["images"]]
     return json.loads(json.dumps(res))  # the wire format (tuples -> lists)
 
@@ -106,7 +141,12 @@ def _assert_still_serving(app) -> None:
 @pytest.mark.parametrize("case", ["both", "unequal", "sentences_only", "images_only"])
 def test_order_endpoint_equals_order_stories(app, case):
     images = {"both": app.images, "unequal": app.images, "sentences_only": [], "images_only": app.images}[case]
-    sentences = {"both": app.sentences, "unequal": app.sentences[:2], "sentences_only": app.sentences, "images_only": []}[case]
+    sentences = {
+        "both": app.sentences,
+        "unequal": app.sentences[:2],
+        "sentences_only": app.sentences,
+        "images_only": [],
+    }[case]
     status, answer = _post(app.url, {"images": _image_payload(images), "sentences": sentences})
     assert status == 200, answer
     want = _expected(app, images, sentences)
@@ -152,12 +192,34 @@ def test_more_than_twelve_items_says_beam_search_was_used(app):
 
 
 BAD = [
-    ("not an image", lambda a: {"images": [{"name": "notes.txt", "data": base64.b64encode(b"just text").decode()}] + _image_payload(a.images[:2])},
-     400, ["notes.txt", "not an image"]),
+    (
+        "not an image",
+        lambda a: {
+            "images": [{"name": "notes.txt", "data": base64.b64encode(b"just text").decode()}]
+            + _image_payload(a.images[:2])
+        },
+        400,
+        ["notes.txt", "not an image"],
+    ),
     ("single item", lambda a: {"sentences": ["only one"]}, 400, ["at least 2"]),
-    ("one image one sentence", lambda a: {"images": _image_payload(a.images[:1]), "sentences": a.sentences[:1]}, 400, ["at least 2"]),
-    ("too many", lambda a: {"sentences": [f"sentence {k}" for k in range(MAX_ITEMS + 1)]}, 400, [f"at most {MAX_ITEMS}", "12", "beam"]),
-    ("bad base64", lambda a: {"images": [{"name": "x.png", "data": "@@@"}, {"name": "y.png", "data": "@@@"}]}, 400, ["x.png", "base64"]),
+    (
+        "one image one sentence",
+        lambda a: {"images": _image_payload(a.images[:1]), "sentences": a.sentences[:1]},
+        400,
+        ["at least 2"],
+    ),
+    (
+        "too many",
+        lambda a: {"sentences": [f"sentence {k}" for k in range(MAX_ITEMS + 1)]},
+        400,
+        [f"at most {MAX_ITEMS}", "12", "beam"],
+    ),
+    (
+        "bad base64",
+        lambda a: {"images": [{"name": "x.png", "data": "@@@"}, {"name": "y.png", "data": "@@@"}]},
+        400,
+        ["x.png", "base64"],
+    ),
     ("empty sentence", lambda a: {"sentences": ["one", "  "]}, 400, ["sentence 2"]),
     ("bad decoder", lambda a: {"sentences": a.sentences, "decoder": "magic"}, 400, ["decoder"]),
     ("not a list", lambda a: {"images": "a.png"}, 400, ["lists"]),
@@ -209,7 +271,15 @@ def test_page_loads_nothing_from_outside(app):
     assert status == 200 and headers["Content-Type"].startswith("text/html")
     assert "default-src 'none'" in headers["Content-Security-Policy"]
     page = html.decode()
-    for needle in ('type="file"', "multiple", "<textarea", ">Order<", "Download JSON", 'src="app.js"', 'href="app.css"'):
+    for needle in (
+        'type="file"',
+        "multiple",
+        "<textarea",
+        ">Order<",
+        "Download JSON",
+        'src="app.js"',
+        'href="app.css"',
+    ):
         assert needle in page
     for path in ("", "app.js", "app.css"):
         text = _get(app.url + path)[1].decode()
@@ -228,7 +298,9 @@ def test_busy_port_and_missing_run_are_user_errors(app, tmp_path):
 
 
 # ----------------------------------------------------------------------------- real browser
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} not installed (apt-get install -y chromium chromium-driver)")
+@pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} not installed (apt-get install -y chromium chromium-driver)"
+)
 def test_browser_orders_like_the_cli(app, tmp_path, capsys):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -236,7 +308,22 @@ def test_browser_orders_like_the_cli(app, tmp_path, capsys):
     from selenium.webdriver.support.ui import WebDriverWait
 
     cli_json = tmp_path / "cli.json"
-    assert main(["order", "--run", str(app.run), "--images", *app.images, "--sentences", *app.sentences, "--json", str(cli_json)]) == 0
+    assert (
+        main(
+            [
+                "order",
+                "--run",
+                str(app.run),
+                "--images",
+                *app.images,
+                "--sentences",
+                *app.sentences,
+                "--json",
+                str(cli_json),
+            ]
+        )
+        == 0
+    )
     cli = json.loads(cli_json.read_text())
     cli["images"] = [Path(p).name for p in cli["images"]]
     assert cli["mode"] == "fused"
@@ -247,7 +334,9 @@ def test_browser_orders_like_the_cli(app, tmp_path, capsys):
     opts.binary_location = CHROMIUM
     for flag in CHROME_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]:
         opts.add_argument(flag)
-    opts.add_experimental_option("prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False})
+    opts.add_experimental_option(
+        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+    )
     driver = webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
     wait = WebDriverWait(driver, 30, poll_frequency=0.02)
     timings = {}
@@ -257,7 +346,8 @@ def test_browser_orders_like_the_cli(app, tmp_path, capsys):
         wait.until(lambda d: d.find_element(By.ID, "limits").text)  # /api/info answered and drawn
         timings["page_load_s"] = time.perf_counter() - t0
         timings["page_load_event_ms"] = driver.execute_script(
-            "const n = performance.getEntriesByType('navigation')[0]; return n.loadEventEnd - n.startTime;")
+            "const n = performance.getEntriesByType('navigation')[0]; return n.loadEventEnd - n.startTime;"
+        )
 
         def choose(files: list[str], sentences: list[str]) -> None:
             box = driver.find_element(By.ID, "images")
@@ -268,7 +358,10 @@ def test_browser_orders_like_the_cli(app, tmp_path, capsys):
             area.send_keys("\n".join(sentences))
 
         def cards(what: str) -> list[int]:
-            return [int(c.get_attribute(f"data-{what}-index")) for c in driver.find_elements(By.CSS_SELECTOR, "#strip .card")]
+            return [
+                int(c.get_attribute(f"data-{what}-index"))
+                for c in driver.find_elements(By.CSS_SELECTOR, "#strip .card")
+            ]
 
         # a file that is not an image: a clear message, nothing drawn
         bad = tmp_path / "holiday-notes.txt"
@@ -285,7 +378,12 @@ def test_browser_orders_like_the_cli(app, tmp_path, capsys):
         choose(app.images, app.sentences)
         t0 = time.perf_counter()
         driver.find_element(By.ID, "order").click()
-        wait.until(lambda d: d.find_element(By.ID, "result").is_displayed() and len(d.find_elements(By.CSS_SELECTOR, "#strip .card")) == 3)
+        wait.until(
+            lambda d: (
+                d.find_element(By.ID, "result").is_displayed()
+                and len(d.find_elements(By.CSS_SELECTOR, "#strip .card")) == 3
+            )
+        )
         timings["press_to_result_s"] = time.perf_counter() - t0
         timings["press_to_result_page_ms"] = float(driver.execute_script("return document.body.dataset.orderMs"))
         assert not driver.find_element(By.ID, "error").is_displayed()
@@ -293,8 +391,13 @@ def test_browser_orders_like_the_cli(app, tmp_path, capsys):
         v = cli["variants"]
         assert driver.find_element(By.ID, "variant-fused").is_selected()
         assert cards("image") == cli["image_order"] and cards("sentence") == cli["sentence_order"]
-        assert [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#strip .step .p")] == [f"{c:.2f}" for c in v["fused"]["confidence"]]
-        shown = [c.find_element(By.CSS_SELECTOR, ".sentence").text for c in driver.find_elements(By.CSS_SELECTOR, "#strip .card")]
+        assert [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#strip .step .p")] == [
+            f"{c:.2f}" for c in v["fused"]["confidence"]
+        ]
+        shown = [
+            c.find_element(By.CSS_SELECTOR, ".sentence").text
+            for c in driver.find_elements(By.CSS_SELECTOR, "#strip .card")
+        ]
         assert shown == [cli["sentences"][t] for t in cli["sentence_order"]]
         driver.find_element(By.ID, "variant-guided").click()
         assert cards("image") == v["guided"]["image_order"] and cards("sentence") == v["guided"]["sentence_order"]
@@ -314,7 +417,9 @@ def test_browser_orders_like_the_cli(app, tmp_path, capsys):
         assert fetched and all(u.startswith((app.url, "data:", "blob:")) for u in fetched), fetched
 
         # the whole page, from the top, for the README
-        driver.set_window_size(1200, min(2000, driver.execute_script("return document.documentElement.scrollHeight") + 140))
+        driver.set_window_size(
+            1200, min(2000, driver.execute_script("return document.documentElement.scrollHeight") + 140)
+        )
         driver.execute_script("window.scrollTo(0, 0)")
         shot = tmp_path / "app.png"
         driver.save_screenshot(str(shot))

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from iterwego.data import readers as data_mod
-from iterwego.errors import DataError
 from iterwego.data.synth import (
     COLOURS,
     HOUR_WORDS,
@@ -29,6 +28,7 @@ from iterwego.data.synth import (
     story_ceiling,
     synthesize,
 )
+from iterwego.errors import DataError
 
 REQUIRED_KEYS = {
     "story_id", "photo_flickr_id", "worker_arranged_photo_order", "text", "original_text", "album_id", "storylet_id", "setting",
@@ -60,7 +60,10 @@ def _gold_stories(files):
         a = ann[0]
         by_story[a["story_id"]].append(a)
         split_of[a["story_id"]] = split
-    return {sid: (split_of[sid], sorted(anns, key=lambda a: a["worker_arranged_photo_order"])) for sid, anns in by_story.items()}
+    return {
+        sid: (split_of[sid], sorted(anns, key=lambda a: a["worker_arranged_photo_order"]))
+        for sid, anns in by_story.items()
+    }
 
 
 def _tree_hash(root: Path) -> str:
@@ -403,7 +406,10 @@ def test_config_accepts_lengths_from_json():
 def test_cli_synth(tmp_path, capsys):
     from iterwego.apps.cli import main
 
-    assert main(["synth", str(tmp_path / "cli"), "--stories", "5", "--image-size", "32", "--lengths", "2-4", "--quiet"]) == 0
+    assert (
+        main(["synth", str(tmp_path / "cli"), "--stories", "5", "--image-size", "32", "--lengths", "2-4", "--quiet"])
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["stories"] == {"train": 3, "val": 1, "test": 1}
     assert set(summary["ceilings"]) >= {"image_pmr", "text_pmr", "fused_pmr"}

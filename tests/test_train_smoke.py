@@ -117,12 +117,29 @@ def test_evaluate_missing_run_is_a_one_line_error(trained, tmp_path, capsys):
 @pytest.mark.slow
 def test_compile_and_bf16_autocast_train_and_reload(tmp_path):
     """train.compile (in-place Module.compile) and bf16 autocast run end to end; the run reloads with plain keys."""
-    from iterwego.model import load_run
     from iterwego.data.synth import SynthConfig, synthesize
+    from iterwego.model import load_run
 
     synthesize(tmp_path / "d", SynthConfig(stories=20, seed=2, image_size=32))
-    args = ["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"), "--quiet", "--no-cache", "--set", "train.compile=true",
-            "--set", "train.amp=bf16", "--set", "train.unimodal_epochs=1", "--set", "train.iterative_epochs=1", "--set", "aligner.epochs=1"]
+    args = [
+        "train",
+        "--data",
+        str(tmp_path / "d"),
+        "--out",
+        str(tmp_path / "r"),
+        "--quiet",
+        "--no-cache",
+        "--set",
+        "train.compile=true",
+        "--set",
+        "train.amp=bf16",
+        "--set",
+        "train.unimodal_epochs=1",
+        "--set",
+        "train.iterative_epochs=1",
+        "--set",
+        "aligner.epochs=1",
+    ]
     assert main(args) == 0
     model, _ = load_run(tmp_path / "r")
     assert not any("_orig_mod" in k for k in model.state_dict())

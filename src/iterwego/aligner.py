@@ -70,7 +70,9 @@ class CLIPAligner(nn.Module):
         return self.logit_scale * ei @ et.transpose(1, 2)
 
 
-def build_aligner(cfg: AlignerConfig, image_encoder: Encoder, text_encoder: Encoder, has_clip_features: bool) -> nn.Module:
+def build_aligner(
+    cfg: AlignerConfig, image_encoder: Encoder, text_encoder: Encoder, has_clip_features: bool
+) -> nn.Module:
     if cfg.kind == "learned":
         return LearnedAligner(image_encoder, text_encoder, cfg)
     if cfg.kind == "clip":
@@ -80,7 +82,9 @@ def build_aligner(cfg: AlignerConfig, image_encoder: Encoder, text_encoder: Enco
     raise ValueError(f"unknown aligner kind {cfg.kind!r}; choose 'learned' or 'clip'")
 
 
-def align(scores: Tensor, method: str = "argmax", valid_rows: Tensor | None = None, valid_cols: Tensor | None = None) -> Tensor:
+def align(
+    scores: Tensor, method: str = "argmax", valid_rows: Tensor | None = None, valid_cols: Tensor | None = None
+) -> Tensor:
     """Map each row item to a column item from a ``(B, m, n)`` score matrix.
 
     ``argmax`` takes each row's best column (the paper; two rows may share a

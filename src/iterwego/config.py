@@ -20,7 +20,9 @@ class EncoderConfig:
     text: str = "minilm"  # "minilm" | "bert:<hf-name-or-local-dir>" | "tokens"
     image_size: int = 64  # side the image is resized to (cnn); CLIP uses its own processor size
     cnn_width: int = 32  # channels of the first conv layer of the cnn encoder (doubles twice)
-    cnn_stem_stride: int = 2  # stride of the cnn's first conv (4: an 8x8 stem that reads 2x larger images at the same cost)
+    cnn_stem_stride: int = (
+        2  # stride of the cnn's first conv (4: an 8x8 stem that reads 2x larger images at the same cost)
+    )
     text_max_length: int = 40  # tokens per sentence; longer sentences are truncated and counted
     text_train_layers: int = 0  # top transformer layers of the text backbone that train (paper: 2)
     image_train_projection: bool = True  # CLIP: train the visual projection (the only trainable part by default)
@@ -64,7 +66,9 @@ class GuidanceConfig:
 class TrainConfig:
     seed: int = 0  # seeds python, numpy and torch; shuffles are drawn from it
     batch_size: int = 16  # stories per optimiser step
-    eval_batch_size: int = 64  # stories per forward in validation/evaluation (split across processes when data parallel)
+    eval_batch_size: int = (
+        64  # stories per forward in validation/evaluation (split across processes when data parallel)
+    )
     lr: float = 1e-3  # base learning rate (Adam)
     weight_decay: float = 1e-5  # Adam weight decay
     backbone_lr_mult: float = 0.1  # trainable backbone parts (CLIP projection, top BERT layers) learn at lr * this
@@ -102,7 +106,9 @@ class Config:
         from .errors import ModelLoadError
 
         if d.get("version") != CONFIG_VERSION:
-            raise ModelLoadError(f"config version {d.get('version')!r} is not supported by this iterwego (expects {CONFIG_VERSION}); retrain or use the iterwego version that wrote it")
+            raise ModelLoadError(
+                f"config version {d.get('version')!r} is not supported by this iterwego (expects {CONFIG_VERSION}); retrain or use the iterwego version that wrote it"
+            )
         kw: dict[str, Any] = {}
         for f in fields(cls):
             if f.name not in d:
@@ -113,7 +119,9 @@ class Config:
                 known = {x.name for x in fields(sub)}
                 unknown = set(v) - known
                 if unknown:
-                    raise ModelLoadError(f"config section {f.name!r} has unknown keys {sorted(unknown)}: written by another iterwego version?")
+                    raise ModelLoadError(
+                        f"config section {f.name!r} has unknown keys {sorted(unknown)}: written by another iterwego version?"
+                    )
                 v = sub(**v)
             kw[f.name] = v
         return cls(**kw)
@@ -138,7 +146,9 @@ class Config:
             section = getattr(cfg, parts[0])
             names = {x.name: x for x in fields(section)}
             if parts[1] not in names:
-                raise ConfigError(f"override {key.strip()!r}: {parts[0]} has no field {parts[1]!r}; fields: {sorted(names)}")
+                raise ConfigError(
+                    f"override {key.strip()!r}: {parts[0]} has no field {parts[1]!r}; fields: {sorted(names)}"
+                )
             try:
                 value = json.loads(raw)
             except json.JSONDecodeError:
@@ -159,7 +169,13 @@ class Config:
         return cfg
 
 
-_SECTIONS = {"encoder": EncoderConfig, "orderer": OrdererConfig, "aligner": AlignerConfig, "guidance": GuidanceConfig, "train": TrainConfig}
+_SECTIONS = {
+    "encoder": EncoderConfig,
+    "orderer": OrdererConfig,
+    "aligner": AlignerConfig,
+    "guidance": GuidanceConfig,
+    "train": TrainConfig,
+}
 
 
 def preset(name: str) -> Config:
@@ -187,11 +203,25 @@ def preset(name: str) -> Config:
     if name == "paper":
         return Config(
             preset="paper",
-            encoder=EncoderConfig(image="clip:openai/clip-vit-large-patch14", text="bert:bert-base-uncased", text_train_layers=2, image_size=224),
+            encoder=EncoderConfig(
+                image="clip:openai/clip-vit-large-patch14",
+                text="bert:bert-base-uncased",
+                text_train_layers=2,
+                image_size=224,
+            ),
             orderer=OrdererConfig(d_model=768, layers=2, heads=4, ffn=512, dropout=0.2),
             aligner=AlignerConfig(kind="learned", dim=256, mapping="argmax", epochs=5, lr=1e-3),
             guidance=GuidanceConfig(threshold_t2i=0.8, threshold_i2t=0.9, weight_t2i=1.0, weight_i2t=0.25),
-            train=TrainConfig(batch_size=64, lr=2e-4, weight_decay=1e-5, backbone_lr_mult=0.1, head_lr_mult=0.5, unimodal_epochs=5, iterative_epochs=5, early_stop=2),
+            train=TrainConfig(
+                batch_size=64,
+                lr=2e-4,
+                weight_decay=1e-5,
+                backbone_lr_mult=0.1,
+                head_lr_mult=0.5,
+                unimodal_epochs=5,
+                iterative_epochs=5,
+                early_stop=2,
+            ),
         )
     raise ValueError(f"unknown preset {name!r}; choose 'tiny' or 'paper'")
 

@@ -122,8 +122,12 @@ def _validated(logprobs: Any, *, batched: bool) -> np.ndarray:
         a = a.reshape(0, 0)
     if a.ndim < 2 or (not batched and a.ndim != 2) or a.shape[-1] != a.shape[-2]:
         want = "(..., n, n)" if batched else "(n, n)"
-        hint = "; for (n, n, 2) pair logits call pair_logprobs(logits) first" if a.ndim >= 3 and a.shape[-1] == 2 else ""
-        raise ValueError(f"logprobs must be a square {want} matrix of pair log-probabilities, got shape {a.shape}{hint}")
+        hint = (
+            "; for (n, n, 2) pair logits call pair_logprobs(logits) first" if a.ndim >= 3 and a.shape[-1] == 2 else ""
+        )
+        raise ValueError(
+            f"logprobs must be a square {want} matrix of pair log-probabilities, got shape {a.shape}{hint}"
+        )
     n = a.shape[-1]
     off = ~np.eye(n, dtype=bool)
     bad = ~np.isfinite(a) & off
@@ -183,7 +187,11 @@ def order_score(logprobs: Any, order: Sequence[int]) -> float:
 
 def _positions(order: Sequence[int], n: int) -> np.ndarray:
     o = np.asarray(order)
-    if o.shape != (n,) or (n and not np.issubdtype(o.dtype, np.integer)) or not np.array_equal(np.sort(o), np.arange(n)):
+    if (
+        o.shape != (n,)
+        or (n and not np.issubdtype(o.dtype, np.integer))
+        or not np.array_equal(np.sort(o), np.arange(n))
+    ):
         raise ValueError(f"order must be a permutation of range({n}), got {list(np.asarray(order).ravel())[:20]}")
     pos = np.empty(n, dtype=np.int64)
     pos[o.astype(np.int64)] = np.arange(n)

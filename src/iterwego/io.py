@@ -47,7 +47,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError) and not isinstance(err, WriteError):
             # one line for the CLI, naming the file the user cares about rather than the temporary one
-            raise _write_error(f"{path}: cannot write ({err.strerror or err}); its previous version, if any, is unchanged", err) from None
+            raise _write_error(
+                f"{path}: cannot write ({err.strerror or err}); its previous version, if any, is unchanged", err
+            ) from None
         raise
 
 

@@ -176,8 +176,13 @@ class ForwardOutput:
 class IterWeGO(nn.Module):
     """Image orderer, text orderer and aligner; the encoders' frozen backbones live outside the state dict."""
 
-    def __init__(self, cfg: Config, image_encoder: Encoder | None, text_encoder: Encoder | None,
-                 align_encoders: tuple[Encoder, Encoder] | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        image_encoder: Encoder | None,
+        text_encoder: Encoder | None,
+        align_encoders: tuple[Encoder, Encoder] | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
@@ -185,12 +190,22 @@ class IterWeGO(nn.Module):
         self.text = Orderer(text_encoder, cfg.orderer) if text_encoder is not None else None
         self.align_encoders = align_encoders
         both = image_encoder is not None and text_encoder is not None
-        self.aligner = build_aligner(cfg.aligner, image_encoder, text_encoder, align_encoders is not None) if both else None
+        self.aligner = (
+            build_aligner(cfg.aligner, image_encoder, text_encoder, align_encoders is not None) if both else None
+        )
         self.meta: dict = {}
 
     # ------------------------------------------------------------------ the figure
-    def forward(self, batch: Batch, rounds: int = 0, *, guidance: GuidanceConfig | None = None,
-                mapping: str | None = None, modalities: tuple[str, ...] = ("image", "text"), fuse: bool = True) -> ForwardOutput:
+    def forward(
+        self,
+        batch: Batch,
+        rounds: int = 0,
+        *,
+        guidance: GuidanceConfig | None = None,
+        mapping: str | None = None,
+        modalities: tuple[str, ...] = ("image", "text"),
+        fuse: bool = True,
+    ) -> ForwardOutput:
         """Orderers -> aligner -> ``rounds`` guidance rounds -> fused logits, for one padded batch.
 
         ``guidance`` and ``mapping`` default to the model's config (inference
@@ -244,7 +259,9 @@ class IterWeGO(nn.Module):
                 scores = scores.transpose(1, 2)
             src_to_tgt = align(scores, self.cfg.aligner.mapping, batch.valid(src), batch.valid(target))
         logits = self.orderer(target)(batch.feats[target], batch.index[target])
-        guided = guide(logits, src_logits, src_to_tgt, threshold=thr, weight=lam, rule=g.train_rule, valid=batch.valid(src))
+        guided = guide(
+            logits, src_logits, src_to_tgt, threshold=thr, weight=lam, rule=g.train_rule, valid=batch.valid(src)
+        )
         if normalizer is None:
             return pair_loss(guided, batch.pos[target], batch.valid(target))
         return pair_loss(guided, batch.pos[target], batch.valid(target), reduction="sum") / max(normalizer, 1)
@@ -289,8 +306,9 @@ def load_run(run_dir, device="cpu", *, modalities: tuple[str, ...] = ("image", "
     return model, model.meta
 
 
-def create_model(cfg: Config | str, *, base_dir=None, modalities: tuple[str, ...] = ("image", "text"),
-                 preloaded: dict | None = None) -> IterWeGO:
+def create_model(
+    cfg: Config | str, *, base_dir=None, modalities: tuple[str, ...] = ("image", "text"), preloaded: dict | None = None
+) -> IterWeGO:
     """Build an untrained model from a config or a preset name (``"tiny"``, ``"paper"``).
 
     Backbone weights are loaded from the names or local directories in the
@@ -303,8 +321,10 @@ def create_model(cfg: Config | str, *, base_dir=None, modalities: tuple[str, ...
     if isinstance(cfg, str):
         cfg = preset(cfg)
     d = cfg.orderer.d_model
-    enc = {m: build_encoder(m, cfg.encoder, d, base_dir=base_dir, preloaded=preloaded) if m in modalities else None
-           for m in ("image", "text")}
+    enc = {
+        m: build_encoder(m, cfg.encoder, d, base_dir=base_dir, preloaded=preloaded) if m in modalities else None
+        for m in ("image", "text")
+    }
     align_enc = None
     if enc["image"] is not None and enc["text"] is not None and cfg.aligner.kind == "clip":
         spec = cfg.aligner.clip_model or (cfg.encoder.image if cfg.encoder.image.startswith("clip:") else "")

@@ -50,10 +50,14 @@ def save_run(run_dir: str | Path, model, meta: dict) -> None:
 def read_config(run_dir: str | Path) -> tuple[Config, dict]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ModelLoadError(f"{run_dir}: run directory not found (train one with `iterwego train --out {run_dir}` or `iterwego demo`)")
+        raise ModelLoadError(
+            f"{run_dir}: run directory not found (train one with `iterwego train --out {run_dir}` or `iterwego demo`)"
+        )
     for name in REQUIRED:
         if not (run_dir / name).is_file():
-            raise ModelLoadError(f"{run_dir / name}: missing from the run directory (incomplete copy or an interrupted save?)")
+            raise ModelLoadError(
+                f"{run_dir / name}: missing from the run directory (incomplete copy or an interrupted save?)"
+            )
     try:
         cfg_d = json.loads((run_dir / "config.json").read_text())
         meta = json.loads((run_dir / "meta.json").read_text())
@@ -77,7 +81,9 @@ def check_backbones(run_dir: Path, encoders: dict, meta: dict) -> None:
     for m, e in encoders.items():
         want = meta.get("backbones", {}).get(m)
         if want is not None and portable_identity(e.identity) != portable_identity(want):
-            raise ModelLoadError(f"{run_dir}: the {m} backbone now resolves to {e.identity!r} but the run was trained with {want!r}")
+            raise ModelLoadError(
+                f"{run_dir}: the {m} backbone now resolves to {e.identity!r} but the run was trained with {want!r}"
+            )
 
 
 def read_weights(run_dir: Path, own: dict, modalities: tuple[str, ...]) -> dict:
@@ -93,10 +99,14 @@ def read_weights(run_dir: Path, own: dict, modalities: tuple[str, ...]) -> dict:
     state = {k: v for k, v in state.items() if k in own or not k.startswith(("image.", "text.", "aligner."))}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    skip = tuple(f"{m}." for m in ("image", "text") if m not in modalities) + (("aligner.",) if len(modalities) < 2 else ())
+    skip = tuple(f"{m}." for m in ("image", "text") if m not in modalities) + (
+        ("aligner.",) if len(modalities) < 2 else ()
+    )
     missing = [k for k in missing if not k.startswith(skip)]
     if missing or unexpected:
-        raise ModelLoadError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ModelLoadError(
+            f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     bad = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
     if bad:
         raise ModelLoadError(f"{path}: tensor shapes differ from the config for {bad[:3]}")

@@ -13,7 +13,6 @@ import json
 import os
 import sys
 
-
 from ..errors import IterWeGOError
 
 EXIT_USER_ERROR = 2
@@ -34,12 +33,24 @@ def _parse_lengths(text: str) -> tuple[int, int]:
 
 def _add_data_args(p: argparse.ArgumentParser, *, positional: bool = False, required: bool = True) -> None:
     if positional:
-        p.add_argument("data", help="data directory in the standard layout (DIR/{split}.story-in-sequence.json, DIR/images/{split}/) or DIR/{split}.jsonl")
+        p.add_argument(
+            "data",
+            help="data directory in the standard layout (DIR/{split}.story-in-sequence.json, DIR/images/{split}/) or DIR/{split}.jsonl",
+        )
     else:
         p.add_argument("--data", required=required, help="data directory in the standard layout")
-    p.add_argument("--format", dest="fmt", default="vist", choices=["vist", "tacos", "jsonl"], help="reader to use (default: vist)")
-    p.add_argument("--image-dir", default=None, help="where the images are, if not DIR/images/{split}/ (SIND keeps them elsewhere)")
-    p.add_argument("--text-field", default="text", choices=["text", "original_text"], help="VIST/TACoS field to read sentences from (default: text)")
+    p.add_argument(
+        "--format", dest="fmt", default="vist", choices=["vist", "tacos", "jsonl"], help="reader to use (default: vist)"
+    )
+    p.add_argument(
+        "--image-dir", default=None, help="where the images are, if not DIR/images/{split}/ (SIND keeps them elsewhere)"
+    )
+    p.add_argument(
+        "--text-field",
+        default="text",
+        choices=["text", "original_text"],
+        help="VIST/TACoS field to read sentences from (default: text)",
+    )
 
 
 # ----------------------------------------------------------------- foundation
@@ -74,17 +85,22 @@ def _cmd_resize(a: argparse.Namespace) -> int:
 
 
 def _cmd_prepare_pairs(a: argparse.Namespace) -> int:
-    from ..data.readers import load_split
     from ..data.pairs import write_pairs
+    from ..data.readers import load_split
 
-    stories = load_split(a.data, a.split, fmt=a.fmt, image_dir=a.image_dir, text_field=a.text_field, check_images=a.modality == "image")
+    stories = load_split(
+        a.data, a.split, fmt=a.fmt, image_dir=a.image_dir, text_field=a.text_field, check_images=a.modality == "image"
+    )
     out = write_pairs(stories, a.out, split=a.split, modality=a.modality, seed=a.seed)
     print(f"wrote {out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="iterwego", description="Order unordered images and sentences of one story with weak cross-modal guidance (IterWeGO).")
+    p = argparse.ArgumentParser(
+        prog="iterwego",
+        description="Order unordered images and sentences of one story with weak cross-modal guidance (IterWeGO).",
+    )
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     p.add_argument("--version", action="version", version=f"iterwego {__import__('iterwego').__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -101,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stats", help="stories, items, length histogram, missing or unreadable files")
     _add_data_args(s, positional=True)
-    s.add_argument("--splits", nargs="+", default=["train", "val", "test"], help="splits to inspect (default: train val test)")
+    s.add_argument(
+        "--splits", nargs="+", default=["train", "val", "test"], help="splits to inspect (default: train val test)"
+    )
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--strict", action="store_true", help="exit 1 if any file is missing or unreadable")
     s.set_defaults(func=_cmd_stats)
@@ -118,7 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(s, positional=True)
     s.add_argument("--split", default="test")
     s.add_argument("--out", required=True, help="output directory")
-    s.add_argument("--modality", default="sentence", choices=["sentence", "image"], help="items written into the TSV (default: sentence)")
+    s.add_argument(
+        "--modality",
+        default="sentence",
+        choices=["sentence", "image"],
+        help="items written into the TSV (default: sentence)",
+    )
     s.add_argument("--seed", type=int, default=0, help="seed for the random pair directions")
     s.set_defaults(func=_cmd_prepare_pairs)
 

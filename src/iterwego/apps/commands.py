@@ -21,23 +21,43 @@ def _cache(a: argparse.Namespace):
 
 
 def _add_cache_args(s) -> None:
-    s.add_argument("--cache-dir", default=None, help="feature cache directory (default: $ITERWEGO_CACHE or ~/.cache/iterwego)")
+    s.add_argument(
+        "--cache-dir", default=None, help="feature cache directory (default: $ITERWEGO_CACHE or ~/.cache/iterwego)"
+    )
     s.add_argument("--no-cache", action="store_true", help="compute backbone features without the on-disk cache")
 
 
-def _eval_run(run: Path, data: Path, split: str, *, fmt="vist", image_dir=None, text_field="text", decoder="exact", progress=True, keep_orders=False, cache=None):
+def _eval_run(
+    run: Path,
+    data: Path,
+    split: str,
+    *,
+    fmt="vist",
+    image_dir=None,
+    text_field="text",
+    decoder="exact",
+    progress=True,
+    keep_orders=False,
+    cache=None,
+):
     """Evaluate a run on ``split``; the inference round comes from validation (saved at training, or computed here)."""
-    from ..data.readers import load_split
-    from ..training.evaluator import Evaluator
     from ..data.features import build_features
+    from ..data.readers import load_split
     from ..device import pick_device
     from ..model import load_run
+    from ..training.evaluator import Evaluator
 
     model, meta = load_run(run, pick_device())
     cfg = model.cfg
     read = dict(fmt=fmt, image_dir=image_dir, text_field=text_field)
     splits = list(dict.fromkeys([split] + ([] if meta.get("chosen_rounds") else ["val"])))
-    sets, feats = build_features(model.encoders(), {sp: load_split(data, sp, **read) for sp in splits}, where=str(data), progress=progress, cache=cache)
+    sets, feats = build_features(
+        model.encoders(),
+        {sp: load_split(data, sp, **read) for sp in splits},
+        where=str(data),
+        progress=progress,
+        cache=cache,
+    )
     device = next(model.parameters()).device
     ev = lambda ss: Evaluator(ss, feats, decoder=decoder, seed=cfg.train.seed + 2, device=device)  # noqa: E731
     chosen = meta.get("chosen_rounds") or ev(sets["val"])(model).choose_rounds()
@@ -71,7 +91,16 @@ def cmd_train(a: argparse.Namespace) -> int:
         if a.print_config:
             print(cfg.to_json())
             return 0
-        recipe = TrainRecipe(cfg, a.data, a.out, fmt=a.fmt, image_dir=a.image_dir, text_field=a.text_field, progress=not a.quiet, cache=_cache(a))
+        recipe = TrainRecipe(
+            cfg,
+            a.data,
+            a.out,
+            fmt=a.fmt,
+            image_dir=a.image_dir,
+            text_field=a.text_field,
+            progress=not a.quiet,
+            cache=_cache(a),
+        )
         recipe.setup()
         out = a.out
     try:
@@ -86,7 +115,18 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from ..training.evaluator import format_table
 
     t0 = time.time()
-    result, chosen, ss, _ = _eval_run(Path(a.run), Path(a.data), a.split, fmt=a.fmt, image_dir=a.image_dir, text_field=a.text_field, decoder=a.decoder, progress=not a.quiet, keep_orders=bool(a.html), cache=_cache(a))
+    result, chosen, ss, _ = _eval_run(
+        Path(a.run),
+        Path(a.data),
+        a.split,
+        fmt=a.fmt,
+        image_dir=a.image_dir,
+        text_field=a.text_field,
+        decoder=a.decoder,
+        progress=not a.quiet,
+        keep_orders=bool(a.html),
+        cache=_cache(a),
+    )
     report = result.report(chosen)
     title = f"{a.split} split, decoder {a.decoder}, {len(result.story_ids)} stories"
     ceilings = _ceilings(a.data, a.split)
@@ -94,7 +134,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if a.html:
         from .report import evaluation_report
 
-        evaluation_report(a.html, report=report, result=result, stories=ss.stories, title=f"iterwego evaluate: {title}", ceilings=ceilings, fused_text=(result.fused or {}).get("text"))
+        evaluation_report(
+            a.html,
+            report=report,
+            result=result,
+            stories=ss.stories,
+            title=f"iterwego evaluate: {title}",
+            ceilings=ceilings,
+            fused_text=(result.fused or {}).get("text"),
+        )
         print(f"wrote {a.html}")
     if result.decoder_fallbacks:
         print(f"note: {result.decoder_fallbacks} story decode(s) longer than 12 items used the beam decoder")
@@ -109,8 +157,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     """synth -> train --preset tiny -> evaluate on the synthetic test split."""
     from ..config import preset
-    from ..training.evaluator import format_table
     from ..data.synth import SynthConfig, synthesize
+    from ..training.evaluator import format_table
     from ..training.recipe import TrainRecipe
 
     t0 = time.time()
@@ -132,24 +180,47 @@ def cmd_demo(a: argparse.Namespace) -> int:
     try:
         from .report import evaluation_report
 
-        evaluation_report(out / "report.html", report=report, result=result, stories=ss.stories, title="iterwego demo: synthetic test split",
-                          ceilings=_ceilings(data, "test"), fused_text=(result.fused or {}).get("text"))
+        evaluation_report(
+            out / "report.html",
+            report=report,
+            result=result,
+            stories=ss.stories,
+            title="iterwego demo: synthetic test split",
+            ceilings=_ceilings(data, "test"),
+            fused_text=(result.fused or {}).get("text"),
+        )
         report_note = f"; HTML report {out / 'report.html'}"
     except ImportError:
         report_note = ""
     print()
-    print(format_table(report, _ceilings(data, "test"), title=f"iterwego demo: synthetic test split, {len(result.story_ids)} stories, exact decoder", fused_text=(result.fused or {}).get("text")))
+    print(
+        format_table(
+            report,
+            _ceilings(data, "test"),
+            title=f"iterwego demo: synthetic test split, {len(result.story_ids)} stories, exact decoder",
+            fused_text=(result.fused or {}).get("text"),
+        )
+    )
     print(f"\nrun saved in {run}; metrics in {out / 'test_metrics.json'}{report_note}; total {time.time() - t0:.0f}s")
     return 0
 
 
 def register(sub, add_data_args) -> None:
-    s = sub.add_parser("train", help="train everything (unimodal orderers, aligner, iterative guidance) into a run directory")
+    s = sub.add_parser(
+        "train", help="train everything (unimodal orderers, aligner, iterative guidance) into a run directory"
+    )
     add_data_args(s, required=False)
     s.add_argument("--out", help="run directory to write")
-    s.add_argument("--resume", metavar="RUN", help="continue an interrupted training in RUN (same config, data and seed)")
+    s.add_argument(
+        "--resume", metavar="RUN", help="continue an interrupted training in RUN (same config, data and seed)"
+    )
     s.add_argument("--preset", default="tiny", choices=PRESETS, help="named config preset (default tiny)")
-    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a config field, e.g. --set train.unimodal_epochs=5 (repeatable)")
+    s.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override a config field, e.g. --set train.unimodal_epochs=5 (repeatable)",
+    )
     s.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     _add_cache_args(s)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -161,16 +232,24 @@ def register(sub, add_data_args) -> None:
     s.add_argument("--run", required=True, help="run directory from `iterwego train`")
     s.add_argument("--decoder", default="exact", choices=["exact", "tsort", "beam"])
     s.add_argument("--json", default=None, help="write the metrics JSON here")
-    s.add_argument("--html", default=None, help="write an HTML report (tables, plots per round, confidence histograms, sample stories)")
+    s.add_argument(
+        "--html",
+        default=None,
+        help="write an HTML report (tables, plots per round, confidence histograms, sample stories)",
+    )
     _add_cache_args(s)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("demo", help="synth -> train (tiny) -> evaluate on embedded synthetic data, in a few minutes on a CPU")
+    s = sub.add_parser(
+        "demo", help="synth -> train (tiny) -> evaluate on embedded synthetic data, in a few minutes on a CPU"
+    )
     s.add_argument("--out", default="demo-out", help="working directory (default ./demo-out)")
     s.add_argument("--stories", type=int, default=2000, help="synthetic stories over train/val/test (default 2000)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE", help="override a tiny-preset config field (repeatable)")
+    s.add_argument(
+        "--set", action="append", metavar="SECTION.KEY=VALUE", help="override a tiny-preset config field (repeatable)"
+    )
     _add_cache_args(s)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_demo)
@@ -236,7 +315,10 @@ def register_order(sub) -> None:
     s.add_argument("--run", required=True, help="run directory")
     s.add_argument("--images", nargs="+", help="image files, in any order")
     s.add_argument("--sentences", nargs="+", help="sentences, in any order")
-    s.add_argument("--jsonl", help="stories as JSONL ({'id', 'images', 'sentences'}; listed order is treated as gold for the report)")
+    s.add_argument(
+        "--jsonl",
+        help="stories as JSONL ({'id', 'images', 'sentences'}; listed order is treated as gold for the report)",
+    )
     s.add_argument("--decoder", default="exact", choices=["exact", "tsort", "beam"])
     s.add_argument("--json", help="write the result as JSON")
     s.add_argument("--html", help="write a self-contained HTML report")

@@ -50,12 +50,16 @@ def _story_batch(model, story_id: str, imgs: list, sents: list):
     """
     encs = model.encoders()
     if imgs and sents:
-        sets, feats = build_features(encs, {"x": [Story(story_id, [Item(image=i, sentence=t) for i, t in zip(imgs, sents)])]})
+        sets, feats = build_features(
+            encs, {"x": [Story(story_id, [Item(image=i, sentence=t) for i, t in zip(imgs, sents)])]}
+        )
     else:
         its = [Item(image=p) for p in imgs] if imgs else [Item(sentence=t) for t in sents]
         mod = "image" if imgs else "text"
         sets, feats = build_features({mod: encs[mod]}, {"x": [Story(story_id, its)]}, cross_modal=False)
-    return make_batch(sets["x"], [0], np.random.default_rng(0), feats, shuffle=False).to(next(model.parameters()).device)
+    return make_batch(sets["x"], [0], np.random.default_rng(0), feats, shuffle=False).to(
+        next(model.parameters()).device
+    )
 
 
 @torch.no_grad()
@@ -96,9 +100,18 @@ def order_story(model, s: Story, *, chosen_rounds: dict | None = None, decoder: 
         of, cf, fbf = _decoded(fw.fused, decoder)
         fell_back |= fbi or fbt or fbf
         a = fw.pairing[0].cpu().numpy()
-        res["variants"]["guided"] = {"image_order": oi, "sentence_order": ot, "rounds": chosen, "image_confidence": ci,
-                                     "sentence_confidence": ct}
-        res["variants"]["fused"] = {"image_order": of, "sentence_order": sentence_order(of, a, len(sents)), "confidence": cf}
+        res["variants"]["guided"] = {
+            "image_order": oi,
+            "sentence_order": ot,
+            "rounds": chosen,
+            "image_confidence": ci,
+            "sentence_confidence": ct,
+        }
+        res["variants"]["fused"] = {
+            "image_order": of,
+            "sentence_order": sentence_order(of, a, len(sents)),
+            "confidence": cf,
+        }
         res["pairing"] = [[int(k), int(a[k])] for k in range(len(a))]
         res["pairing_score"] = [float(fw.scores[0, k, a[k]]) for k in range(len(a))]
         res["image_order"], res["sentence_order"] = of, res["variants"]["fused"]["sentence_order"]
@@ -110,7 +123,9 @@ def order_story(model, s: Story, *, chosen_rounds: dict | None = None, decoder: 
             res["sentence_order"] = res["variants"]["text_only"]["order"]
         res["mode"] = "unimodal"
     if fell_back:
-        notes.append(f"{max(len(imgs), len(sents))} items: more than the exact decoder's {MAX_EXACT}, so the beam decoder was used")
+        notes.append(
+            f"{max(len(imgs), len(sents))} items: more than the exact decoder's {MAX_EXACT}, so the beam decoder was used"
+        )
     if cut:
         notes.append(f"{cut} sentence(s) longer than {getattr(text_bb, 'max_length', '?')} tokens were truncated")
     if notes:
@@ -118,8 +133,9 @@ def order_story(model, s: Story, *, chosen_rounds: dict | None = None, decoder: 
     return res
 
 
-def order_stories(model, stories: list[Story], *, chosen_rounds: dict | None = None, decoder: str = "exact",
-                  progress: bool = False) -> list[dict]:
+def order_stories(
+    model, stories: list[Story], *, chosen_rounds: dict | None = None, decoder: str = "exact", progress: bool = False
+) -> list[dict]:
     """Order each story's images and sentences as given (the given order is ignored).
 
     A story may have images only, sentences only, or both; with both in
@@ -130,8 +146,12 @@ def order_stories(model, stories: list[Story], *, chosen_rounds: dict | None = N
     """
     for s in stories:
         if len(s.items) < 2:
-            raise DataError(f"a story needs at least 2 items to order, got {len(s.items)}", path=s.meta.get("source"),
-                            line=s.meta.get("line"), story=s.id)
+            raise DataError(
+                f"a story needs at least 2 items to order, got {len(s.items)}",
+                path=s.meta.get("source"),
+                line=s.meta.get("line"),
+                story=s.id,
+            )
     return [order_story(model, s, chosen_rounds=chosen_rounds, decoder=decoder) for s in stories]
 
 
@@ -141,5 +161,11 @@ def stories_from_args(images: list[str] | None, sentences: list[str] | None) -> 
     if not images and not sentences:
         raise DataError("give --images and/or --sentences, or --jsonl")
     n = max(len(images), len(sentences))
-    items = [Item(image=str(Path(images[k])) if k < len(images) else None, sentence=sentences[k] if k < len(sentences) else None) for k in range(n)]
+    items = [
+        Item(
+            image=str(Path(images[k])) if k < len(images) else None,
+            sentence=sentences[k] if k < len(sentences) else None,
+        )
+        for k in range(n)
+    ]
     return [Story("album", items)]

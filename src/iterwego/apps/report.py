@@ -93,8 +93,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 def _page(title: str, body: str) -> bytes:
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
         f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<main>\n"
         f"{body}\n</main>\n</body>\n</html>\n"
     ).encode("utf-8")
@@ -118,7 +118,11 @@ def _fmt_metric(m: dict | None) -> list[str]:
     if m is None:
         return ["-", "-", "-"]
     tau = m["tau"]
-    return [f"{100 * m['acc']:.1f}", f"{100 * m['pmr']:.1f}", "n/a" if isinstance(tau, float) and math.isnan(tau) else f"{tau:+.3f}"]
+    return [
+        f"{100 * m['acc']:.1f}",
+        f"{100 * m['pmr']:.1f}",
+        "n/a" if isinstance(tau, float) and math.isnan(tau) else f"{tau:+.3f}",
+    ]
 
 
 class _Thumbs:
@@ -154,8 +158,17 @@ def _step(confs: Sequence[tuple[str, float]]) -> str:
     return f'<div class="step" title="probability that the left item comes before the right one">&#8594;{inner}</div>'
 
 
-def _cell(thumbs: _Thumbs, *, label: str, image: str | None, sentence: str | None, cls: str = "",
-          image_cls: str = "", sentence_cls: str = "", tag: str = "") -> str:
+def _cell(
+    thumbs: _Thumbs,
+    *,
+    label: str,
+    image: str | None,
+    sentence: str | None,
+    cls: str = "",
+    image_cls: str = "",
+    sentence_cls: str = "",
+    tag: str = "",
+) -> str:
     parts = [f'<div class="cell {cls}">', f'<div class="pos">{_esc(label)}</div>']
     if image is not None:
         parts.append(thumbs.img(image, image_cls))
@@ -177,8 +190,9 @@ def _strip(kind: str, cells: list[str], steps: list[str] | None = None) -> str:
     return "".join(out)
 
 
-def _sentence_list(kind: str, sentences: Sequence[str], conf: Sequence[float] | None = None,
-                   marks: Sequence[bool] | None = None) -> str:
+def _sentence_list(
+    kind: str, sentences: Sequence[str], conf: Sequence[float] | None = None, marks: Sequence[bool] | None = None
+) -> str:
     out = [f'<ol class="sentlist" data-kind="{_esc(kind)}">']
     for k, s in enumerate(sentences):
         cls = "" if marks is None else ("ok" if marks[k] else "bad")
@@ -196,14 +210,18 @@ def _mark(ok: bool) -> str:
 
 def _orders_table(rows: list[tuple[str, Sequence[int] | None, Sequence[int] | None]], gold: bool) -> str:
     """Compact rows: one variant per row, its orders as 1-based input (or gold) item numbers."""
-    out = ['<table class="orders"><thead><tr><th>variant</th><th>image order</th><th>sentence order</th></tr></thead><tbody>']
+    out = [
+        '<table class="orders"><thead><tr><th>variant</th><th>image order</th><th>sentence order</th></tr></thead><tbody>'
+    ]
     for name, io_, so in rows:
         cells = []
         for o in (io_, so):
             if o is None:
                 cells.append('<td class="order">-</td>')
             else:
-                cells.append(f'<td class="order">{_esc(_fmt_order(o))}{" " + _mark(_is_identity(o)) if gold else ""}</td>')
+                cells.append(
+                    f'<td class="order">{_esc(_fmt_order(o))}{" " + _mark(_is_identity(o)) if gold else ""}</td>'
+                )
         out.append(f"<tr><td>{_esc(name)}</td>{''.join(cells)}</tr>")
     out.append("</tbody></table>")
     return "".join(out)
@@ -225,9 +243,14 @@ def _order_story(r: dict, thumbs: _Thumbs, gold: bool) -> str:
     v = r.get("variants", {})
     imgs, sents = list(r.get("images") or []), list(r.get("sentences") or [])
     mode = r.get("mode", "unimodal")
-    counts = ", ".join(x for x in (f"{len(imgs)} images" if imgs else "", f"{len(sents)} sentences" if sents else "") if x)
-    parts = [f'<section class="story" data-story="{_esc(r["id"])}">', f"<h2>Story {_esc(r['id'])}</h2>",
-             f'<p class="meta">{_esc(counts)}; {"fused decoding of images and sentences" if mode == "fused" else "each modality ordered alone"}</p>']
+    counts = ", ".join(
+        x for x in (f"{len(imgs)} images" if imgs else "", f"{len(sents)} sentences" if sents else "") if x
+    )
+    parts = [
+        f'<section class="story" data-story="{_esc(r["id"])}">',
+        f"<h2>Story {_esc(r['id'])}</h2>",
+        f'<p class="meta">{_esc(counts)}; {"fused decoding of images and sentences" if mode == "fused" else "each modality ordered alone"}</p>',
+    ]
     if r.get("note"):
         parts.append(f'<p class="note">{_esc(r["note"])}</p>')
     if imgs and "image_only" not in v and mode != "fused":
@@ -249,33 +272,62 @@ def _order_story(r: dict, thumbs: _Thumbs, gold: bool) -> str:
         exact = all(_is_identity(o) for _, o in predicted)
         detail = "; ".join(f"{name}: {_story_score(o)}" for name, o in predicted)
         verdict = "exactly right" if exact else "not exactly right"
-        parts.append(f'<p class="verdict {"ok" if exact else "bad"}" data-exact="{str(exact).lower()}">'
-                     f'{_mark(exact)} prediction {verdict} ({_esc(detail)})</p>')
+        parts.append(
+            f'<p class="verdict {"ok" if exact else "bad"}" data-exact="{str(exact).lower()}">'
+            f"{_mark(exact)} prediction {verdict} ({_esc(detail)})</p>"
+        )
 
     parts.append("<h3>Predicted order</h3>")
     if mode == "fused":
         conf = v["fused"]["confidence"]
-        cells = [_cell(thumbs, label=f"{j + 1}. (input {i + 1})", image=imgs[i], sentence=sents[so[j]],
-                       cls=("ok" if i == j and so[j] == j else "bad") if gold else "")
-                 for j, i in enumerate(io_)]
+        cells = [
+            _cell(
+                thumbs,
+                label=f"{j + 1}. (input {i + 1})",
+                image=imgs[i],
+                sentence=sents[so[j]],
+                cls=("ok" if i == j and so[j] == j else "bad") if gold else "",
+            )
+            for j, i in enumerate(io_)
+        ]
         parts.append(_strip("predicted", cells, [_step([("", c)]) for c in conf]))
     else:
         if "image_only" in v:
             o, conf = v["image_only"]["order"], v["image_only"]["confidence"]
-            cells = [_cell(thumbs, label=f"{j + 1}. (input {i + 1})", image=imgs[i], sentence=None,
-                           cls=("ok" if i == j else "bad") if gold else "") for j, i in enumerate(o)]
+            cells = [
+                _cell(
+                    thumbs,
+                    label=f"{j + 1}. (input {i + 1})",
+                    image=imgs[i],
+                    sentence=None,
+                    cls=("ok" if i == j else "bad") if gold else "",
+                )
+                for j, i in enumerate(o)
+            ]
             parts.append(_strip("predicted", cells, [_step([("", c)]) for c in conf]))
         if "text_only" in v:
             o, conf = v["text_only"]["order"], v["text_only"]["confidence"]
-            parts.append(_sentence_list("predicted-sentences", [sents[i] for i in o], conf,
-                                        [i == j for j, i in enumerate(o)] if gold else None))
+            parts.append(
+                _sentence_list(
+                    "predicted-sentences",
+                    [sents[i] for i in o],
+                    conf,
+                    [i == j for j, i in enumerate(o)] if gold else None,
+                )
+            )
 
     rows: list[tuple[str, Sequence[int] | None, Sequence[int] | None]] = []
     if "image_only" in v or "text_only" in v:
         rows.append(("single modality", v.get("image_only", {}).get("order"), v.get("text_only", {}).get("order")))
     if "guided" in v:
         g = v["guided"]
-        rows.append((f"guided (rounds: images {g['rounds']['image']}, sentences {g['rounds']['text']})", g["image_order"], g["sentence_order"]))
+        rows.append(
+            (
+                f"guided (rounds: images {g['rounds']['image']}, sentences {g['rounds']['text']})",
+                g["image_order"],
+                g["sentence_order"],
+            )
+        )
     if "fused" in v:
         rows.append(("fused", v["fused"]["image_order"], v["fused"]["sentence_order"]))
     if rows:
@@ -284,7 +336,10 @@ def _order_story(r: dict, thumbs: _Thumbs, gold: bool) -> str:
         parts.append(_orders_table(rows, gold))
     if r.get("pairing"):
         scores = r.get("pairing_score") or [None] * len(r["pairing"])
-        pairs = ", ".join(f"{i + 1}&#8596;{t + 1}" + (f" ({s:.2f})" if s is not None else "") for (i, t), s in zip(r["pairing"], scores))
+        pairs = ", ".join(
+            f"{i + 1}&#8596;{t + 1}" + (f" ({s:.2f})" if s is not None else "")
+            for (i, t), s in zip(r["pairing"], scores)
+        )
         extra = ""
         if gold:
             right = sum(int(i == t) for i, t in r["pairing"])
@@ -295,7 +350,10 @@ def _order_story(r: dict, thumbs: _Thumbs, gold: bool) -> str:
         parts.append("<h3>Gold order (as listed)</h3>")
         if imgs:
             both = len(imgs) == len(sents)
-            cells = [_cell(thumbs, label=f"{k + 1}.", image=p, sentence=sents[k] if both else None) for k, p in enumerate(imgs)]
+            cells = [
+                _cell(thumbs, label=f"{k + 1}.", image=p, sentence=sents[k] if both else None)
+                for k, p in enumerate(imgs)
+            ]
             parts.append(_strip("gold", cells))
             if sents and not both:
                 parts.append(_sentence_list("gold-sentences", sents))
@@ -305,7 +363,9 @@ def _order_story(r: dict, thumbs: _Thumbs, gold: bool) -> str:
     return "\n".join(parts)
 
 
-def order_report(stories: Sequence[Story], results: Sequence[dict], path: str | os.PathLike, *, gold: bool = False) -> Path:
+def order_report(
+    stories: Sequence[Story], results: Sequence[dict], path: str | os.PathLike, *, gold: bool = False
+) -> Path:
     """Write a self-contained HTML page showing :func:`iterwego.apps.order.order_stories` results.
 
     Per story: the predicted order as an image strip (fused order when images
@@ -328,7 +388,9 @@ def order_report(stories: Sequence[Story], results: Sequence[dict], path: str | 
         raise ValueError(f"got {len(stories)} stories but {len(results)} results")
     for k, r in enumerate(results):
         if r.get("schema") != _SUPPORTED_SCHEMA:
-            raise ValueError(f"result {k} (story {r.get('id')!r}) has schema {r.get('schema')!r}; this report reads schema {_SUPPORTED_SCHEMA}")
+            raise ValueError(
+                f"result {k} (story {r.get('id')!r}) has schema {r.get('schema')!r}; this report reads schema {_SUPPORTED_SCHEMA}"
+            )
         if stories and str(stories[k].id) != str(r["id"]):
             raise ValueError(f"result {k} is for story {r['id']!r} but story {k} is {stories[k].id!r}")
     out = Path(path)
@@ -347,7 +409,9 @@ def order_report(stories: Sequence[Story], results: Sequence[dict], path: str | 
     summary = f"{len(results)} {'story' if len(results) == 1 else 'stories'}"
     if n_exact is not None:
         summary += f"; {n_exact} exactly right against the listed (gold) order"
-    body.append(f'<p class="sub">{_esc(summary)}. Arrows show the model\'s probability that the left item comes before the right one.</p>')
+    body.append(
+        f'<p class="sub">{_esc(summary)}. Arrows show the model\'s probability that the left item comes before the right one.</p>'
+    )
     for r in results:
         body.append(_order_story(r, thumbs, gold))
     _write_atomic(out, _page("IterWeGO order report", "\n".join(body)))
@@ -356,21 +420,27 @@ def order_report(stories: Sequence[Story], results: Sequence[dict], path: str | 
 
 # ----------------------------------------------------------------- evaluation report
 def _metric_table(report: dict, ceilings: dict | None, fused_text: dict | None) -> str:
-    out = ['<table class="metrics"><thead>',
-           '<tr><th rowspan="2">variant</th><th colspan="3">images</th><th colspan="3">sentences</th></tr>',
-           "<tr><th>Acc %</th><th>PMR %</th><th>&#964;</th><th>Acc %</th><th>PMR %</th><th>&#964;</th></tr>",
-           "</thead><tbody>"]
+    out = [
+        '<table class="metrics"><thead>',
+        '<tr><th rowspan="2">variant</th><th colspan="3">images</th><th colspan="3">sentences</th></tr>',
+        "<tr><th>Acc %</th><th>PMR %</th><th>&#964;</th><th>Acc %</th><th>PMR %</th><th>&#964;</th></tr>",
+        "</thead><tbody>",
+    ]
     for name, a, b, chosen in metric_rows(report, fused_text):
         cells = "".join(f"<td>{_esc(x)}</td>" for x in _fmt_metric(a) + _fmt_metric(b))
         tr = '<tr class="chosen">' if chosen else "<tr>"
         out.append(f"{tr}<td>{_esc(name)}</td>{cells}</tr>")
     out.append("</tbody></table>")
     if "alignment_accuracy" in report:
-        out.append(f'<p class="meta" data-key="alignment">alignment accuracy (top-1 within story, image&#8594;sentence): {100 * report["alignment_accuracy"]:.1f}%</p>')
+        out.append(
+            f'<p class="meta" data-key="alignment">alignment accuracy (top-1 within story, image&#8594;sentence): {100 * report["alignment_accuracy"]:.1f}%</p>'
+        )
     if ceilings:
         names = {"image": "images alone", "text": "sentences alone", "fused": "item-level fusion"}
         vals = ", ".join(f"{_esc(names.get(k, k))} {100 * float(v):.1f}" for k, v in ceilings.items())
-        out.append(f'<p class="meta" data-key="ceilings">ceilings (Bayes-optimal PMR of the synthetic split, %): {vals}</p>')
+        out.append(
+            f'<p class="meta" data-key="ceilings">ceilings (Bayes-optimal PMR of the synthetic split, %): {vals}</p>'
+        )
     return "\n".join(out)
 
 
@@ -381,7 +451,11 @@ def _png_bytes(fig) -> bytes:
 
 
 def _plot_rounds(Figure, report: dict, fused_text: dict | None) -> bytes | None:
-    mods = [(m, lab, col) for m, lab, col in (("image", "images", "#1f6fb4"), ("text", "sentences", "#d9730d")) if m in report]
+    mods = [
+        (m, lab, col)
+        for m, lab, col in (("image", "images", "#1f6fb4"), ("text", "sentences", "#d9730d"))
+        if m in report
+    ]
     if not mods:
         return None
     fig = Figure(figsize=(10, 4.2))
@@ -394,8 +468,16 @@ def _plot_rounds(Figure, report: dict, fused_text: dict | None) -> bytes | None:
             y = np.array([scale * float(d[key]) for d in rs])
             ax.plot(x, y, "-o", color=col, label=lab, ms=4)
             c = report[m]["chosen_round"]
-            ax.plot([c], [y[c]], marker="*", ms=15, color=col, markeredgecolor="k", linestyle="none",
-                    label=f"{lab}: val-chosen round {c}")
+            ax.plot(
+                [c],
+                [y[c]],
+                marker="*",
+                ms=15,
+                color=col,
+                markeredgecolor="k",
+                linestyle="none",
+                label=f"{lab}: val-chosen round {c}",
+            )
             f = fused_for[m]
             if f is not None and key in f:
                 ax.axhline(scale * float(f[key]), color=col, ls=":", lw=1.2, label=f"{lab}: fused decoding")
@@ -414,8 +496,11 @@ def _plot_rounds(Figure, report: dict, fused_text: dict | None) -> bytes | None:
 
 
 def _plot_confidences(Figure, confidences: dict[str, list[list[float]]]) -> bytes | None:
-    mods = [(m, lab, col) for m, lab, col in (("image", "images", "#1f6fb4"), ("text", "sentences", "#d9730d"))
-            if any(len(s) for s in confidences.get(m, []))]
+    mods = [
+        (m, lab, col)
+        for m, lab, col in (("image", "images", "#1f6fb4"), ("text", "sentences", "#d9730d"))
+        if any(len(s) for s in confidences.get(m, []))
+    ]
     if not mods:
         return None
     fig = Figure(figsize=(5 * len(mods), 3.4))
@@ -425,7 +510,9 @@ def _plot_confidences(Figure, confidences: dict[str, list[list[float]]]) -> byte
         vals = np.concatenate([np.asarray(s, dtype=float) for s in confidences[m] if len(s)])
         ax.hist(vals, bins=bins, color=col, alpha=0.85, edgecolor="white")
         ax.axvline(0.5, color="k", lw=0.8, ls="--")
-        ax.set_title(f"{lab}: mean {vals.mean():.2f}, {100 * (vals > 0.5).mean():.0f}% > 0.5 (n={vals.size})", fontsize=9)
+        ax.set_title(
+            f"{lab}: mean {vals.mean():.2f}, {100 * (vals > 0.5).mean():.0f}% > 0.5 (n={vals.size})", fontsize=9
+        )
         ax.set_xlabel("P(gold item k before k+1), round 0")
         ax.set_ylabel("adjacent gold pairs")
         ax.set_xlim(0, 1)
@@ -433,7 +520,9 @@ def _plot_confidences(Figure, confidences: dict[str, list[list[float]]]) -> byte
     return _png_bytes(fig)
 
 
-def _write_plots(files_dir: Path, report: dict, result: "EvalResult", fused_text: dict | None) -> tuple[list[tuple[str, str]], list[str]]:
+def _write_plots(
+    files_dir: Path, report: dict, result: "EvalResult", fused_text: dict | None
+) -> tuple[list[tuple[str, str]], list[str]]:
     """Draw the plots; returns ([(file name, caption)], notes). Stale plot files from earlier runs are removed."""
     notes: list[str] = []
     written: list[tuple[str, str]] = []
@@ -441,13 +530,23 @@ def _write_plots(files_dir: Path, report: dict, result: "EvalResult", fused_text
         from matplotlib.figure import Figure  # the OO API: no pyplot global state, no display backend needed
     except ImportError as err:
         Figure = None
-        notes.append(f"Plots skipped: matplotlib is not installed ({err}). Install the optional extra with {_INSTALL_HINT}.")
+        notes.append(
+            f"Plots skipped: matplotlib is not installed ({err}). Install the optional extra with {_INSTALL_HINT}."
+        )
     if Figure is not None:
         plots = (
-            (PLOT_FILES[0], "PMR and Kendall tau per guidance round (stars: round chosen on validation; dotted: fused decoding).",
-             lambda: _plot_rounds(Figure, report, fused_text), "no per-round metrics in the report"),
-            (PLOT_FILES[1], "Confidence on adjacent gold pairs, round 0: how sure each orderer is that gold item k comes before k+1.",
-             lambda: _plot_confidences(Figure, result.confidences), "no confidences recorded (evaluate with keep_orders=True)"),
+            (
+                PLOT_FILES[0],
+                "PMR and Kendall tau per guidance round (stars: round chosen on validation; dotted: fused decoding).",
+                lambda: _plot_rounds(Figure, report, fused_text),
+                "no per-round metrics in the report",
+            ),
+            (
+                PLOT_FILES[1],
+                "Confidence on adjacent gold pairs, round 0: how sure each orderer is that gold item k comes before k+1.",
+                lambda: _plot_confidences(Figure, result.confidences),
+                "no confidences recorded (evaluate with keep_orders=True)",
+            ),
         )
         for name, caption, draw, why_not in plots:
             data = draw()
@@ -474,21 +573,37 @@ def _sample_card(thumbs: _Thumbs, story: Story, i: int, result: "EvalResult", ke
     pred = {m: list(result.orders[k][i]) for m, k in keys.items()}
     for m, o in pred.items():
         if sorted(o) != list(range(n)):
-            raise ValueError(f"story {story.id!r}: prediction {m} {o} is not a permutation of its {n} items (were the stories passed in evaluation order?)")
-    parts = [f'<section class="story sample" data-story="{_esc(story.id)}" data-exact="{str(exact).lower()}">',
-             f"<h2>Story {_esc(story.id)}</h2>"]
+            raise ValueError(
+                f"story {story.id!r}: prediction {m} {o} is not a permutation of its {n} items (were the stories passed in evaluation order?)"
+            )
+    parts = [
+        f'<section class="story sample" data-story="{_esc(story.id)}" data-exact="{str(exact).lower()}">',
+        f"<h2>Story {_esc(story.id)}</h2>",
+    ]
     detail = "; ".join(f"{'images' if m == 'image' else 'sentences'}: {_story_score(o)}" for m, o in pred.items())
-    parts.append(f'<p class="verdict {"ok" if exact else "bad"}">{_mark(exact)} guided prediction '
-                 f'{"exactly right" if exact else "not exactly right"} ({_esc(detail)})</p>')
+    parts.append(
+        f'<p class="verdict {"ok" if exact else "bad"}">{_mark(exact)} guided prediction '
+        f"{'exactly right' if exact else 'not exactly right'} ({_esc(detail)})</p>"
+    )
     conf = {m: result.confidences.get(m, []) for m in ("image", "text")}
     conf = {m: (c[i] if i < len(c) else []) for m, c in conf.items()}
 
     parts.append("<h3>Gold order</h3>")
     if has_img:
         both = [m for m in ("image", "text") if conf[m]]
-        steps = [_step([(("img " if m == "image" else "txt ") if len(both) > 1 else "", conf[m][k]) for m in both if k < len(conf[m])])
-                 for k in range(n - 1)]
-        cells = [_cell(thumbs, label=f"{k + 1}.", image=it.image, sentence=it.sentence) for k, it in enumerate(story.items)]
+        steps = [
+            _step(
+                [
+                    (("img " if m == "image" else "txt ") if len(both) > 1 else "", conf[m][k])
+                    for m in both
+                    if k < len(conf[m])
+                ]
+            )
+            for k in range(n - 1)
+        ]
+        cells = [
+            _cell(thumbs, label=f"{k + 1}.", image=it.image, sentence=it.sentence) for k, it in enumerate(story.items)
+        ]
         parts.append(_strip("gold", cells, steps))
     elif has_txt:
         parts.append(_sentence_list("gold-sentences", story.sentences, conf["text"] or None))
@@ -500,17 +615,30 @@ def _sample_card(thumbs: _Thumbs, story: Story, i: int, result: "EvalResult", ke
         for j in range(n):
             gi = io_[j]
             s = story.items[so[j]].sentence if so is not None and has_txt else None
-            cells.append(_cell(thumbs, label=f"{j + 1}. (gold {gi + 1})", image=story.items[gi].image, sentence=s,
-                               cls="ok" if gi == j else "bad",
-                               sentence_cls=("ok" if so[j] == j else "bad") if s is not None else "",
-                               tag=f"sentence: gold {so[j] + 1}" if s is not None else ""))
+            cells.append(
+                _cell(
+                    thumbs,
+                    label=f"{j + 1}. (gold {gi + 1})",
+                    image=story.items[gi].image,
+                    sentence=s,
+                    cls="ok" if gi == j else "bad",
+                    sentence_cls=("ok" if so[j] == j else "bad") if s is not None else "",
+                    tag=f"sentence: gold {so[j] + 1}" if s is not None else "",
+                )
+            )
         parts.append(_strip("predicted", cells))
     elif has_txt and so is not None:
-        parts.append(_sentence_list("predicted-sentences", [story.items[t].sentence for t in so], None, [t == j for j, t in enumerate(so)]))
+        parts.append(
+            _sentence_list(
+                "predicted-sentences", [story.items[t].sentence for t in so], None, [t == j for j, t in enumerate(so)]
+            )
+        )
 
     rows: list[tuple[str, Sequence[int] | None, Sequence[int] | None]] = []
     uni = {m: result.orders.get(f"{m}/round0") for m in ("image", "text")}
-    rows.append(("unimodal (round 0)", uni["image"][i] if uni["image"] else None, uni["text"][i] if uni["text"] else None))
+    rows.append(
+        ("unimodal (round 0)", uni["image"][i] if uni["image"] else None, uni["text"][i] if uni["text"] else None)
+    )
     rows.append(("guided (val-chosen)", io_, so))
     fi, ft = result.orders.get("fused/image"), result.orders.get("fused/text")
     if fi and ft:
@@ -521,12 +649,17 @@ def _sample_card(thumbs: _Thumbs, story: Story, i: int, result: "EvalResult", ke
     return "\n".join(parts)
 
 
-def _samples(report: dict, result: "EvalResult", stories: Sequence[Story], max_samples: int, seed: int) -> tuple[str, str | None]:
+def _samples(
+    report: dict, result: "EvalResult", stories: Sequence[Story], max_samples: int, seed: int
+) -> tuple[str, str | None]:
     """HTML for a seeded sample of right and wrong stories, or a note why there is none."""
     keys = {m: f"{m}/round{report[m]['chosen_round']}" for m in ("image", "text") if m in report}
     keys = {m: k for m, k in keys.items() if k in result.orders}
     if not keys:
-        return "", "No story samples: the evaluation kept no predicted orders (run the evaluator with keep_orders=True)."
+        return (
+            "",
+            "No story samples: the evaluation kept no predicted orders (run the evaluator with keep_orders=True).",
+        )
     if max_samples <= 0:
         return "", None
     by_id = {str(s.id): s for s in stories}
@@ -543,8 +676,10 @@ def _samples(report: dict, result: "EvalResult", stories: Sequence[Story], max_s
     pick_w = sorted(rng.choice(wrong, n_wrong, replace=False).tolist()) if n_wrong else []
     pick_r = sorted(rng.choice(right, n_right, replace=False).tolist()) if n_right else []
     thumbs = _Thumbs()
-    out = [f'<p class="sub">{len(pick_w)} of {len(wrong)} wrong and {len(pick_r)} of {len(right)} exactly right stories '
-           f"(guided orders at the val-chosen round; seed {seed}).</p>"]
+    out = [
+        f'<p class="sub">{len(pick_w)} of {len(wrong)} wrong and {len(pick_r)} of {len(right)} exactly right stories '
+        f"(guided orders at the val-chosen round; seed {seed}).</p>"
+    ]
     if pick_w:
         out.append("<h3>Wrong</h3>")
         out += [_sample_card(thumbs, by_id[str(result.story_ids[i])], i, result, keys, False) for i in pick_w]
@@ -554,8 +689,18 @@ def _samples(report: dict, result: "EvalResult", stories: Sequence[Story], max_s
     return "\n".join(out), None
 
 
-def evaluation_report(path: str | os.PathLike, *, report: dict, result: "EvalResult", stories: Sequence[Story], title: str = "",
-                      ceilings: dict | None = None, fused_text: dict | None = None, max_samples: int = 12, seed: int = 0) -> Path:
+def evaluation_report(
+    path: str | os.PathLike,
+    *,
+    report: dict,
+    result: "EvalResult",
+    stories: Sequence[Story],
+    title: str = "",
+    ceilings: dict | None = None,
+    fused_text: dict | None = None,
+    max_samples: int = 12,
+    seed: int = 0,
+) -> Path:
     """Write an HTML evaluation report to ``path`` and its plots to ``<stem>_files/`` next to it.
 
     Contents: the metric table (the rows of :func:`iterwego.training.evaluator.format_table`:
@@ -579,12 +724,16 @@ def evaluation_report(path: str | os.PathLike, *, report: dict, result: "EvalRes
     out = Path(path)
     files_dir = out.with_name(out.stem + "_files")
     title = title or "IterWeGO evaluation"
-    body = [f"<h1>{_esc(title)}</h1>",
-            f'<p class="sub">{len(result.story_ids)} stories; guided rows use the round chosen on validation.</p>']
+    body = [
+        f"<h1>{_esc(title)}</h1>",
+        f'<p class="sub">{len(result.story_ids)} stories; guided rows use the round chosen on validation.</p>',
+    ]
     body.append('<section class="block"><h2>Metrics</h2>')
     body.append(_metric_table(report, ceilings, fused_text))
     if getattr(result, "decoder_fallbacks", 0):
-        body.append(f'<p class="meta">{result.decoder_fallbacks} story decode(s) longer than 12 items used the beam decoder.</p>')
+        body.append(
+            f'<p class="meta">{result.decoder_fallbacks} story decode(s) longer than 12 items used the beam decoder.</p>'
+        )
     body.append("</section>")
 
     written, notes = _write_plots(files_dir, report, result, fused_text)
@@ -593,8 +742,10 @@ def evaluation_report(path: str | os.PathLike, *, report: dict, result: "EvalRes
         body.append(f'<p class="note">{_esc(n)}</p>')
     rel = urllib.parse.quote(files_dir.name)
     for name, caption in written:
-        body.append(f'<figure class="plot"><img src="{rel}/{urllib.parse.quote(name)}" alt="{_esc(caption)}">'
-                    f"<figcaption>{_esc(caption)}</figcaption></figure>")
+        body.append(
+            f'<figure class="plot"><img src="{rel}/{urllib.parse.quote(name)}" alt="{_esc(caption)}">'
+            f"<figcaption>{_esc(caption)}</figcaption></figure>"
+        )
     body.append("</section>")
 
     samples, why = _samples(report, result, stories, max_samples, seed)

@@ -69,8 +69,10 @@ _STATIC = {
 }
 # The page may talk only to this server; data: and blob: images are the thumbnails and the
 # local previews of the chosen files.
-_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -83,7 +85,12 @@ class RequestError(IterWeGOError):
 
 
 def _limits() -> dict:
-    return {"max_body_bytes": MAX_BODY_BYTES, "max_items": MAX_ITEMS, "max_exact": MAX_EXACT, "decoders": list(DECODERS)}
+    return {
+        "max_body_bytes": MAX_BODY_BYTES,
+        "max_items": MAX_ITEMS,
+        "max_exact": MAX_EXACT,
+        "decoders": list(DECODERS),
+    }
 
 
 def _b64(data: str, what: str) -> bytes:
@@ -141,8 +148,14 @@ class OrderService:
     def info(self) -> dict:
         """What the page shows before the first request: run, usable modalities, limits."""
         mods = [m for m in ("image", "text") if getattr(self.model, m, None) is not None]
-        return {"run": self.run_name, "modalities": mods, "aligner": getattr(self.model, "aligner", None) is not None,
-                "chosen_rounds": self.meta.get("chosen_rounds") or {}, "limits": _limits(), "version": __version__}
+        return {
+            "run": self.run_name,
+            "modalities": mods,
+            "aligner": getattr(self.model, "aligner", None) is not None,
+            "chosen_rounds": self.meta.get("chosen_rounds") or {},
+            "limits": _limits(),
+            "version": __version__,
+        }
 
     def order(self, payload: Any) -> dict:
         """Validate one ``/api/order`` payload, order it and return the response dictionary.
@@ -165,14 +178,18 @@ class OrderService:
             raise RequestError(f"'decoder' must be one of {', '.join(DECODERS)}, got {decoder!r}")
         for what, items in (("images", images), ("sentences", sentences)):
             if len(items) > MAX_ITEMS:
-                raise RequestError(f"too many {what}: {len(items)}; this server orders at most {MAX_ITEMS} images and {MAX_ITEMS} sentences "
-                                   f"per request (up to {MAX_EXACT} items are ordered with the exact decoder, larger sets with beam search)")
+                raise RequestError(
+                    f"too many {what}: {len(items)}; this server orders at most {MAX_ITEMS} images and {MAX_ITEMS} sentences "
+                    f"per request (up to {MAX_EXACT} items are ordered with the exact decoder, larger sets with beam search)"
+                )
         for k, s in enumerate(sentences):
             if not isinstance(s, str) or not s.strip():
                 raise RequestError(f"sentence {k + 1} must be a non-empty string")
         sentences = [s.strip() for s in sentences]
         if max(len(images), len(sentences)) < 2:
-            raise RequestError(f"nothing to order: give at least 2 images or 2 sentences (got {len(images)} image(s) and {len(sentences)} sentence(s))")
+            raise RequestError(
+                f"nothing to order: give at least 2 images or 2 sentences (got {len(images)} image(s) and {len(sentences)} sentence(s))"
+            )
         names = []
         for k, im in enumerate(images):
             if not isinstance(im, dict) or not isinstance(im.get("data"), str):
@@ -196,7 +213,9 @@ class OrderService:
                 paths.append(str(p))
             stories = stories_from_args(paths, sentences)
             with self._lock:
-                result = order_stories(self.model, stories, chosen_rounds=self.meta.get("chosen_rounds"), decoder=decoder)[0]
+                result = order_stories(
+                    self.model, stories, chosen_rounds=self.meta.get("chosen_rounds"), decoder=decoder
+                )[0]
         result["images"] = names
         notes = []
         if decoder == "exact" and max(len(images), len(sentences)) > MAX_EXACT:
@@ -206,8 +225,12 @@ class OrderService:
         if sentences and "text" not in self.info()["modalities"]:
             notes.append("this run has no sentence orderer: the sentences were not ordered")
         order = result.get("image_order", list(range(len(names))))
-        return {"result": result, "thumbnails": [{"index": int(i), "name": names[i], "src": thumbs[i]} for i in order],
-                "notes": notes, "elapsed_s": round(time.perf_counter() - t0, 4)}
+        return {
+            "result": result,
+            "thumbnails": [{"index": int(i), "name": names[i], "src": thumbs[i]} for i in order],
+            "notes": notes,
+            "elapsed_s": round(time.perf_counter() - t0, 4),
+        }
 
 
 def _is_loopback(host: str) -> bool:
@@ -283,7 +306,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(400, "invalid Content-Length")
         if length > self.server.max_body:
             mb = self.server.max_body / 2**20
-            return self._error(413, f"request too large: {length / 2**20:.1f} MB (limit {mb:.0f} MB); send fewer or smaller images")
+            return self._error(
+                413, f"request too large: {length / 2**20:.1f} MB (limit {mb:.0f} MB); send fewer or smaller images"
+            )
         try:
             payload = json.loads(self.rfile.read(length).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -305,7 +330,14 @@ class AppServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], service: OrderService, *, max_body: int = MAX_BODY_BYTES, log: TextIO | None = None):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        service: OrderService,
+        *,
+        max_body: int = MAX_BODY_BYTES,
+        log: TextIO | None = None,
+    ):
         self.service, self.max_body, self.log = service, max_body, log
         web = resources.files("iterwego.apps") / "web"
         self.static = {name: (web / name).read_bytes() for name, _ in _STATIC.values()}
@@ -332,10 +364,15 @@ def make_server(service: OrderService, host: str = DEFAULT_HOST, port: int = DEF
         raise IterWeGOError(f"cannot listen on {host}:{port} ({err.strerror or err})") from None
 
 
-def run_server(server: AppServer, *, out: TextIO = sys.stdout, on_ready: Callable[[AppServer], None] | None = None) -> None:
+def run_server(
+    server: AppServer, *, out: TextIO = sys.stdout, on_ready: Callable[[AppServer], None] | None = None
+) -> None:
     """Print the URL, then serve until interrupted (Ctrl-C) or ``server.shutdown()``."""
     if not _is_loopback(server.server_address[0]):
-        print(f"warning: listening on {server.server_address[0]}: anyone who can reach this machine can use the app", file=out)
+        print(
+            f"warning: listening on {server.server_address[0]}: anyone who can reach this machine can use the app",
+            file=out,
+        )
     print(f"iterwego serve: ready at {server.url}  (Ctrl-C to stop)", file=out, flush=True)
     if on_ready is not None:
         on_ready(server)
@@ -362,7 +399,9 @@ def register(sub) -> None:
     """Add the ``serve`` sub-command to the CLI's sub-parsers."""
     s = sub.add_parser("serve", help="local web page: upload images / paste sentences and see the recovered order")
     s.add_argument("--run", required=True, help="run directory from `iterwego train`")
-    s.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine only)")
+    s.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine only)"
+    )
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
     s.add_argument("--quiet", action="store_true", help="do not log requests on stderr")
     s.set_defaults(func=cmd_serve)

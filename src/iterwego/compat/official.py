@@ -38,9 +38,9 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..aligner import align
 from ..config import AlignerConfig, Config, EncoderConfig, GuidanceConfig, OrdererConfig, preset
 from ..errors import ModelLoadError
-from ..aligner import align
 from ..guidance import iterate
 from ..model import PairHead, SetTransformer
 
@@ -129,7 +129,9 @@ def read_checkpoint(path: str | Path) -> OfficialCheckpoint:
         ) from None
     if not isinstance(obj, Mapping) or "model" not in obj:
         keys = sorted(map(str, obj)) if isinstance(obj, Mapping) else type(obj).__name__
-        raise ModelLoadError(f"{path}: not an IterWeGO checkpoint: expected a dict with a 'model' state dict, found {keys}")
+        raise ModelLoadError(
+            f"{path}: not an IterWeGO checkpoint: expected a dict with a 'model' state dict, found {keys}"
+        )
     state = obj["model"]
     if not isinstance(state, Mapping) or not state or not all(isinstance(v, Tensor) for v in state.values()):
         raise ModelLoadError(f"{path}: 'model' is not a non-empty state dict of tensors")
@@ -188,11 +190,17 @@ def _no_init():
 def _orderer_config(state: Mapping[str, Tensor], flow: str, path: Path) -> OrdererConfig:
     """Set-transformer depth and widths of one flow, read off the checkpoint's tensors."""
     pre = f"{flow}.encoder.layers."
-    layer_ids = {int(k[len(pre):].split(".", 1)[0]) for k in state if k.startswith(pre) and k[len(pre):].split(".", 1)[0].isdigit()}
+    layer_ids = {
+        int(k[len(pre) :].split(".", 1)[0])
+        for k in state
+        if k.startswith(pre) and k[len(pre) :].split(".", 1)[0].isdigit()
+    }
     if not layer_ids:
         raise ModelLoadError(f"{path}: no set-transformer layers under '{pre}*': not a natorderNet checkpoint?")
     if layer_ids != set(range(len(layer_ids))):
-        raise ModelLoadError(f"{path}: set-transformer layers under '{pre}*' are not numbered 0..{len(layer_ids) - 1}: {sorted(layer_ids)}")
+        raise ModelLoadError(
+            f"{path}: set-transformer layers under '{pre}*' are not numbered 0..{len(layer_ids) - 1}: {sorted(layer_ids)}"
+        )
     need = [f"{pre}0.self_attn.linears.0.weight", f"{pre}0.feed_forward.w_1.weight", f"{flow}.classifier.linear.weight"]
     for k in need:
         if k not in state:
@@ -249,7 +257,9 @@ class OfficialModel(nn.Module):
             ("BERT hidden_size", text_cfg.d_model, bert_config.hidden_size),
         ):
             if need != have:
-                raise ModelLoadError(f"the {name} is {have} but the checkpoint's set transformer is {need} wide; wrong --clip-config/--bert-config?")
+                raise ModelLoadError(
+                    f"the {name} is {have} but the checkpoint's set transformer is {need} wide; wrong --clip-config/--bert-config?"
+                )
         with _no_init():
             self.img_flow = _Flow("clip", CLIPModel(clip_config), image_cfg)
             self.txt_flow = _Flow("bert", BertModel(bert_config), text_cfg)
@@ -273,13 +283,19 @@ class OfficialModel(nn.Module):
 
     def alignment(self, pixel_values: Tensor, clip_inputs: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``(t2i, i2t)``: per sentence the argmax image, per image the argmax sentence, from ``clip_align``."""
-        out = self.clip_align(pixel_values=pixel_values, input_ids=clip_inputs["input_ids"], attention_mask=clip_inputs.get("attention_mask"))
+        out = self.clip_align(
+            pixel_values=pixel_values,
+            input_ids=clip_inputs["input_ids"],
+            attention_mask=clip_inputs.get("attention_mask"),
+        )
         t2i = align(out.logits_per_text[None], "argmax")[0]
         i2t = align(out.logits_per_image[None], "argmax")[0]
         return t2i, i2t
 
     @torch.no_grad()
-    def official_logits(self, pixel_values: Tensor, bert_inputs: Mapping[str, Tensor], clip_inputs: Mapping[str, Tensor], rounds: int) -> tuple[Tensor, Tensor]:
+    def official_logits(
+        self, pixel_values: Tensor, bert_inputs: Mapping[str, Tensor], clip_inputs: Mapping[str, Tensor], rounds: int
+    ) -> tuple[Tensor, Tensor]:
         """The authors' evaluation logits of ONE story after ``rounds`` guidance steps.
 
         Args:
@@ -321,7 +337,9 @@ def official_guidance(
     A thin wrapper over :func:`iterwego.guidance.iterate`, whose ``index_add``
     equals the authors' one-pair-at-a-time additions (repeated targets accumulate).
     """
-    g = GuidanceConfig(threshold_t2i=threshold_t2i, threshold_i2t=threshold_i2t, weight_t2i=weight_t2i, weight_i2t=weight_i2t)
+    g = GuidanceConfig(
+        threshold_t2i=threshold_t2i, threshold_i2t=threshold_i2t, weight_t2i=weight_t2i, weight_i2t=weight_i2t
+    )
     steps = iterate(image_logits[None], text_logits[None], t2i[None], i2t[None], rounds, g, rule="any")
     img, txt = steps[-1]
     return img[0], txt[0]
@@ -343,18 +361,26 @@ def _check_state(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> d
         if k not in own:
             if _LEGACY_BUFFER.search(k):
                 continue
-            raise ModelLoadError(f"{path}: unexpected key {k} (shape {tuple(v.shape)}) that the model built from the configs does not have{which(k)}")
+            raise ModelLoadError(
+                f"{path}: unexpected key {k} (shape {tuple(v.shape)}) that the model built from the configs does not have{which(k)}"
+            )
         if tuple(v.shape) != tuple(own[k].shape):
-            raise ModelLoadError(f"{path}: shape mismatch for {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}{which(k)}")
+            raise ModelLoadError(
+                f"{path}: shape mismatch for {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}{which(k)}"
+            )
         keep[k] = v
     missing = [k for k in own if k not in keep]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ModelLoadError(f"{path}: missing key {missing[0]} (model shape {tuple(own[missing[0]].shape)}){more}{which(missing[0])}")
+        raise ModelLoadError(
+            f"{path}: missing key {missing[0]} (model shape {tuple(own[missing[0]].shape)}){more}{which(missing[0])}"
+        )
     return keep
 
 
-def load_official(path: str | Path, clip_config: str | Path | Mapping | None = None, bert_config: str | Path | Mapping | None = None) -> OfficialModel:
+def load_official(
+    path: str | Path, clip_config: str | Path | Mapping | None = None, bert_config: str | Path | Mapping | None = None
+) -> OfficialModel:
     """Load the authors' checkpoint into an :class:`OfficialModel` (eval mode, CPU, float32).
 
     ``clip_config`` / ``bert_config`` default to the shipped ViT-L/14 and
@@ -401,7 +427,9 @@ def run_config(model: OfficialModel) -> Config:
             f"{tc.d_model}/{tc.layers}/{tc.ffn}); an iterwego run has one orderer config for both"
         )
     args = model.args
-    num = lambda k, default: args[k] if isinstance(args.get(k), (int, float)) and not isinstance(args.get(k), bool) else default  # noqa: E731
+    num = lambda k, default: (
+        args[k] if isinstance(args.get(k), (int, float)) and not isinstance(args.get(k), bool) else default
+    )  # noqa: E731
     base = preset("paper")
     train = base.train
     train.lr = float(num("lr", train.lr))
@@ -412,16 +440,32 @@ def run_config(model: OfficialModel) -> Config:
     return Config(
         preset="paper",
         encoder=EncoderConfig(
-            image=f"clip:{BACKBONE_DIRS['image']}", text=f"bert:{BACKBONE_DIRS['text']}",
-            image_size=model.img_flow.clip.config.vision_config.image_size, text_max_length=TEXT_MAX_LENGTH,
-            text_train_layers=0, image_train_projection=True, local_files_only=True, official_text_pooling=True,
+            image=f"clip:{BACKBONE_DIRS['image']}",
+            text=f"bert:{BACKBONE_DIRS['text']}",
+            image_size=model.img_flow.clip.config.vision_config.image_size,
+            text_max_length=TEXT_MAX_LENGTH,
+            text_train_layers=0,
+            image_train_projection=True,
+            local_files_only=True,
+            official_text_pooling=True,
         ),
-        orderer=OrdererConfig(d_model=ic.d_model, layers=ic.layers, heads=HEADS, ffn=ic.ffn, dropout=float(num("attdp", 0.2)), input_dropout=0.0),
+        orderer=OrdererConfig(
+            d_model=ic.d_model,
+            layers=ic.layers,
+            heads=HEADS,
+            ffn=ic.ffn,
+            dropout=float(num("attdp", 0.2)),
+            input_dropout=0.0,
+        ),
         aligner=AlignerConfig(kind="clip", mapping="argmax", clip_model=f"clip:{BACKBONE_DIRS['aligner']}"),
         guidance=GuidanceConfig(
-            threshold_t2i=model.guidance["threshold_t2i"], threshold_i2t=model.guidance["threshold_i2t"],
-            weight_t2i=model.guidance["weight_t2i"], weight_i2t=model.guidance["weight_i2t"],
-            train_rule="class0", eval_rule="any", max_rounds=3,
+            threshold_t2i=model.guidance["threshold_t2i"],
+            threshold_i2t=model.guidance["threshold_i2t"],
+            weight_t2i=model.guidance["weight_t2i"],
+            weight_i2t=model.guidance["weight_i2t"],
+            train_rule="class0",
+            eval_rule="any",
+            max_rounds=3,
         ),
         train=train,
     )
@@ -452,7 +496,9 @@ _MISSING = {
 }
 
 
-def clip_align_encoders(name: str, model=None, tokenizer=None, *, local_files_only: bool = True, run_dir: Path | None = None):
+def clip_align_encoders(
+    name: str, model=None, tokenizer=None, *, local_files_only: bool = True, run_dir: Path | None = None
+):
     """``(image, text)`` encoders of normalised CLIP embeddings for :class:`iterwego.model.CLIPAligner`.
 
     ``model`` / ``tokenizer`` default to loading ``name`` (a local directory or hub name). With
@@ -466,10 +512,26 @@ def clip_align_encoders(name: str, model=None, tokenizer=None, *, local_files_on
     if model is None:
         model = _from_pretrained(CLIPModel, name, local_files_only, "CLIP aligner")
     if tokenizer is None:
-        tokenizer = _MissingTokenizer(run_dir, *_MISSING["clip"]) if run_dir is not None else _from_pretrained(AutoTokenizer, name, local_files_only, "CLIP tokenizer")
+        tokenizer = (
+            _MissingTokenizer(run_dir, *_MISSING["clip"])
+            if run_dir is not None
+            else _from_pretrained(AutoTokenizer, name, local_files_only, "CLIP tokenizer")
+        )
     dim = model.config.projection_dim
-    image = Encoder("image", f"clip:{name}", CLIPVisionBackbone(name, local_files_only, include_projection=True, model=model), lambda: L2Head(dim), dim)
-    text = Encoder("text", f"clip-text:{name}", CLIPTextBackbone(name, local_files_only, model=model, tokenizer=tokenizer, max_length=TEXT_MAX_LENGTH), lambda: L2Head(dim), dim)
+    image = Encoder(
+        "image",
+        f"clip:{name}",
+        CLIPVisionBackbone(name, local_files_only, include_projection=True, model=model),
+        lambda: L2Head(dim),
+        dim,
+    )
+    text = Encoder(
+        "text",
+        f"clip-text:{name}",
+        CLIPTextBackbone(name, local_files_only, model=model, tokenizer=tokenizer, max_length=TEXT_MAX_LENGTH),
+        lambda: L2Head(dim),
+        dim,
+    )
     return image, text
 
 
@@ -485,7 +547,9 @@ def _tokenizer_fits(tok, vocab_size: int) -> bool:
         return False
 
 
-def save_as_run(model: OfficialModel, out_dir: str | Path, *, bert_tokenizer=None, clip_tokenizer=None, overwrite: bool = False) -> Path:
+def save_as_run(
+    model: OfficialModel, out_dir: str | Path, *, bert_tokenizer=None, clip_tokenizer=None, overwrite: bool = False
+) -> Path:
     """Write ``model`` as an iterwego run directory; returns its path.
 
     Layout: ``backbones/{clip,bert,clip_align}`` (``save_pretrained``, plus the
@@ -497,17 +561,24 @@ def save_as_run(model: OfficialModel, out_dir: str | Path, *, bert_tokenizer=Non
     error when its text encoder is used.
     """
     from ..encoders import build_encoder
-    from ..model import IterWeGO
     from ..io import atomic_write_bytes, atomic_write_json
+    from ..model import IterWeGO
     from ..pretrained import save_run
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
-        raise ModelLoadError(f"{out}: already exists and is not an empty directory; choose another output or overwrite it explicitly")
+        raise ModelLoadError(
+            f"{out}: already exists and is not an empty directory; choose another output or overwrite it explicitly"
+        )
     cfg = run_config(model)
-    for tok, what, size in ((bert_tokenizer, "BERT", model.txt_flow.bert.config.vocab_size), (clip_tokenizer, "CLIP", model.clip_align.config.text_config.vocab_size)):
+    for tok, what, size in (
+        (bert_tokenizer, "BERT", model.txt_flow.bert.config.vocab_size),
+        (clip_tokenizer, "CLIP", model.clip_align.config.text_config.vocab_size),
+    ):
         if tok is not None and not _tokenizer_fits(tok, size):
-            raise ModelLoadError(f"the {what} tokenizer has {len(tok)} tokens but the checkpoint's {what} vocabulary has {size}: wrong or empty tokenizer?")
+            raise ModelLoadError(
+                f"the {what} tokenizer has {len(tok)} tokens but the checkpoint's {what} vocabulary has {size}: wrong or empty tokenizer?"
+            )
     if overwrite and out.is_dir():
         for sub in ("backbones",):
             shutil.rmtree(out / sub, ignore_errors=True)
@@ -521,7 +592,9 @@ def save_as_run(model: OfficialModel, out_dir: str | Path, *, bert_tokenizer=Non
         # Fail closed: some transformers versions silently build an empty-vocabulary BERT tokenizer
         # from a directory that has none, which would turn every sentence into [UNK].
         atomic_write_json(dirs["text"] / "tokenizer_config.json", {"tokenizer_class": "IterWeGOMissingBertTokenizer"})
-        atomic_write_bytes(dirs["text"] / "TOKENIZER_MISSING.txt", (_MissingTokenizer(out, *_MISSING["bert"]).message + "\n").encode())
+        atomic_write_bytes(
+            dirs["text"] / "TOKENIZER_MISSING.txt", (_MissingTokenizer(out, *_MISSING["bert"]).message + "\n").encode()
+        )
     if clip_tokenizer is not None:
         clip_tokenizer.save_pretrained(dirs["aligner"])
 

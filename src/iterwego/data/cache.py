@@ -264,7 +264,11 @@ class FeatureCache:
         self._seen.get(d.name, {}).pop(shard, None)
 
     def _discard(self, path: Path, reason: str) -> None:
-        warnings.warn(f"iterwego feature cache: {path} is corrupt ({reason}); recomputing its features", CacheWarning, stacklevel=4)
+        warnings.warn(
+            f"iterwego feature cache: {path} is corrupt ({reason}); recomputing its features",
+            CacheWarning,
+            stacklevel=4,
+        )
         self.stats["rebuilt"] += 1
         self._forget(path.parent, path.name)
         try:
@@ -298,13 +302,19 @@ class FeatureCache:
             if not (d / "identity.txt").exists():
                 _atomic_write(d / "identity.txt", (identity + "\n").encode())
             if not path.exists():  # write-once: an existing file with this name holds these very rows
-                meta = {"format": FORMAT, "identity": identity, "keys": json.dumps(keys), "sha256": _tensor_digest(feats)}
+                meta = {
+                    "format": FORMAT,
+                    "identity": identity,
+                    "keys": json.dumps(keys),
+                    "sha256": _tensor_digest(feats),
+                }
                 _atomic_write(path, save({"features": feats}, metadata=meta))
         except OSError as err:
             self._writable = False
             warnings.warn(
                 f"iterwego feature cache: cannot write to {self.root} ({err.strerror or type(err).__name__}); computing features without caching",
-                CacheWarning, stacklevel=4,
+                CacheWarning,
+                stacklevel=4,
             )
             return
         try:

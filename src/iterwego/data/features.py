@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .readers import Story
-from ..encoders import Encoder
 from ..batch import Batch
+from ..encoders import Encoder
 from ..errors import DataError
+from .readers import Story
 
 
 class FeatureBank:
@@ -84,40 +84,70 @@ class StorySet:
         return len(self.stories)
 
 
-def index_stories(stories: list[Story], image_bank: FeatureBank | None, text_bank: FeatureBank | None, *, cross_modal: bool, where: str = "") -> StorySet:
+def index_stories(
+    stories: list[Story],
+    image_bank: FeatureBank | None,
+    text_bank: FeatureBank | None,
+    *,
+    cross_modal: bool,
+    where: str = "",
+) -> StorySet:
     """Register every story's items with the banks. Cross-modal use requires equal counts per story."""
     img_rows, txt_rows = [], []
     for s in stories:
         if image_bank is not None:
             if not s.has_images:
-                raise DataError("story has items without an image, but the model orders images", path=where or None, story=s.id)
+                raise DataError(
+                    "story has items without an image, but the model orders images", path=where or None, story=s.id
+                )
             img_rows.append(image_bank.rows([it.image for it in s.items]))
         if text_bank is not None:
             if not s.has_sentences:
-                raise DataError("story has items without a sentence, but the model orders sentences", path=where or None, story=s.id)
+                raise DataError(
+                    "story has items without a sentence, but the model orders sentences", path=where or None, story=s.id
+                )
             txt_rows.append(text_bank.rows([it.sentence if it.sentence.strip() else "[empty]" for it in s.items]))
     if cross_modal and image_bank is not None and text_bank is not None:
         for s, a, b in zip(stories, img_rows, txt_rows):
             if len(a) != len(b):
-                raise DataError(f"{len(a)} images but {len(b)} sentences: cross-modal training needs equal counts", path=where or None, story=s.id)
+                raise DataError(
+                    f"{len(a)} images but {len(b)} sentences: cross-modal training needs equal counts",
+                    path=where or None,
+                    story=s.id,
+                )
     return StorySet(stories, img_rows if image_bank is not None else None, txt_rows if text_bank is not None else None)
 
 
-def build_features(encoders: dict, stories: dict[str, list[Story]], *, cross_modal: bool = True, where: str = "", progress: bool = False, cache=None) -> tuple[dict[str, StorySet], dict[str, Tensor]]:
+def build_features(
+    encoders: dict,
+    stories: dict[str, list[Story]],
+    *,
+    cross_modal: bool = True,
+    where: str = "",
+    progress: bool = False,
+    cache=None,
+) -> tuple[dict[str, StorySet], dict[str, Tensor]]:
     """Index every split's stories and compute each backbone's features once.
 
     ``encoders`` maps a bank name ("image", "text", optionally "align_image" /
     "align_text") to an Encoder; align banks mirror their modality's rows.
     """
     banks = {m: FeatureBank(encoders[m], cache) for m in ("image", "text") if encoders.get(m) is not None}
-    sets = {sp: index_stories(st, banks.get("image"), banks.get("text"), cross_modal=cross_modal, where=f"{where}/{sp}" if where else "") for sp, st in stories.items()}
+    sets = {
+        sp: index_stories(
+            st, banks.get("image"), banks.get("text"), cross_modal=cross_modal, where=f"{where}/{sp}" if where else ""
+        )
+        for sp, st in stories.items()
+    }
     for m in ("image", "text"):
         if encoders.get("align_" + m) is not None:
             banks["align_" + m] = banks[m].mirror(encoders["align_" + m])
     return sets, {name: b.build(progress=progress) for name, b in banks.items()}
 
 
-def make_batch(ss: StorySet, ids: list[int], rng: np.random.Generator, feats: dict[str, Tensor], shuffle: bool = True) -> Batch:
+def make_batch(
+    ss: StorySet, ids: list[int], rng: np.random.Generator, feats: dict[str, Tensor], shuffle: bool = True
+) -> Batch:
     """Collate stories ``ids``; items are shuffled per story and per modality with ``rng``.
 
     ``feats`` maps a bank name to its feature tensor; names starting with
@@ -146,7 +176,15 @@ def make_batch(ss: StorySet, ids: list[int], rng: np.random.Generator, feats: di
     return Batch(list(ids), index, pos, out)
 
 
-def batches(ss: StorySet, batch_size: int, rng: np.random.Generator, feats: dict[str, Tensor], *, shuffle_stories: bool, shuffle_items: bool = True):
+def batches(
+    ss: StorySet,
+    batch_size: int,
+    rng: np.random.Generator,
+    feats: dict[str, Tensor],
+    *,
+    shuffle_stories: bool,
+    shuffle_items: bool = True,
+):
     """Yield batches over the whole set in a seeded story order."""
     order = rng.permutation(len(ss)) if shuffle_stories else np.arange(len(ss))
     for s in range(0, len(order), batch_size):

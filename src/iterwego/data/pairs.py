@@ -35,9 +35,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .readers import Item, Story
-from ..io import atomic_write_bytes
 from ..errors import DataError
+from ..io import atomic_write_bytes
+from .readers import Item, Story
 
 MODALITIES = ("sentence", "image")
 
@@ -86,7 +86,8 @@ def write_pairs(
         pos_b = np.where(keep, j, i)
         docid = f"{k}-{n}-{i.size}"
         writer.writerows(
-            [docid, tokens[a], tokens[b], int(lab), a, b] for a, b, lab in zip(pos_a.tolist(), pos_b.tolist(), keep.tolist())
+            [docid, tokens[a], tokens[b], int(lab), a, b]
+            for a, b, lab in zip(pos_a.tolist(), pos_b.tolist(), keep.tolist())
         )
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{split}.tsv"
@@ -138,7 +139,9 @@ def read_pairs(path: str | os.PathLike, *, modality: str = "sentence") -> list[S
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
-        raise DataError(f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start})", path=str(p), line=line) from None
+        raise DataError(
+            f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start})", path=str(p), line=line
+        ) from None
 
     stories: list[Story] = []
     done: set[str] = set()
@@ -146,9 +149,17 @@ def read_pairs(path: str | os.PathLike, *, modality: str = "sentence") -> list[S
 
     def finish(st: _Pending) -> None:
         if len(st.seen) != st.npairs:
-            raise DataError(f"{len(st.seen)} of its {st.npairs} pair rows present", path=str(p), line=st.line, story=st.key)
+            raise DataError(
+                f"{len(st.seen)} of its {st.npairs} pair rows present", path=str(p), line=st.line, story=st.key
+            )
         make = (lambda t: Item(sentence=t)) if modality == "sentence" else (lambda t: Item(key=t))
-        stories.append(Story(id=st.key, items=[make(t) for t in st.tokens], meta={"docid": st.docid, "line": st.line, "source": str(p)}))
+        stories.append(
+            Story(
+                id=st.key,
+                items=[make(t) for t in st.tokens],
+                meta={"docid": st.docid, "line": st.line, "source": str(p)},
+            )
+        )
         done.add(st.key)
 
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
@@ -158,7 +169,11 @@ def read_pairs(path: str | os.PathLike, *, modality: str = "sentence") -> list[S
             if not row:
                 continue
             if len(row) != 6:
-                raise DataError(f"expected 6 tab-separated fields (docid, item_a, item_b, label, pos_a, pos_b), got {len(row)}", path=str(p), line=ln)
+                raise DataError(
+                    f"expected 6 tab-separated fields (docid, item_a, item_b, label, pos_a, pos_b), got {len(row)}",
+                    path=str(p),
+                    line=ln,
+                )
             docid, a_tok, b_tok, label_s, pa_s, pb_s = row
             parts = docid.split("-")
             if len(parts) != 3:
@@ -167,7 +182,12 @@ def read_pairs(path: str | os.PathLike, *, modality: str = "sentence") -> list[S
             n = _parse_int(parts[1], "docid length N", p, ln, key)
             npairs = _parse_int(parts[2], "docid pair count NPAIRS", p, ln, key)
             if n < 2 or npairs != n * (n - 1) // 2:
-                raise DataError(f"docid {docid!r}: a story of {n} items has {n * (n - 1) // 2} pairs, not {npairs}", path=str(p), line=ln, story=key)
+                raise DataError(
+                    f"docid {docid!r}: a story of {n} items has {n * (n - 1) // 2} pairs, not {npairs}",
+                    path=str(p),
+                    line=ln,
+                    story=key,
+                )
             if cur is None or cur.key != key:
                 if cur is not None:
                     finish(cur)
@@ -175,15 +195,24 @@ def read_pairs(path: str | os.PathLike, *, modality: str = "sentence") -> list[S
                     raise DataError("rows of this story are not contiguous", path=str(p), line=ln, story=key)
                 cur = _Pending(key, docid, n, npairs, ln)
             elif cur.docid != docid:
-                raise DataError(f"docid {docid!r} disagrees with {cur.docid!r} on line {cur.line}", path=str(p), line=ln, story=key)
+                raise DataError(
+                    f"docid {docid!r} disagrees with {cur.docid!r} on line {cur.line}", path=str(p), line=ln, story=key
+                )
             if label_s not in ("0", "1"):
                 raise DataError(f"label must be 0 or 1, got {label_s!r}", path=str(p), line=ln, story=key)
             pa = _parse_int(pa_s, "pos_a", p, ln, key)
             pb = _parse_int(pb_s, "pos_b", p, ln, key)
             if not (0 <= pa < n and 0 <= pb < n) or pa == pb:
-                raise DataError(f"positions ({pa}, {pb}) must be two different values in 0..{n - 1}", path=str(p), line=ln, story=key)
+                raise DataError(
+                    f"positions ({pa}, {pb}) must be two different values in 0..{n - 1}",
+                    path=str(p),
+                    line=ln,
+                    story=key,
+                )
             if (label_s == "1") != (pa < pb):
-                raise DataError(f"label {label_s} disagrees with positions ({pa}, {pb})", path=str(p), line=ln, story=key)
+                raise DataError(
+                    f"label {label_s} disagrees with positions ({pa}, {pb})", path=str(p), line=ln, story=key
+                )
             pair = (min(pa, pb), max(pa, pb))
             if pair in cur.seen:
                 raise DataError(f"pair of positions {pair} appears twice", path=str(p), line=ln, story=key)

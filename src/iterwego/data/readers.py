@@ -15,12 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-
 from ..errors import DataError, ImageError
 
 __all__ = [
-    "Item", "Story", "read_vist", "read_tacos", "read_jsonl", "split_file", "split_image_dir", "load_split",
-    "dataset_stats", "format_stats",
+    "Item",
+    "Story",
+    "read_vist",
+    "read_tacos",
+    "read_jsonl",
+    "split_file",
+    "split_image_dir",
+    "load_split",
+    "dataset_stats",
+    "format_stats",
 ]
 
 
@@ -102,7 +109,9 @@ def _read_text(path: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
-        raise DataError(f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start})", path=str(path), line=line) from None
+        raise DataError(
+            f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start})", path=str(path), line=line
+        ) from None
 
 
 def _is_int(x: object) -> bool:
@@ -172,7 +181,9 @@ def _vist_record(ann: object, k: int, path: Path, text_field: str) -> tuple[str,
             raise DataError(f"{where}: expected a one-element list holding an object", path=str(path))
         ann = ann[0]
     elif not isinstance(ann, dict):  # tolerate a bare object, which is what the list wraps
-        raise DataError(f"{where}: expected a one-element list holding an object, got {type(ann).__name__}", path=str(path))
+        raise DataError(
+            f"{where}: expected a one-element list holding an object, got {type(ann).__name__}", path=str(path)
+        )
     raw_sid = ann.get("story_id")
     sid = _as_id(raw_sid)
     if "story_id" not in ann:
@@ -184,13 +195,21 @@ def _vist_record(ann: object, k: int, path: Path, text_field: str) -> tuple[str,
             raise DataError(f"{where}: missing key {key!r}", path=str(path), story=sid)
     pid = _as_id(ann["photo_flickr_id"])
     if pid is None:
-        raise DataError(f"{where}: 'photo_flickr_id' must be a non-empty string or integer, got {ann['photo_flickr_id']!r}", path=str(path), story=sid)
+        raise DataError(
+            f"{where}: 'photo_flickr_id' must be a non-empty string or integer, got {ann['photo_flickr_id']!r}",
+            path=str(path),
+            story=sid,
+        )
     pos = ann["worker_arranged_photo_order"]
     if not _is_int(pos):
-        raise DataError(f"{where}: 'worker_arranged_photo_order' must be an integer, got {pos!r}", path=str(path), story=sid)
+        raise DataError(
+            f"{where}: 'worker_arranged_photo_order' must be an integer, got {pos!r}", path=str(path), story=sid
+        )
     sent = ann[text_field]
     if not isinstance(sent, str):
-        raise DataError(f"{where}: {text_field!r} must be a string, got {type(sent).__name__}", path=str(path), story=sid)
+        raise DataError(
+            f"{where}: {text_field!r} must be a string, got {type(sent).__name__}", path=str(path), story=sid
+        )
     extras = {key: ann[key] for key in ("album_id", "storylet_id") if key in ann}
     return sid, pid, pos, sent, extras
 
@@ -280,7 +299,9 @@ def read_vist(
                 if img is None:
                     if check_images:
                         raise ImageError(
-                            f"no image for photo {pid} in {index.dir} (looked for {pid}.jpg/.png/.gif/.bmp)", path=str(path), story=sid
+                            f"no image for photo {pid} in {index.dir} (looked for {pid}.jpg/.png/.gif/.bmp)",
+                            path=str(path),
+                            story=sid,
                         )
                     img = index.expected(pid)
                 elif check_images:
@@ -320,10 +341,14 @@ def _str_list(obj: dict, key: str, path: Path, lineno: int, sid: str) -> list[st
     if val is None:
         return None
     if not isinstance(val, list):
-        raise DataError(f"{key!r} must be a list of strings, got {type(val).__name__}", path=str(path), line=lineno, story=sid)
+        raise DataError(
+            f"{key!r} must be a list of strings, got {type(val).__name__}", path=str(path), line=lineno, story=sid
+        )
     for i, v in enumerate(val):
         if not isinstance(v, str):
-            raise DataError(f"{key}[{i}] must be a string, got {type(v).__name__}", path=str(path), line=lineno, story=sid)
+            raise DataError(
+                f"{key}[{i}] must be a string, got {type(v).__name__}", path=str(path), line=lineno, story=sid
+            )
     return val
 
 
@@ -361,7 +386,9 @@ def read_jsonl(
         try:
             line = bline.decode("utf-8-sig" if lineno == 1 else "utf-8")
         except UnicodeDecodeError as err:
-            raise DataError(f"not valid UTF-8 (byte 0x{bline[err.start]:02x} at column {err.start + 1})", path=str(p), line=lineno) from None
+            raise DataError(
+                f"not valid UTF-8 (byte 0x{bline[err.start]:02x} at column {err.start + 1})", path=str(p), line=lineno
+            ) from None
         if not line.strip():
             continue
         try:
@@ -381,7 +408,9 @@ def read_jsonl(
         images = _str_list(obj, "images", p, lineno, sid)
         sentences = _str_list(obj, "sentences", p, lineno, sid)
         if images is None and sentences is None:
-            raise DataError("missing key: a story needs 'images' or 'sentences' (or both)", path=str(p), line=lineno, story=sid)
+            raise DataError(
+                "missing key: a story needs 'images' or 'sentences' (or both)", path=str(p), line=lineno, story=sid
+            )
         if images is not None and sentences is not None and len(images) != len(sentences):
             raise DataError(f"{len(images)} images but {len(sentences)} sentences", path=str(p), line=lineno, story=sid)
         n = len(images if images is not None else sentences)  # type: ignore[arg-type]
@@ -574,10 +603,19 @@ def format_stats(stats: dict) -> str:
         lengths = st["lengths"]
         span = f"{min(lengths)}-{max(lengths)}" if len(lengths) > 1 else f"{next(iter(lengths))}"
         mw = st["mean_sentence_words"]
-        rows.append((
-            split, str(st["stories"]), str(st["items"]), span, "-" if mw is None else f"{mw:.1f}",
-            str(st["empty_sentences"]), str(st["images"]), str(len(st["images_missing"])), str(len(st["images_unreadable"])),
-        ))
+        rows.append(
+            (
+                split,
+                str(st["stories"]),
+                str(st["items"]),
+                span,
+                "-" if mw is None else f"{mw:.1f}",
+                str(st["empty_sentences"]),
+                str(st["images"]),
+                str(len(st["images_missing"])),
+                str(len(st["images_unreadable"])),
+            )
+        )
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
 
     def fmt_row(r: tuple[str, ...]) -> str:

@@ -78,7 +78,10 @@ TEMPLATES = (
     "{pre}the {colour} {kind} looks at the water level.",
 )
 
-_ID_BASE, _ID_BLOCK = 100_000, 100  # story k's photo ids are random slots of [BASE + 100k, BASE + 100k + 100): unique, n <= 20
+_ID_BASE, _ID_BLOCK = (
+    100_000,
+    100,
+)  # story k's photo ids are random slots of [BASE + 100k, BASE + 100k + 100): unique, n <= 20
 
 
 @dataclass
@@ -106,7 +109,9 @@ class SynthConfig:
         if not 32 <= int(self.image_size) <= 256:
             raise ValueError(f"image_size must be in 32..256, got {self.image_size}")
         if not hi <= self.time_steps <= MAX_TIME_STEPS:
-            raise ValueError(f"time_steps must satisfy HI={hi} <= time_steps <= {MAX_TIME_STEPS}, got {self.time_steps}")
+            raise ValueError(
+                f"time_steps must satisfy HI={hi} <= time_steps <= {MAX_TIME_STEPS}, got {self.time_steps}"
+            )
         if hi > len(KINDS) * len(COLOURS):
             raise ValueError(f"HI={hi} exceeds the {len(KINDS) * len(COLOURS)} distinct identities")
         for name in ("hide_image", "hide_text", "train_frac", "val_frac", "test_frac"):
@@ -334,7 +339,10 @@ def _prepare_out(out: Path) -> None:
         raise DataError("output exists and is not a directory", path=str(out))
     if out.is_dir() and any(out.iterdir()):
         if not _looks_like_synth(out):
-            raise DataError(f"directory is not empty and holds no {META_FILE} from a previous synth run; choose an empty directory", path=str(out))
+            raise DataError(
+                f"directory is not empty and holds no {META_FILE} from a previous synth run; choose an empty directory",
+                path=str(out),
+            )
         # Only remove what synth writes, so stale images of a larger previous run do not linger.
         for split in SPLITS:
             img_dir = out / "images" / split
@@ -394,7 +402,9 @@ def synthesize(out: str | Path, cfg: SynthConfig | None = None, progress: bool =
         # Render and write in the shuffled file order: nothing on disk follows the gold order.
         for j in st["file_order"]:
             pid = st["photo_ids"][j]
-            img = _render(cfg.image_size, st["times"][j], T, st["image_visible"][j], st["kinds"][j], st["colours"][j], rrng)
+            img = _render(
+                cfg.image_size, st["times"][j], T, st["image_visible"][j], st["kinds"][j], st["colours"][j], rrng
+            )
             buf.seek(0)
             buf.truncate()
             img.save(buf, format="PNG", compress_level=6)

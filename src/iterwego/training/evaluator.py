@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from ..aligner import alignment_hits
-from ..config import GuidanceConfig
 from ..batch import Batch
+from ..config import GuidanceConfig
 from ..data.features import StorySet, batches
 from ..decode import decode_stories, pair_logprobs
 from ..device import autocast
@@ -39,7 +39,9 @@ class EvalResult:
     fused: dict | None = None
     alignment_accuracy: float | None = None
     orders: dict[str, list[list[list[int]]]] = field(default_factory=dict)  # key -> per round/variant -> per story
-    confidences: dict[str, list[list[float]]] = field(default_factory=dict)  # modality -> per story adjacent-pair P (round 0)
+    confidences: dict[str, list[list[float]]] = field(
+        default_factory=dict
+    )  # modality -> per story adjacent-pair P (round 0)
     story_ids: list[str] = field(default_factory=list)
     decoder_fallbacks: int = 0
 
@@ -65,7 +67,12 @@ class EvalResult:
                 continue
             rs = self.rounds[mod]
             r = min(chosen.get(mod, 0), len(rs) - 1)
-            out[mod] = {"unimodal": pick(rs[0]), "rounds": [pick(m) for m in rs], "chosen_round": r, "guided": pick(rs[r])}
+            out[mod] = {
+                "unimodal": pick(rs[0]),
+                "rounds": [pick(m) for m in rs],
+                "chosen_round": r,
+                "guided": pick(rs[r]),
+            }
         if self.fused is not None:
             out["fused"] = pick(self.fused)
         if self.alignment_accuracy is not None:
@@ -76,9 +83,21 @@ class EvalResult:
 class Evaluator:
     """Evaluate a model on a fixed, seeded presentation of a story set."""
 
-    def __init__(self, ss: StorySet, feats: dict[str, Tensor], guidance: GuidanceConfig | None = None, *,
-                 mapping: str | None = None, decoder: str = "exact", rounds: int | None = None, batch_size: int = 64,
-                 seed: int = 1234, device: str | torch.device = "cpu", amp: str = "auto", dist_ctx=None):
+    def __init__(
+        self,
+        ss: StorySet,
+        feats: dict[str, Tensor],
+        guidance: GuidanceConfig | None = None,
+        *,
+        mapping: str | None = None,
+        decoder: str = "exact",
+        rounds: int | None = None,
+        batch_size: int = 64,
+        seed: int = 1234,
+        device: str | torch.device = "cpu",
+        amp: str = "auto",
+        dist_ctx=None,
+    ):
         """``guidance`` / ``mapping`` default to the evaluated model's config; ``rounds`` to ``guidance.max_rounds``."""
         self.ss, self.feats, self.g, self.mapping, self.decoder = ss, feats, guidance, mapping, decoder
         self.rounds = rounds
@@ -102,8 +121,11 @@ class Evaluator:
         cross = len(mods) == 2 and model.aligner is not None
         g = self.g or model.cfg.guidance
         n_rounds = (g.max_rounds if self.rounds is None else self.rounds) if cross else 0
-        parts = {bi: self._batch(model, b.to(self.device), mods, cross, n_rounds, keep_orders)
-                 for bi, b in enumerate(self.batches) if bi % self.world == self.rank}
+        parts = {
+            bi: self._batch(model, b.to(self.device), mods, cross, n_rounds, keep_orders)
+            for bi, b in enumerate(self.batches)
+            if bi % self.world == self.rank
+        }
         if self.world > 1:
             import torch.distributed as dist
 
@@ -147,8 +169,14 @@ class Evaluator:
         if cross:
             out["align_hits"], out["align_total"] = alignment_hits(fw.scores, batch)
             out["fused/image"], slots = self._decode(fw.fused, batch, "image", out)
-            pairing, n_txt, pos_t = fw.pairing.cpu().numpy(), batch.valid("text").sum(1).tolist(), batch.pos["text"].cpu().numpy()
-            out["fused/text"] = [[int(pos_t[b, s]) for s in sentence_order(o, pairing[b], n_txt[b])] for b, o in enumerate(slots)]
+            pairing, n_txt, pos_t = (
+                fw.pairing.cpu().numpy(),
+                batch.valid("text").sum(1).tolist(),
+                batch.pos["text"].cpu().numpy(),
+            )
+            out["fused/text"] = [
+                [int(pos_t[b, s]) for s in sentence_order(o, pairing[b], n_txt[b])] for b, o in enumerate(slots)
+            ]
         return out
 
     def _decode(self, logits: Tensor, batch: Batch, m: str, out: dict) -> tuple[list[list[int]], list[list[int]]]:
@@ -182,7 +210,8 @@ def metric_rows(report: dict, fused_text: dict | None = None) -> list[tuple[str,
         return d["rounds"][r] if d and r < len(d["rounds"]) else None
 
     rows: list[tuple[str, dict | None, dict | None, bool]] = [
-        ("unimodal (round 0)", img and img["unimodal"], txt and txt["unimodal"], False)]
+        ("unimodal (round 0)", img and img["unimodal"], txt and txt["unimodal"], False)
+    ]
     rows += [(f"round {r}", get(img, r), get(txt, r), False) for r in range(1, n_rounds)]
     if img or txt:
         ci = f"{img['chosen_round']}" if img else "-"
@@ -196,7 +225,9 @@ def metric_rows(report: dict, fused_text: dict | None = None) -> list[tuple[str,
 def format_table(report: dict, ceilings: dict | None = None, title: str = "", fused_text: dict | None = None) -> str:
     """One table: Acc / PMR / tau for images and sentences, one row per variant."""
     rows = metric_rows(report, fused_text)
-    fmt = lambda m: "   -      -      -  " if m is None else f"{100*m['acc']:5.1f}  {100*m['pmr']:5.1f}  {m['tau']:+.3f}"  # noqa: E731
+    fmt = lambda m: (
+        "   -      -      -  " if m is None else f"{100 * m['acc']:5.1f}  {100 * m['pmr']:5.1f}  {m['tau']:+.3f}"
+    )  # noqa: E731
     w = max(len(r[0]) for r in rows) + 2
     lines = []
     if title:
@@ -207,10 +238,12 @@ def format_table(report: dict, ceilings: dict | None = None, title: str = "", fu
     for name, a, b, _ in rows:
         lines.append(name.ljust(w) + "| " + fmt(a) + "  | " + fmt(b))
     if "alignment_accuracy" in report:
-        lines.append(f"alignment accuracy (top-1 within story, image->sentence): {100*report['alignment_accuracy']:.1f}%")
+        lines.append(
+            f"alignment accuracy (top-1 within story, image->sentence): {100 * report['alignment_accuracy']:.1f}%"
+        )
     if ceilings:
         lines.append(
             "ceilings (Bayes-optimal PMR of the synthetic split): "
-            f"images alone {100*ceilings['image']:.1f}, sentences alone {100*ceilings['text']:.1f}, item-level fusion {100*ceilings['fused']:.1f}"
+            f"images alone {100 * ceilings['image']:.1f}, sentences alone {100 * ceilings['text']:.1f}, item-level fusion {100 * ceilings['fused']:.1f}"
         )
     return "\n".join(lines)

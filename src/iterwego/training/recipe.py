@@ -52,7 +52,19 @@ class TrainingDiverged(IterWeGOError):
 class TrainRecipe:
     """Train every part of IterWeGO on one dataset and save it as a run directory."""
 
-    def __init__(self, cfg: Config, data: str | Path, out: str | Path, *, fmt: str = "vist", image_dir: str | None = None, text_field: str = "text", progress: bool = True, log=print, cache=None):
+    def __init__(
+        self,
+        cfg: Config,
+        data: str | Path,
+        out: str | Path,
+        *,
+        fmt: str = "vist",
+        image_dir: str | None = None,
+        text_field: str = "text",
+        progress: bool = True,
+        log=print,
+        cache=None,
+    ):
         self.cfg, self.data, self.out, self.cache = cfg, Path(data), Path(out), cache
         self.fmt, self.image_dir, self.text_field = fmt, image_dir, text_field
         self.progress, self.log = progress, log
@@ -72,7 +84,16 @@ class TrainRecipe:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "log.jsonl").write_text("")
-            atomic_write_json(self.out / "train_args.json", {"data": str(self.data), "format": self.fmt, "image_dir": self.image_dir, "text_field": self.text_field, "config": self.cfg.to_dict()})
+            atomic_write_json(
+                self.out / "train_args.json",
+                {
+                    "data": str(self.data),
+                    "format": self.fmt,
+                    "image_dir": self.image_dir,
+                    "text_field": self.text_field,
+                    "config": self.cfg.to_dict(),
+                },
+            )
         self._tb = _tensorboard(self.out / "tb") if self.main else None
         t0 = time.time()
         read = dict(fmt=self.fmt, image_dir=self.image_dir, text_field=self.text_field)
@@ -83,14 +104,31 @@ class TrainRecipe:
             for part in (self.model.image, self.model.text, self.model.aligner):
                 if part is not None:
                     part.compile()
-        sets, self.feats = build_features(self.model.encoders(), {"train": self.train_stories, "val": self.val_stories}, where=str(self.data), progress=self.progress, cache=self.cache)
+        sets, self.feats = build_features(
+            self.model.encoders(),
+            {"train": self.train_stories, "val": self.val_stories},
+            where=str(self.data),
+            progress=self.progress,
+            cache=self.cache,
+        )
         self.train_set, self.val_set = sets["train"], sets["val"]
         truncated = getattr(self.model.text_encoder.backbone, "truncated", 0)
         if truncated:
             self.log(f"note: {truncated} sentence(s) longer than {c.encoder.text_max_length} tokens were truncated")
         self.truncated = truncated
-        self.log(f"data: {len(self.train_stories)} train / {len(self.val_stories)} val stories; features ready in {time.time() - t0:.1f}s")
-        self.val_eval = Evaluator(self.val_set, self.feats, decoder=c.train.decoder, seed=c.train.seed + 1, device=self.device, amp=c.train.amp, dist_ctx=self.dist, batch_size=c.train.eval_batch_size)
+        self.log(
+            f"data: {len(self.train_stories)} train / {len(self.val_stories)} val stories; features ready in {time.time() - t0:.1f}s"
+        )
+        self.val_eval = Evaluator(
+            self.val_set,
+            self.feats,
+            decoder=c.train.decoder,
+            seed=c.train.seed + 1,
+            device=self.device,
+            amp=c.train.amp,
+            dist_ctx=self.dist,
+            batch_size=c.train.eval_batch_size,
+        )
         self.rng = np.random.default_rng(c.train.seed)
         return self
 
@@ -112,7 +150,9 @@ class TrainRecipe:
             self.dist.sum_(total)
         v = float(total)
         if not math.isfinite(v):
-            raise TrainingDiverged(f"loss became {v} at {where}; the last good checkpoint in {self.out} is kept (lower train.lr?)")
+            raise TrainingDiverged(
+                f"loss became {v} at {where}; the last good checkpoint in {self.out} is kept (lower train.lr?)"
+            )
         opt.zero_grad(set_to_none=True)
         if loss is not None:
             loss.backward()
@@ -161,12 +201,20 @@ class TrainRecipe:
         from ..io import atomic_write_bytes
 
         state = {
-            "stage": stage, "epoch": epoch, "since": since, "best": best,
-            "model": self.model.state_dict(), "best_state": best_state,
+            "stage": stage,
+            "epoch": epoch,
+            "since": since,
+            "best": best,
+            "model": self.model.state_dict(),
+            "best_state": best_state,
             "opts": {k: o.state_dict() for k, o in opts.items()},
-            "rng_numpy": json.dumps(self.rng.bit_generator.state), "rng_torch": torch.get_rng_state(),
-            "rng_python": json.dumps(random.getstate()), "history": json.dumps(self.history),
-            "chosen": json.dumps(getattr(self, "chosen", None)), "extra": json.dumps(extra), "config": self.cfg.to_json(),
+            "rng_numpy": json.dumps(self.rng.bit_generator.state),
+            "rng_torch": torch.get_rng_state(),
+            "rng_python": json.dumps(random.getstate()),
+            "history": json.dumps(self.history),
+            "chosen": json.dumps(getattr(self, "chosen", None)),
+            "extra": json.dumps(extra),
+            "config": self.cfg.to_json(),
         }
         buf = io.BytesIO()
         torch.save(state, buf)
@@ -239,7 +287,12 @@ class TrainRecipe:
         return best_extra
 
     def _stage_module(self, stage: str):
-        return {"unimodal-image": self.model.image, "unimodal-text": self.model.text, "aligner": self.model.aligner, "iterative": self.model}[stage]
+        return {
+            "unimodal-image": self.model.image,
+            "unimodal-text": self.model.text,
+            "aligner": self.model.aligner,
+            "iterative": self.model,
+        }[stage]
 
     # ------------------------------------------------------------------ stages
     def _pretrained_head(self, orderer) -> torch.nn.Module | None:
@@ -262,10 +315,26 @@ class TrainRecipe:
                     with autocast(self.device, t.amp):
                         logits = orderer(b.feats[mod], b.index[mod])
                     loss = self._pair_loss(logits, b, mod, global_pairs)
-                losses.append(self._step(opt, loss, orderer.parameters(), f"unimodal {mod} epoch {epoch} step {len(losses)}", sharded=True))
+                losses.append(
+                    self._step(
+                        opt,
+                        loss,
+                        orderer.parameters(),
+                        f"unimodal {mod} epoch {epoch} step {len(losses)}",
+                        sharded=True,
+                    )
+                )
             val = pick(self.val_eval(self.model, only=mod).rounds[mod][0])
             val["loss"] = self.val_loss(mod)
-            self._record({"stage": f"unimodal-{mod}", "epoch": epoch, "loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"], "val": val})
+            self._record(
+                {
+                    "stage": f"unimodal-{mod}",
+                    "epoch": epoch,
+                    "loss": float(np.mean(losses)),
+                    "lr": opt.param_groups[0]["lr"],
+                    "val": val,
+                }
+            )
             # selection on the pairwise validation loss: far less noisy than PMR on a few hundred stories
             return -val["loss"], orderer, None
 
@@ -282,12 +351,22 @@ class TrainRecipe:
             al.train()
             losses = []
             # unshuffled items: row k of the image features and of the text features is the same item
-            for b in batches(self.train_set, t.batch_size, self.rng, self.feats, shuffle_stories=True, shuffle_items=False):
+            for b in batches(
+                self.train_set, t.batch_size, self.rng, self.feats, shuffle_stories=True, shuffle_items=False
+            ):
                 b = b.to(self.device)
                 loss = al.loss(b.feats["image"], b.feats["text"])
                 losses.append(self._step(opt, loss, al.parameters(), f"aligner epoch {epoch} step {len(losses)}"))
             acc = self.alignment_accuracy(self.val_set)
-            self._record({"stage": "aligner", "epoch": epoch, "loss": float(np.mean(losses)), "lr": a.lr, "val": {"alignment_accuracy": acc}})
+            self._record(
+                {
+                    "stage": "aligner",
+                    "epoch": epoch,
+                    "loss": float(np.mean(losses)),
+                    "lr": a.lr,
+                    "val": {"alignment_accuracy": acc},
+                }
+            )
             return acc, al, None
 
         self._epochs("aligner", a.epochs, {"opt": opt}, epoch_fn)
@@ -341,20 +420,33 @@ class TrainRecipe:
 
     def _val_entry(self, res) -> dict:
         chosen = res.choose_rounds()
-        out = {"selection": res.selection_score(), "chosen_rounds": chosen, **{f"{k}_guided_pmr": res.rounds[k][r]["pmr"] for k, r in chosen.items()}}
+        out = {
+            "selection": res.selection_score(),
+            "chosen_rounds": chosen,
+            **{f"{k}_guided_pmr": res.rounds[k][r]["pmr"] for k, r in chosen.items()},
+        }
         if res.fused is not None:
             out["fused_pmr"] = res.fused["pmr"]
         return out
 
     def fit_iterative(self) -> None:
         t, m = self.cfg.train, self.model
-        opts = {mod: self._optimizer(m.orderer(mod), self._pretrained_head(m.orderer(mod))) for mod in ("image", "text")}
+        opts = {
+            mod: self._optimizer(m.orderer(mod), self._pretrained_head(m.orderer(mod))) for mod in ("image", "text")
+        }
         if getattr(self, "_resume", None) is None or self._resume["stage"] != "iterative":
             # epoch -1: the models before any guided update are a candidate too
             res = self.val_eval(m)
             self._record({"stage": "iterative", "epoch": -1, "val": self._val_entry(res)})
-            self._resume = {"stage": "iterative", "epoch": -1, "best": res.selection_score(), "best_state": copy.deepcopy(m.state_dict()), "since": 0,
-                            "opts": {k: o.state_dict() for k, o in opts.items()}, "extra": res.choose_rounds()}
+            self._resume = {
+                "stage": "iterative",
+                "epoch": -1,
+                "best": res.selection_score(),
+                "best_state": copy.deepcopy(m.state_dict()),
+                "since": 0,
+                "opts": {k: o.state_dict() for k, o in opts.items()},
+                "extra": res.choose_rounds(),
+            }
 
         def epoch_fn(epoch):
             for o in opts.values():
@@ -383,7 +475,18 @@ class TrainRecipe:
     def save(self) -> Path:
         if not self.main:
             return self.out
-        save_run(self.out, self.model, {"chosen_rounds": self.chosen, "train_seconds": round(self.train_seconds, 1), "data": str(self.data), "format": self.fmt, "text_field": self.text_field, "truncated_sentences": self.truncated})
+        save_run(
+            self.out,
+            self.model,
+            {
+                "chosen_rounds": self.chosen,
+                "train_seconds": round(self.train_seconds, 1),
+                "data": str(self.data),
+                "format": self.fmt,
+                "text_field": self.text_field,
+                "truncated_sentences": self.truncated,
+            },
+        )
         return self.out
 
     def cleanup(self) -> None:
@@ -419,7 +522,17 @@ def resume_recipe(run: str | Path, *, progress: bool = True, log=print, cache=No
         cfg = Config.from_dict(a["config"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ModelLoadError) as err:
         raise ModelLoadError(f"{args_path}: unusable ({type(err).__name__}: {err})") from None
-    r = TrainRecipe(cfg, a["data"], run, fmt=a["format"], image_dir=a["image_dir"], text_field=a["text_field"], progress=progress, log=log, cache=cache)
+    r = TrainRecipe(
+        cfg,
+        a["data"],
+        run,
+        fmt=a["format"],
+        image_dir=a["image_dir"],
+        text_field=a["text_field"],
+        progress=progress,
+        log=log,
+        cache=cache,
+    )
     r.setup()
     r.load_state()
     return r
