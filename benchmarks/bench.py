@@ -52,15 +52,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import naive  # noqa: E402
+from iterwego.batch import Batch  # noqa: E402
 from iterwego.config import Config, preset  # noqa: E402
 from iterwego.data.cache import FeatureCache  # noqa: E402
-from iterwego.data.features import Batch, StorySet, build_features, make_batch  # noqa: E402
+from iterwego.data.features import StorySet, build_features, make_batch  # noqa: E402
 from iterwego.data.readers import Item, Story  # noqa: E402
 from iterwego.decode import decode, pair_logprobs  # noqa: E402
-from iterwego.encoders import BertBackbone, CLIPTextBackbone, CLIPVisionBackbone, PixelBackbone, minilm_dir  # noqa: E402
-from iterwego.guidance import align, guide, iterate, select_pairs  # noqa: E402
-from iterwego.model import IterWeGO, create_model, pair_loss  # noqa: E402
-from iterwego.training.evaluator import alignment_scores  # noqa: E402
+from iterwego.encoders import (  # noqa: E402
+    BertBackbone,
+    CLIPTextBackbone,
+    CLIPVisionBackbone,
+    PixelBackbone,
+    minilm_dir,
+    tokenize,
+)  # noqa: E402
+from iterwego.guidance import select_pairs  # noqa: E402
+from iterwego.model import IterWeGO, create_model  # noqa: E402
 
 LENGTHS = (5, 10, 20, 50)
 EXACT_NS = (8, 10, 12)
@@ -223,9 +230,7 @@ def backbone_forward(backbone, items: list[str], device: torch.device) -> None:
         with autocast(device):
             backbone.model(**enc)
     elif isinstance(backbone, CLIPTextBackbone):
-        enc = backbone.tokenizer(
-            items, padding=True, truncation=True, max_length=backbone.max_length, return_tensors="pt"
-        )
+        enc = tokenize(backbone.tokenizer, items, backbone.max_length)
         with autocast(device):
             backbone.model.text_model(
                 input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)
@@ -249,54 +254,19 @@ def distinct_backbones(model: IterWeGO, stories: list[Story]) -> list[tuple[obje
 # --------------------------------------------------------------------------- ours
 @torch.no_grad()
 def ours_infer(model: IterWeGO, batches: list[Batch], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """One guided round per batch: both orderers, aligner scores, image <- text then text <- image."""
-    g, mapping = model.cfg.guidance, model.cfg.aligner.mapping
+    """One guided round per batch through the model's forward: both orderers, aligner, image <- text, text <- image."""
     model.eval()
     out = []
     for b in batches:
-        b = b.to(device)
-        li = model.image(b.feats["image"], b.index["image"])
-        lt = model.text(b.feats["text"], b.index["text"])
-        iv, tv = b.valid("image"), b.valid("text")
-        scores = alignment_scores(model, b)
-        i2t = align(scores, mapping, iv, tv)
-        t2i = align(scores.transpose(1, 2), mapping, tv, iv)
-        out.append(
-            iterate(
-                li,
-                lt,
-                t2i,
-                i2t,
-                1,
-                threshold_t2i=g.threshold_t2i,
-                threshold_i2t=g.threshold_i2t,
-                weight_t2i=g.weight_t2i,
-                weight_i2t=g.weight_i2t,
-                rule=g.eval_rule,
-                image_valid=iv,
-                text_valid=tv,
-            )[1]
-        )
+        fw = model(b.to(device), 1, fuse=False)
+        out.append((fw.image[1], fw.text[1]))
     return out
 
 
 def ours_phase_loss(model: IterWeGO, tgt: str, b: Batch, *, train: bool = True) -> torch.Tensor:
-    """The guided loss of one batch in the ``tgt`` phase (what TrainRecipe._guided_phase computes)."""
-    g, mapping = model.cfg.guidance, model.cfg.aligner.mapping
-    src = "text" if tgt == "image" else "image"
-    thr, lam = (g.threshold_t2i, g.weight_t2i) if tgt == "image" else (g.threshold_i2t, g.weight_i2t)
-    with torch.no_grad():
-        model.orderer(src).eval()
-        src_logits = model.orderer(src)(b.feats[src], b.index[src])
-        scores = alignment_scores(model, b)
-        if src == "text":
-            a = align(scores.transpose(1, 2), mapping, b.valid("text"), b.valid("image"))
-        else:
-            a = align(scores, mapping, b.valid("image"), b.valid("text"))
+    """The guided loss of one batch in the ``tgt`` phase: :meth:`IterWeGO.guided_loss`, as training calls it."""
     model.orderer(tgt).train(train)
-    logits = model.orderer(tgt)(b.feats[tgt], b.index[tgt])
-    guided = guide(logits, src_logits, a, threshold=thr, weight=lam, rule=g.train_rule, valid=b.valid(src))
-    return pair_loss(guided, b.pos[tgt], b.valid(tgt))
+    return model.guided_loss(b, tgt)
 
 
 def ours_train(model: IterWeGO, tgt: str, opt, batches: list[Batch], device: torch.device) -> float:
@@ -655,15 +625,18 @@ def table(r: dict) -> str:
     floor = r["floor"]["ms_per_story"]
     hw = f"{r['gpu']}" if r["gpu"] else f"{r['cpu_cores']} CPU cores, {r['threads']} torch threads"
     lines = [
-        f"IterWeGO benchmark  size={r['size']}  device={r['device']} ({hw})  stories={r['stories']} x {r['items_per_story']} items "
-        f"(naive on {r['naive_inference']['stories']})  best of {r['repeats']}  torch {r['torch']}  load avg {r['load_average_start'][0]:.1f}",
+        f"IterWeGO benchmark  size={r['size']}  device={r['device']} ({hw})  "
+        f"stories={r['stories']} x {r['items_per_story']} items "
+        f"(naive on {r['naive_inference']['stories']})  best of {r['repeats']}  torch {r['torch']}  "
+        f"load avg {r['load_average_start'][0]:.1f}",
         f"{'ms per story':44s}{'ours':>10s}{'naive':>11s}{'naive/ours':>12s}{'ours/floor':>12s}{'peak MiB':>10s}",
     ]
 
     def row(label, o, n=None, ratio=None, of=None, peak=None):
         f = lambda v, w, spec: f"{v:{w}{spec}}" if v is not None else " " * (w - 1) + "-"  # noqa: E731
         lines.append(
-            f"{label:44s}{f(o, 10, '.2f')}{f(n, 11, '.2f')}{f(ratio, 11, '.1f')}{'x' if ratio is not None else ' '}{f(of, 12, '.3f')}{f(peak, 10, '.0f')}"
+            f"{label:44s}{f(o, 10, '.2f')}{f(n, 11, '.2f')}{f(ratio, 11, '.1f')}{'x' if ratio is not None else ' '}"
+            f"{f(of, 12, '.3f')}{f(peak, 10, '.0f')}"
         )
 
     for key, label, peak_key in (
@@ -719,13 +692,17 @@ def table(r: dict) -> str:
     )
     p = r["clip_preprocessing"]
     lines.append(
-        f"CLIP preprocessing, ms per 256-px JPEG -> 224: transformers {p['processor']} {p['hf_ms_per_image']:.2f}, iterwego tensor path "
-        f"{p['ours_ms_per_image']:.2f} (1 torch thread: {p['ours_1thread_ms_per_image']:.2f}); max |diff| = {p['max_abs_diff']:.2e}"
+        f"CLIP preprocessing, ms per 256-px JPEG -> 224: transformers {p['processor']} {p['hf_ms_per_image']:.2f}, "
+        f"iterwego tensor path {p['ours_ms_per_image']:.2f} (1 torch thread: {p['ours_1thread_ms_per_image']:.2f}); "
+        f"max |diff| = {p['max_abs_diff']:.2e}"
     )
     c = r["check"]
     lines.append(
-        f"check ours vs naive: max |diff| guided logits {c['max_abs_diff_guided_logits']:.1e}; phase loss |diff| image {c['abs_diff_phase_loss']['image']:.1e}, "
-        f"text {c['abs_diff_phase_loss']['text']:.1e}; guiding pairs selected: text {100 * c['guiding_pairs_selected']['text']:.0f}%, image {100 * c['guiding_pairs_selected']['image']:.0f}%"
+        f"check ours vs naive: max |diff| guided logits {c['max_abs_diff_guided_logits']:.1e}; "
+        f"phase loss |diff| image {c['abs_diff_phase_loss']['image']:.1e}, "
+        f"text {c['abs_diff_phase_loss']['text']:.1e}; "
+        f"guiding pairs selected: text {100 * c['guiding_pairs_selected']['text']:.0f}%, "
+        f"image {100 * c['guiding_pairs_selected']['image']:.0f}%"
     )
     lines.append(
         f"peak memory: {r['memory_measure']}; wall time of the whole run {r.get('wall_s', float('nan')):.0f} s"

@@ -107,7 +107,8 @@ class Config:
 
         if d.get("version") != CONFIG_VERSION:
             raise ModelLoadError(
-                f"config version {d.get('version')!r} is not supported by this iterwego (expects {CONFIG_VERSION}); retrain or use the iterwego version that wrote it"
+                f"config version {d.get('version')!r} is not supported by this iterwego (expects {CONFIG_VERSION}); "
+                "retrain or use the iterwego version that wrote it"
             )
         kw: dict[str, Any] = {}
         for f in fields(cls):
@@ -120,7 +121,8 @@ class Config:
                 unknown = set(v) - known
                 if unknown:
                     raise ModelLoadError(
-                        f"config section {f.name!r} has unknown keys {sorted(unknown)}: written by another iterwego version?"
+                        f"config section {f.name!r} has unknown keys {sorted(unknown)}: "
+                        "written by another iterwego version?"
                     )
                 v = sub(**v)
             kw[f.name] = v

@@ -76,7 +76,7 @@ def _resolve(name: str, base_dir: str | Path | None) -> str:
     return name
 
 
-def _from_pretrained(cls, name: str, local_files_only: bool, what: str):
+def load_pretrained(cls, name: str, local_files_only: bool, what: str):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise next to ours
@@ -90,7 +90,8 @@ def _from_pretrained(cls, name: str, local_files_only: bool, what: str):
         return cls.from_pretrained(name, local_files_only=local_files_only)
     except (OSError, ValueError) as err:
         hint = (
-            f"download it on a machine with internet (e.g. `huggingface-cli download {name} --local-dir DIR`) and pass the local DIR"
+            f"download it on a machine with internet (e.g. `huggingface-cli download {name} --local-dir DIR`) "
+            "and pass the local DIR"
             if local_files_only
             else "check the name or the directory"
         )
@@ -208,12 +209,15 @@ class CLIPVisionBackbone:
         from transformers import CLIPModel
 
         self.name = name
-        self.model = model if model is not None else _from_pretrained(CLIPModel, name, local_files_only, "CLIP model")
+        self.model = model if model is not None else load_pretrained(CLIPModel, name, local_files_only, "CLIP model")
         self.model.eval().requires_grad_(False)
         self.include_projection = include_projection
         vc = self.model.config.vision_config
         self.image_size = vc.image_size
-        self.identity = f"clip-vision:{name}{weights_fingerprint(name)}:{'embeds' if include_projection else 'pooled'}:{self.image_size}:clip-norm:v1"
+        self.identity = (
+            f"clip-vision:{name}{weights_fingerprint(name)}:{'embeds' if include_projection else 'pooled'}:"
+            f"{self.image_size}:clip-norm:v1"
+        )
 
     def pixel_values(self, paths: Sequence[str]) -> Tensor:
         return clip_pixel_values(paths, self.image_size)
@@ -254,6 +258,16 @@ class L2Head(nn.Module):
 
 
 # --------------------------------------------------------------------------- text
+def tokenize(tokenizer, sentences: Sequence[str], max_length: int, padding: str = "longest") -> dict:
+    """The one padding policy: truncate at ``max_length`` tokens; pad to the longest sentence given,
+    or to ``max_length``.
+
+    With ``"longest"`` the padded length depends on which sentences are tokenized together, which matters
+    wherever pooling reads padding positions (the authors' all-position mean).
+    """
+    return tokenizer(list(sentences), padding=padding, truncation=True, max_length=max_length, return_tensors="pt")
+
+
 class BertBackbone:
     """A BERT-family encoder run up to its top ``skip_top`` layers.
 
@@ -280,9 +294,9 @@ class BertBackbone:
 
         self.name = name
         self.tokenizer = (
-            tokenizer if tokenizer is not None else _from_pretrained(AutoTokenizer, name, local_files_only, "tokenizer")
+            tokenizer if tokenizer is not None else load_pretrained(AutoTokenizer, name, local_files_only, "tokenizer")
         )
-        self.model = model if model is not None else _from_pretrained(AutoModel, name, local_files_only, "text model")
+        self.model = model if model is not None else load_pretrained(AutoModel, name, local_files_only, "text model")
         self.model.eval().requires_grad_(False)
         n_layers = self.model.config.num_hidden_layers
         if not 0 <= skip_top <= n_layers:
@@ -296,10 +310,7 @@ class BertBackbone:
     def tokenize(self, sentences: Sequence[str]) -> dict:
         full = self.tokenizer(list(sentences), add_special_tokens=True, truncation=False)["input_ids"]
         self.truncated += sum(len(ids) > self.max_length for ids in full)
-        pad = "longest" if self.skip_top == 0 else "max_length"
-        return self.tokenizer(
-            list(sentences), padding=pad, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        return tokenize(self.tokenizer, sentences, self.max_length, "longest" if self.skip_top == 0 else "max_length")
 
     @torch.no_grad()
     def featurize(self, items: Sequence[str]) -> Tensor:
@@ -352,21 +363,19 @@ class CLIPTextBackbone:
         from transformers import AutoTokenizer, CLIPModel
 
         self.name = name
-        self.model = model if model is not None else _from_pretrained(CLIPModel, name, local_files_only, "CLIP model")
+        self.model = model if model is not None else load_pretrained(CLIPModel, name, local_files_only, "CLIP model")
         self.model.eval().requires_grad_(False)
         self.tokenizer = (
             tokenizer
             if tokenizer is not None
-            else _from_pretrained(AutoTokenizer, name, local_files_only, "CLIP tokenizer")
+            else load_pretrained(AutoTokenizer, name, local_files_only, "CLIP tokenizer")
         )
         self.max_length = max_length or self.model.config.text_config.max_position_embeddings
         self.identity = f"clip-text:{name}{weights_fingerprint(name)}:embeds:len{self.max_length}:v1"
 
     @torch.no_grad()
     def featurize(self, items: Sequence[str]) -> Tensor:
-        enc = self.tokenizer(
-            list(items), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        enc = tokenize(self.tokenizer, items, self.max_length)
         enc = {k: v.to(self.model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         out = self.model.text_model(**enc)
         e = self.model.text_projection(out.pooler_output)

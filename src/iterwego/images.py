@@ -235,7 +235,10 @@ class ResizeReport:
         """One line: how many were resized, skipped (already done) and failed."""
         total = self.done + self.skipped + len(self.failures)
         where = f" into {self.dst}" if self.dst else ""
-        return f"resized {self.done} of {total} images{where}; skipped {self.skipped} already done; {len(self.failures)} failed"
+        return (
+            f"resized {self.done} of {total} images{where}; skipped {self.skipped} already done; "
+            f"{len(self.failures)} failed"
+        )
 
 
 def _is_done(src: Path, dst: Path, size: int) -> bool:

@@ -173,6 +173,11 @@ class ForwardOutput:
         return rs[min(rounds, len(rs) - 1)]
 
 
+def _full_precision(x: Tensor) -> Tensor:
+    """Guidance thresholds and decoding read probabilities: lift bf16/fp16 autocast logits to float32."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 class IterWeGO(nn.Module):
     """Image orderer, text orderer and aligner; the encoders' frozen backbones live outside the state dict."""
 
@@ -214,7 +219,7 @@ class IterWeGO(nn.Module):
         """
         g = self.cfg.guidance if guidance is None else guidance
         mods = [m for m in modalities if getattr(self, m) is not None and m in batch.index]
-        logits = {m: self.orderer(m)(batch.feats[m], batch.index[m]).float() for m in mods}
+        logits = {m: _full_precision(self.orderer(m)(batch.feats[m], batch.index[m])) for m in mods}
         out = ForwardOutput(**{m: [lg] for m, lg in logits.items()})
         if len(mods) < 2 or self.aligner is None:
             return out
@@ -282,7 +287,8 @@ class IterWeGO(nn.Module):
 
     @classmethod
     def from_pretrained(cls, run_dir, device="cpu", *, modalities: tuple[str, ...] = ("image", "text")) -> "IterWeGO":
-        """Rebuild a saved model (config, weights, backbones) from a run directory; ``model.meta`` holds its metadata."""
+        """Rebuild a saved model (config, weights, backbones) from a run directory;
+        ``model.meta`` holds its metadata."""
         from .pretrained import check_backbones, read_config, read_weights
 
         run_dir = Path(run_dir)

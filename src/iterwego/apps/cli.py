@@ -35,7 +35,8 @@ def _add_data_args(p: argparse.ArgumentParser, *, positional: bool = False, requ
     if positional:
         p.add_argument(
             "data",
-            help="data directory in the standard layout (DIR/{split}.story-in-sequence.json, DIR/images/{split}/) or DIR/{split}.jsonl",
+            help="data directory in the standard layout (DIR/{split}.story-in-sequence.json, DIR/images/{split}/) "
+            "or DIR/{split}.jsonl",
         )
     else:
         p.add_argument("--data", required=required, help="data directory in the standard layout")

@@ -25,7 +25,8 @@ def _tokenizer(given: str | None, kind: str):
     except (OSError, ValueError) as err:
         if given:
             raise ModelLoadError(
-                f"cannot load the {kind} tokenizer {given!r} ({type(err).__name__}: {str(err).splitlines()[0][:160]}); pass a local directory holding its tokenizer files"
+                f"cannot load the {kind} tokenizer {given!r} ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
+                "pass a local directory holding its tokenizer files"
             ) from None
         return None, f"no {kind} tokenizer found locally ({name}); pass --{kind}-tokenizer DIR to include one"
     return tok, f"{kind} tokenizer: {name}"
@@ -33,7 +34,7 @@ def _tokenizer(given: str | None, kind: str):
 
 def cmd_import_official(a: argparse.Namespace) -> int:
     """Load, check and convert the checkpoint; print a short summary."""
-    from ..compat.official import _tokenizer_fits, load_official, save_as_run
+    from ..compat.official import load_official, save_as_run, tokenizer_fits
 
     t0 = time.time()
     print(f"reading {a.checkpoint}", flush=True)
@@ -45,13 +46,13 @@ def cmd_import_official(a: argparse.Namespace) -> int:
     if (
         bert_tok is not None
         and not a.bert_tokenizer
-        and not _tokenizer_fits(bert_tok, model.txt_flow.bert.config.vocab_size)
+        and not tokenizer_fits(bert_tok, model.txt_flow.bert.config.vocab_size)
     ):
         bert_tok, bert_note = None, "the cached bert tokenizer does not fit this checkpoint; left out"
     if (
         clip_tok is not None
         and not a.clip_tokenizer
-        and not _tokenizer_fits(clip_tok, model.clip_align.config.text_config.vocab_size)
+        and not tokenizer_fits(clip_tok, model.clip_align.config.text_config.vocab_size)
     ):
         clip_tok, clip_note = None, "the cached CLIP tokenizer does not fit this checkpoint; left out"
     out = save_as_run(model, a.out, bert_tokenizer=bert_tok, clip_tokenizer=clip_tok, overwrite=a.force)

@@ -124,7 +124,8 @@ def order_story(model, s: Story, *, chosen_rounds: dict | None = None, decoder: 
         res["mode"] = "unimodal"
     if fell_back:
         notes.append(
-            f"{max(len(imgs), len(sents))} items: more than the exact decoder's {MAX_EXACT}, so the beam decoder was used"
+            f"{max(len(imgs), len(sents))} items: more than the exact decoder's {MAX_EXACT}, "
+            "so the beam decoder was used"
         )
     if cut:
         notes.append(f"{cut} sentence(s) longer than {getattr(text_bb, 'max_length', '?')} tokens were truncated")

@@ -58,7 +58,8 @@ section.story,section.block{background:#fff;border:1px solid #dde1e7;border-radi
 .cell.ok{border-color:#2e9d55}.cell.bad{border-color:#d0453a}
 .pos{font-size:.8em;color:#5a6372;margin-bottom:2px}
 .thumb{display:block;max-width:160px;max-height:160px;margin:0 auto;border-radius:3px}
-.thumb.missing{width:156px;height:100px;border:1px dashed #b3261e;color:#b3261e;font-size:.75em;overflow:hidden;padding:2px;word-break:break-all}
+.thumb.missing{width:156px;height:100px;border:1px dashed #b3261e;color:#b3261e;font-size:.75em;\
+overflow:hidden;padding:2px;word-break:break-all}
 .sent{display:block;font-size:.86em;margin-top:4px;white-space:pre-wrap;overflow-wrap:anywhere}
 .sent.ok{color:#17723a}.sent.bad{color:#b3261e}
 .tag{font-size:.75em;color:#5a6372}
@@ -114,7 +115,8 @@ def _conf_class(c: float) -> str:
 
 
 def _fmt_metric(m: dict | None) -> list[str]:
-    """Acc / PMR in percent and tau, formatted exactly as :func:`iterwego.training.evaluator.format_table` prints them."""
+    """Acc / PMR in percent and tau, formatted exactly as
+    :func:`iterwego.training.evaluator.format_table` prints them."""
     if m is None:
         return ["-", "-", "-"]
     tau = m["tau"]
@@ -198,7 +200,10 @@ def _sentence_list(
         cls = "" if marks is None else ("ok" if marks[k] else "bad")
         step = ""
         if conf is not None and k < len(conf):
-            step = f'<span class="step" title="probability that this sentence comes before the next">&#8595; <span class="c {_conf_class(conf[k])}">{conf[k]:.2f}</span></span>'
+            step = (
+                '<span class="step" title="probability that this sentence comes before the next">&#8595; '
+                f'<span class="c {_conf_class(conf[k])}">{conf[k]:.2f}</span></span>'
+            )
         out.append(f'<li class="{cls}"><span class="sent">{_esc(s)}</span>{step}</li>')
     out.append("</ol>")
     return "".join(out)
@@ -211,7 +216,8 @@ def _mark(ok: bool) -> str:
 def _orders_table(rows: list[tuple[str, Sequence[int] | None, Sequence[int] | None]], gold: bool) -> str:
     """Compact rows: one variant per row, its orders as 1-based input (or gold) item numbers."""
     out = [
-        '<table class="orders"><thead><tr><th>variant</th><th>image order</th><th>sentence order</th></tr></thead><tbody>'
+        '<table class="orders"><thead><tr><th>variant</th><th>image order</th><th>sentence order</th></tr></thead>'
+        "<tbody>"
     ]
     for name, io_, so in rows:
         cells = []
@@ -249,7 +255,8 @@ def _order_story(r: dict, thumbs: _Thumbs, gold: bool) -> str:
     parts = [
         f'<section class="story" data-story="{_esc(r["id"])}">',
         f"<h2>Story {_esc(r['id'])}</h2>",
-        f'<p class="meta">{_esc(counts)}; {"fused decoding of images and sentences" if mode == "fused" else "each modality ordered alone"}</p>',
+        f'<p class="meta">{_esc(counts)}; '
+        f"{'fused decoding of images and sentences' if mode == 'fused' else 'each modality ordered alone'}</p>",
     ]
     if r.get("note"):
         parts.append(f'<p class="note">{_esc(r["note"])}</p>')
@@ -389,7 +396,8 @@ def order_report(
     for k, r in enumerate(results):
         if r.get("schema") != _SUPPORTED_SCHEMA:
             raise ValueError(
-                f"result {k} (story {r.get('id')!r}) has schema {r.get('schema')!r}; this report reads schema {_SUPPORTED_SCHEMA}"
+                f"result {k} (story {r.get('id')!r}) has schema {r.get('schema')!r}; "
+                f"this report reads schema {_SUPPORTED_SCHEMA}"
             )
         if stories and str(stories[k].id) != str(r["id"]):
             raise ValueError(f"result {k} is for story {r['id']!r} but story {k} is {stories[k].id!r}")
@@ -410,7 +418,8 @@ def order_report(
     if n_exact is not None:
         summary += f"; {n_exact} exactly right against the listed (gold) order"
     body.append(
-        f'<p class="sub">{_esc(summary)}. Arrows show the model\'s probability that the left item comes before the right one.</p>'
+        f'<p class="sub">{_esc(summary)}. '
+        "Arrows show the model's probability that the left item comes before the right one.</p>"
     )
     for r in results:
         body.append(_order_story(r, thumbs, gold))
@@ -433,7 +442,8 @@ def _metric_table(report: dict, ceilings: dict | None, fused_text: dict | None) 
     out.append("</tbody></table>")
     if "alignment_accuracy" in report:
         out.append(
-            f'<p class="meta" data-key="alignment">alignment accuracy (top-1 within story, image&#8594;sentence): {100 * report["alignment_accuracy"]:.1f}%</p>'
+            '<p class="meta" data-key="alignment">alignment accuracy (top-1 within story, image&#8594;sentence): '
+            f"{100 * report['alignment_accuracy']:.1f}%</p>"
         )
     if ceilings:
         names = {"image": "images alone", "text": "sentences alone", "fused": "item-level fusion"}
@@ -543,7 +553,8 @@ def _write_plots(
             ),
             (
                 PLOT_FILES[1],
-                "Confidence on adjacent gold pairs, round 0: how sure each orderer is that gold item k comes before k+1.",
+                "Confidence on adjacent gold pairs, round 0: "
+                "how sure each orderer is that gold item k comes before k+1.",
                 lambda: _plot_confidences(Figure, result.confidences),
                 "no confidences recorded (evaluate with keep_orders=True)",
             ),
@@ -574,7 +585,8 @@ def _sample_card(thumbs: _Thumbs, story: Story, i: int, result: "EvalResult", ke
     for m, o in pred.items():
         if sorted(o) != list(range(n)):
             raise ValueError(
-                f"story {story.id!r}: prediction {m} {o} is not a permutation of its {n} items (were the stories passed in evaluation order?)"
+                f"story {story.id!r}: prediction {m} {o} is not a permutation of its {n} items "
+                "(were the stories passed in evaluation order?)"
             )
     parts = [
         f'<section class="story sample" data-story="{_esc(story.id)}" data-exact="{str(exact).lower()}">',
@@ -732,7 +744,8 @@ def evaluation_report(
     body.append(_metric_table(report, ceilings, fused_text))
     if getattr(result, "decoder_fallbacks", 0):
         body.append(
-            f'<p class="meta">{result.decoder_fallbacks} story decode(s) longer than 12 items used the beam decoder.</p>'
+            f'<p class="meta">{result.decoder_fallbacks} story decode(s) longer than 12 items '
+            "used the beam decoder.</p>"
         )
     body.append("</section>")
 

@@ -179,8 +179,10 @@ class OrderService:
         for what, items in (("images", images), ("sentences", sentences)):
             if len(items) > MAX_ITEMS:
                 raise RequestError(
-                    f"too many {what}: {len(items)}; this server orders at most {MAX_ITEMS} images and {MAX_ITEMS} sentences "
-                    f"per request (up to {MAX_EXACT} items are ordered with the exact decoder, larger sets with beam search)"
+                    f"too many {what}: {len(items)}; "
+                    f"this server orders at most {MAX_ITEMS} images and {MAX_ITEMS} sentences "
+                    f"per request (up to {MAX_EXACT} items are ordered with the exact decoder, "
+                    "larger sets with beam search)"
                 )
         for k, s in enumerate(sentences):
             if not isinstance(s, str) or not s.strip():
@@ -188,7 +190,8 @@ class OrderService:
         sentences = [s.strip() for s in sentences]
         if max(len(images), len(sentences)) < 2:
             raise RequestError(
-                f"nothing to order: give at least 2 images or 2 sentences (got {len(images)} image(s) and {len(sentences)} sentence(s))"
+                "nothing to order: give at least 2 images or 2 sentences "
+                f"(got {len(images)} image(s) and {len(sentences)} sentence(s))"
             )
         names = []
         for k, im in enumerate(images):

@@ -39,10 +39,11 @@ import torch
 from torch import Tensor, nn
 
 from ..aligner import align
+from ..batch import Batch
 from ..config import AlignerConfig, Config, EncoderConfig, GuidanceConfig, OrdererConfig, preset
 from ..errors import ModelLoadError
 from ..guidance import iterate
-from ..model import PairHead, SetTransformer
+from ..model import IterWeGO, PairHead, SetTransformer
 
 __all__ = [
     "EVAL_GUIDANCE",
@@ -199,7 +200,8 @@ def _orderer_config(state: Mapping[str, Tensor], flow: str, path: Path) -> Order
         raise ModelLoadError(f"{path}: no set-transformer layers under '{pre}*': not a natorderNet checkpoint?")
     if layer_ids != set(range(len(layer_ids))):
         raise ModelLoadError(
-            f"{path}: set-transformer layers under '{pre}*' are not numbered 0..{len(layer_ids) - 1}: {sorted(layer_ids)}"
+            f"{path}: set-transformer layers under '{pre}*' are not numbered "
+            f"0..{len(layer_ids) - 1}: {sorted(layer_ids)}"
         )
     need = [f"{pre}0.self_attn.linears.0.weight", f"{pre}0.feed_forward.w_1.weight", f"{flow}.classifier.linear.weight"]
     for k in need:
@@ -258,7 +260,8 @@ class OfficialModel(nn.Module):
         ):
             if need != have:
                 raise ModelLoadError(
-                    f"the {name} is {have} but the checkpoint's set transformer is {need} wide; wrong --clip-config/--bert-config?"
+                    f"the {name} is {have} but the checkpoint's set transformer is {need} wide; "
+                    "wrong --clip-config/--bert-config?"
                 )
         with _no_init():
             self.img_flow = _Flow("clip", CLIPModel(clip_config), image_cfg)
@@ -310,14 +313,61 @@ class OfficialModel(nn.Module):
             raise ValueError(f"rounds must be >= 0, got {rounds}")
         dev = next(self.parameters()).device
         pv = pixel_values.to(dev)
-        bert_inputs = {k: v.to(dev) for k, v in bert_inputs.items()}
-        clip_inputs = {k: v.to(dev) for k, v in clip_inputs.items()}
-        img = self.img_flow.pair_logits(self.image_features(pv))
-        txt = self.txt_flow.pair_logits(self.text_features(bert_inputs))
-        if rounds == 0:
-            return img, txt
-        t2i, i2t = self.alignment(pv, clip_inputs)
-        return official_guidance(img, txt, t2i, i2t, rounds, **self.guidance)
+        clip = self.img_flow.clip
+        al = self.clip_align(
+            pixel_values=pv,
+            input_ids=clip_inputs["input_ids"].to(dev),
+            attention_mask=_to(clip_inputs.get("attention_mask"), dev),
+        )
+        feats = {
+            "image": clip.vision_model(pixel_values=pv).pooler_output,  # the run's image head projects and normalises
+            "text": self.text_features({k: v.to(dev) for k, v in bert_inputs.items()}),
+            "align_image": al.image_embeds,
+            "align_text": al.text_embeds,
+        }
+        n_img, n_txt = len(pv), len(feats["text"])
+        index = {"image": torch.arange(n_img, device=dev)[None], "text": torch.arange(n_txt, device=dev)[None]}
+        batch = Batch([0], index, {k: v.clone() for k, v in index.items()}, feats)
+        guidance = GuidanceConfig(**self.guidance, eval_rule="any")
+        out = self.as_iterwego()(batch, rounds, guidance=guidance, mapping="argmax", fuse=False)
+        return out.image[-1][0], out.text[-1][0]
+
+    def as_iterwego(self, *, bert_tokenizer=None, clip_tokenizer=None, run_dir: Path | None = None) -> IterWeGO:
+        """This model as an :class:`~iterwego.model.IterWeGO`: backbones shared, orderer weights copied.
+
+        Built once per device and dtype and then reused, so it reflects the
+        weights as they were at that first call (an imported model is not trained further).
+        """
+        p = next(self.parameters())
+        key = (p.device, p.dtype, bert_tokenizer is not None, clip_tokenizer is not None, run_dir)
+        cache = self.__dict__.setdefault("_iterwego", {})
+        if key not in cache:
+            cache[key] = _build_iterwego(self, bert_tokenizer, clip_tokenizer, run_dir).to(p.device, p.dtype).eval()
+        return cache[key]
+
+
+def _to(x: Tensor | None, dev) -> Tensor | None:
+    return None if x is None else x.to(dev)
+
+
+def _build_iterwego(model: "OfficialModel", bert_tokenizer, clip_tokenizer, run_dir: Path | None) -> IterWeGO:
+    from ..encoders import build_encoder
+
+    cfg = run_config(model)
+    enc_cfg = cfg.encoder
+    where = run_dir if run_dir is not None else Path(model.source or ".")
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]  # backbone wrappers freeze what they wrap
+    image_enc = build_encoder("image", enc_cfg, preloaded={enc_cfg.image: model.img_flow.clip})
+    text_tok = bert_tokenizer if bert_tokenizer is not None else _MissingTokenizer(where, *_MISSING["bert"])
+    text_enc = build_encoder("text", enc_cfg, preloaded={enc_cfg.text: (model.txt_flow.bert, text_tok)})
+    align_enc = clip_align_encoders(BACKBONE_DIRS["aligner"], model.clip_align, clip_tokenizer, run_dir=where)
+    net = IterWeGO(cfg, image_enc, text_enc, align_encoders=align_enc)
+    state = iterwego_state_dict(model)
+    state["aligner.logit_scale"] = model.clip_align.logit_scale.detach().exp().reshape(())
+    net.load_state_dict(state, strict=True)
+    for p, flag in grad_flags:
+        p.requires_grad_(flag)
+    return net
 
 
 def official_guidance(
@@ -362,7 +412,8 @@ def _check_state(model: nn.Module, state: Mapping[str, Tensor], path: Path) -> d
             if _LEGACY_BUFFER.search(k):
                 continue
             raise ModelLoadError(
-                f"{path}: unexpected key {k} (shape {tuple(v.shape)}) that the model built from the configs does not have{which(k)}"
+                f"{path}: unexpected key {k} (shape {tuple(v.shape)}) "
+                f"that the model built from the configs does not have{which(k)}"
             )
         if tuple(v.shape) != tuple(own[k].shape):
             raise ModelLoadError(
@@ -507,15 +558,15 @@ def clip_align_encoders(
     """
     from transformers import AutoTokenizer, CLIPModel
 
-    from ..encoders import CLIPTextBackbone, CLIPVisionBackbone, Encoder, L2Head, _from_pretrained
+    from ..encoders import CLIPTextBackbone, CLIPVisionBackbone, Encoder, L2Head, load_pretrained
 
     if model is None:
-        model = _from_pretrained(CLIPModel, name, local_files_only, "CLIP aligner")
+        model = load_pretrained(CLIPModel, name, local_files_only, "CLIP aligner")
     if tokenizer is None:
         tokenizer = (
             _MissingTokenizer(run_dir, *_MISSING["clip"])
             if run_dir is not None
-            else _from_pretrained(AutoTokenizer, name, local_files_only, "CLIP tokenizer")
+            else load_pretrained(AutoTokenizer, name, local_files_only, "CLIP tokenizer")
         )
     dim = model.config.projection_dim
     image = Encoder(
@@ -535,7 +586,7 @@ def clip_align_encoders(
     return image, text
 
 
-def _tokenizer_fits(tok, vocab_size: int) -> bool:
+def tokenizer_fits(tok, vocab_size: int) -> bool:
     """A tokenizer whose ids index the embedding table and that is not nearly empty.
 
     The lower bound matters: some transformers versions build an empty-vocabulary
@@ -560,9 +611,7 @@ def save_as_run(
     tokenizers were saved). A run without a BERT tokenizer fails with a clear
     error when its text encoder is used.
     """
-    from ..encoders import build_encoder
     from ..io import atomic_write_bytes, atomic_write_json
-    from ..model import IterWeGO
     from ..pretrained import save_run
 
     out = Path(out_dir)
@@ -570,14 +619,15 @@ def save_as_run(
         raise ModelLoadError(
             f"{out}: already exists and is not an empty directory; choose another output or overwrite it explicitly"
         )
-    cfg = run_config(model)
+    run_config(model)  # validates the model (raises ModelLoadError on a mismatch); the result is not needed here
     for tok, what, size in (
         (bert_tokenizer, "BERT", model.txt_flow.bert.config.vocab_size),
         (clip_tokenizer, "CLIP", model.clip_align.config.text_config.vocab_size),
     ):
-        if tok is not None and not _tokenizer_fits(tok, size):
+        if tok is not None and not tokenizer_fits(tok, size):
             raise ModelLoadError(
-                f"the {what} tokenizer has {len(tok)} tokens but the checkpoint's {what} vocabulary has {size}: wrong or empty tokenizer?"
+                f"the {what} tokenizer has {len(tok)} tokens but the checkpoint's {what} vocabulary has {size}: "
+                "wrong or empty tokenizer?"
             )
     if overwrite and out.is_dir():
         for sub in ("backbones",):
@@ -598,18 +648,7 @@ def save_as_run(
     if clip_tokenizer is not None:
         clip_tokenizer.save_pretrained(dirs["aligner"])
 
-    enc_cfg = cfg.encoder
-    grad_flags = [(p, p.requires_grad) for p in model.parameters()]  # backbone wrappers freeze what they wrap
-    image_enc = build_encoder("image", enc_cfg, preloaded={enc_cfg.image: model.img_flow.clip})
-    text_tok = bert_tokenizer if bert_tokenizer is not None else _MissingTokenizer(out, *_MISSING["bert"])
-    text_enc = build_encoder("text", enc_cfg, preloaded={enc_cfg.text: (model.txt_flow.bert, text_tok)})
-    align_enc = clip_align_encoders(BACKBONE_DIRS["aligner"], model.clip_align, clip_tokenizer, run_dir=out)
-    net = IterWeGO(cfg, image_enc, text_enc, align_encoders=align_enc)
-    state = iterwego_state_dict(model)
-    state["aligner.logit_scale"] = model.clip_align.logit_scale.detach().exp().reshape(())
-    net.load_state_dict(state, strict=True)
-    for p, flag in grad_flags:
-        p.requires_grad_(flag)
+    net = _build_iterwego(model, bert_tokenizer, clip_tokenizer, out)
 
     meta = {
         "source": "official",

@@ -312,7 +312,8 @@ class FeatureCache:
         except OSError as err:
             self._writable = False
             warnings.warn(
-                f"iterwego feature cache: cannot write to {self.root} ({err.strerror or type(err).__name__}); computing features without caching",
+                f"iterwego feature cache: cannot write to {self.root} ({err.strerror or type(err).__name__}); "
+                "computing features without caching",
                 CacheWarning,
                 stacklevel=4,
             )

@@ -26,7 +26,7 @@ class FeatureBank:
 
     def __init__(self, encoder: Encoder, cache=None):
         self.encoder = encoder
-        self.cache = cache  # optional on-disk cache (iterwego.cache.FeatureCache)
+        self.cache = cache  # optional on-disk cache (iterwego.data.cache.FeatureCache)
         self._row: dict[str, int] = {}
         self._items: list[str] = []
         self._feats: Tensor | None = None

@@ -244,6 +244,7 @@ def format_table(report: dict, ceilings: dict | None = None, title: str = "", fu
     if ceilings:
         lines.append(
             "ceilings (Bayes-optimal PMR of the synthetic split): "
-            f"images alone {100 * ceilings['image']:.1f}, sentences alone {100 * ceilings['text']:.1f}, item-level fusion {100 * ceilings['fused']:.1f}"
+            f"images alone {100 * ceilings['image']:.1f}, sentences alone {100 * ceilings['text']:.1f}, "
+            f"item-level fusion {100 * ceilings['fused']:.1f}"
         )
     return "\n".join(lines)

@@ -117,7 +117,8 @@ class TrainRecipe:
             self.log(f"note: {truncated} sentence(s) longer than {c.encoder.text_max_length} tokens were truncated")
         self.truncated = truncated
         self.log(
-            f"data: {len(self.train_stories)} train / {len(self.val_stories)} val stories; features ready in {time.time() - t0:.1f}s"
+            f"data: {len(self.train_stories)} train / {len(self.val_stories)} val stories; "
+            f"features ready in {time.time() - t0:.1f}s"
         )
         self.val_eval = Evaluator(
             self.val_set,

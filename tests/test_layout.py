@@ -1,0 +1,93 @@
+"""The package layout shows the architecture: the core never reaches into data, training or apps; no import cycle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import iterwego
+
+PKG = Path(iterwego.__file__).parent
+CORE = {
+    "config",
+    "model",
+    "aligner",
+    "guidance",
+    "fusion",
+    "decode",
+    "metrics",
+    "encoders",
+    "images",
+    "batch",
+    "device",
+    "io",
+    "errors",
+    "pretrained",
+}
+OUTER = ("data", "training", "apps", "compat")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PKG).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(["iterwego", *parts])
+
+
+def _imports(path: Path) -> set[str]:
+    """Every iterwego module ``path`` imports, at the top or inside a function (lazy imports count too)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if not mod.startswith("iterwego"):
+                continue
+            for alias in node.names:  # `from . import x` may name a module
+                sub = f"{mod}.{alias.name}"
+                out.add(sub if (PKG.parent / (sub.replace(".", "/") + ".py")).is_file() else mod)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("iterwego")}
+    return {m for m in out if m != name and m != "iterwego"}
+
+
+def _graph() -> dict[str, set[str]]:
+    return {_module_name(p): _imports(p) for p in PKG.rglob("*.py")}
+
+
+def test_core_imports_only_core():
+    for mod, deps in _graph().items():
+        short = mod.removeprefix("iterwego.")
+        if short in CORE:
+            bad = sorted(d for d in deps if d.removeprefix("iterwego.").split(".")[0] in OUTER)
+            assert not bad, f"core module {mod} imports {bad}"
+
+
+def test_no_import_cycle():
+    g = _graph()
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(g.get(m, ())):
+            if state.get(d) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(d) :] + [m, d]))
+            if d in g and state.get(d) is None:
+                visit(d, stack + [m])
+        state[m] = 2
+
+    for m in sorted(g):
+        if state.get(m) is None:
+            visit(m, [])
+
+
+def test_public_api_resolves():
+    for name in iterwego.__all__:
+        assert getattr(iterwego, name) is not None
+    assert iterwego.IterWeGO.forward.__doc__ and "figure" in iterwego.model.__doc__
