@@ -52,3 +52,7 @@ class WriteError(IterWeGOError, OSError):
 
 class ConfigError(IterWeGOError, ValueError):
     """A config override (``--set section.key=value``) names no field or gives a value of the wrong type."""
+
+
+class HubError(IterWeGOError):
+    """The Hugging Face Hub refused or could not take a request (no login, no permission, offline)."""

@@ -24,12 +24,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard, ModelHubMixin
 from torch import Tensor, nn
 
 from .aligner import align, build_aligner
 from .batch import Batch, scatter_items
 from .config import Config, GuidanceConfig, OrdererConfig
 from .encoders import Encoder
+from .errors import ModelLoadError
 from .fusion import fuse_logits
 from .guidance import guide, iterate
 
@@ -178,8 +180,18 @@ def _full_precision(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
-class IterWeGO(nn.Module):
-    """Image orderer, text orderer and aligner; the encoders' frozen backbones live outside the state dict."""
+class IterWeGO(
+    nn.Module,
+    ModelHubMixin,
+    library_name="iterwego",
+    tags=["iterwego", "sentence-ordering", "image-ordering", "coherence-modelling", "visual-storytelling"],
+):
+    """Image orderer, text orderer and aligner; the encoders' frozen backbones live outside the state dict.
+
+    Shared like other Hugging Face models (``huggingface_hub.ModelHubMixin``): :meth:`from_pretrained` takes a
+    run directory or a Hub id, :meth:`save_pretrained` writes a run directory and ``push_to_hub(repo_id)``
+    saves one into a temporary directory and uploads it, model card included.
+    """
 
     def __init__(
         self,
@@ -199,6 +211,8 @@ class IterWeGO(nn.Module):
             build_aligner(cfg.aligner, image_encoder, text_encoder, align_encoders is not None) if both else None
         )
         self.meta: dict = {}
+        self.run_dir: Path | None = None  # the run directory this model was loaded from
+        self.card_text: str | None = None  # its model card (README.md), saved and pushed along
 
     # ------------------------------------------------------------------ the figure
     def forward(
@@ -286,29 +300,92 @@ class IterWeGO(nn.Module):
         return o
 
     @classmethod
-    def from_pretrained(cls, run_dir, device="cpu", *, modalities: tuple[str, ...] = ("image", "text")) -> "IterWeGO":
-        """Rebuild a saved model (config, weights, backbones) from a run directory;
-        ``model.meta`` holds its metadata."""
-        from .pretrained import check_backbones, read_config, read_weights
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        device="cpu",
+        *,
+        modalities: tuple[str, ...] = ("image", "text"),
+        overrides: list[str] | None = None,
+        backbones: dict[str, str] | None = None,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir=None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+    ) -> "IterWeGO":
+        """Rebuild a saved model (config, weights, backbones) from a run directory or a Hugging Face Hub id.
 
-        run_dir = Path(run_dir)
-        cfg, meta = read_config(run_dir)
-        model = create_model(cfg, base_dir=run_dir, modalities=modalities)
+        A name that is not a local directory is fetched with ``snapshot_download`` (``revision``, ``token``,
+        ``cache_dir``, ``HF_HUB_OFFLINE`` and the local cache apply; see :func:`iterwego.pretrained.resolve_run`).
+        Each backbone loads from the local path the run recorded if it exists here, else by its recorded Hub
+        name (which a run fetched from the Hub may download too, unless ``local_files_only``);
+        ``backbones={"image": DIR, "text": DIR, "aligner": DIR}`` or ``overrides=["encoder.image=clip:DIR"]``
+        point at local copies instead. ``model.meta`` holds the run's metadata, ``model.card_text`` its card.
+        """
+        from .pretrained import resolve_run
+
+        hub = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+        run_dir = resolve_run(pretrained_model_name_or_path, force_download=force_download, **hub)
+        from_hub = not Path(pretrained_model_name_or_path).expanduser().is_dir()
+        return cls._load_run_dir(run_dir, device, modalities, overrides, backbones, from_hub and not local_files_only)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, **kw) -> "IterWeGO":
+        """The ``ModelHubMixin`` hook, for callers that go through it: the same as :meth:`from_pretrained`."""
+        return cls.from_pretrained(model_id, **kw)
+
+    @classmethod
+    def _load_run_dir(cls, run_dir: Path, device, modalities, overrides, backbones, may_download) -> "IterWeGO":
+        from .pretrained import check_backbones, read_card, read_weights, run_config
+
+        cfg, meta = run_config(run_dir, overrides, backbones, may_download=may_download)
+        model = _create_for_run(cfg, run_dir, modalities)
         check_backbones(run_dir, model.encoders(), meta)
         model.load_state_dict(read_weights(run_dir, model.state_dict(), modalities), strict=False)
-        model.meta = meta
+        model.meta, model.run_dir, model.card_text = meta, run_dir, read_card(run_dir)
         return model.to(device).eval()
 
-    def save_pretrained(self, run_dir, meta: dict | None = None) -> None:
-        """Write config, weights (safetensors) and metadata atomically into ``run_dir``."""
+    def save_pretrained(self, save_directory, meta: dict | None = None, **kwargs):
+        """Write config, weights (safetensors), metadata and the model card atomically into ``save_directory``.
+
+        ``meta`` is merged over ``model.meta``; other keyword arguments go to ``ModelHubMixin.save_pretrained``
+        (e.g. ``push_to_hub=True, repo_id=...``).
+        """
+        self._pending_meta = meta
+        try:
+            return super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self._pending_meta = None
+
+    def _save_pretrained(self, save_directory: Path) -> None:
         from .pretrained import save_run
 
-        save_run(run_dir, self, {**self.meta, **(meta or {})})
+        save_run(save_directory, self, {**self.meta, **(getattr(self, "_pending_meta", None) or {})}, self.card_text)
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        """The run's own card when it has one (``iterwego train`` and ``import-official`` write it)."""
+        if self.card_text:
+            return ModelCard(self.card_text, ignore_metadata_errors=True)
+        return super().generate_model_card(*args, **kwargs)
 
 
-def load_run(run_dir, device="cpu", *, modalities: tuple[str, ...] = ("image", "text")) -> tuple[IterWeGO, dict]:
-    """``(model, meta)`` of a saved run; see :meth:`IterWeGO.from_pretrained`."""
-    model = IterWeGO.from_pretrained(run_dir, device, modalities=modalities)
+def _create_for_run(cfg: Config, run_dir: Path, modalities: tuple[str, ...]) -> IterWeGO:
+    """``create_model`` for a saved run; a backbone that cannot load says how to point the run at a local copy."""
+    try:
+        return create_model(cfg, base_dir=run_dir, modalities=modalities)
+    except ModelLoadError as err:
+        if not str(err).startswith("cannot load"):
+            raise
+        raise ModelLoadError(
+            f"{err}; for this run, --set encoder.image=clip:DIR / --set encoder.text=bert:DIR "
+            '(Python: backbones={"image": DIR, "text": DIR}) use local copies'
+        ) from None
+
+
+def load_run(run_dir, device="cpu", *, modalities: tuple[str, ...] = ("image", "text"), **kw) -> tuple[IterWeGO, dict]:
+    """``(model, meta)`` of a saved run or a Hub id; keyword arguments as :meth:`IterWeGO.from_pretrained`."""
+    model = IterWeGO.from_pretrained(run_dir, device, modalities=modalities, **kw)
     return model, model.meta
 
 
