@@ -27,8 +27,27 @@ def _add_cache_args(s) -> None:
     s.add_argument("--no-cache", action="store_true", help="compute backbone features without the on-disk cache")
 
 
+def add_run_args(s, what: str = "the run") -> None:
+    """``--run`` (a run directory or a Hub id), ``--revision`` and load-time ``--set`` overrides."""
+    s.add_argument(
+        "--run", required=True, help=f"{what}: a run directory, or a Hugging Face Hub id ORG/NAME (fetched and cached)"
+    )
+    s.add_argument("--revision", default=None, help="Hub branch, tag or commit of --run (default: main)")
+    s.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override a config field at load time, e.g. a local backbone copy: --set encoder.image=clip:DIR",
+    )
+
+
+def run_load_args(a: argparse.Namespace) -> dict:
+    """The keyword arguments of ``load_run`` that ``add_run_args`` collected."""
+    return {"revision": getattr(a, "revision", None), "overrides": getattr(a, "set", None)}
+
+
 def _eval_run(
-    run: Path,
+    run: str | Path,
     data: Path,
     split: str,
     *,
@@ -39,6 +58,7 @@ def _eval_run(
     progress=True,
     keep_orders=False,
     cache=None,
+    load_kw: dict | None = None,
 ):
     """Evaluate a run on ``split``; the inference round comes from validation (saved at training, or computed here)."""
     from ..data.features import build_features
@@ -47,7 +67,7 @@ def _eval_run(
     from ..model import load_run
     from ..training.evaluator import Evaluator
 
-    model, meta = load_run(run, pick_device())
+    model, meta = load_run(run, pick_device(), **(load_kw or {}))
     cfg = model.cfg
     read = dict(fmt=fmt, image_dir=image_dir, text_field=text_field)
     splits = list(dict.fromkeys([split] + ([] if meta.get("chosen_rounds") else ["val"])))
@@ -67,14 +87,9 @@ def _eval_run(
 
 def _ceilings(data: Path, split: str) -> dict | None:
     """The synthetic split's Bayes-optimal PMRs for the table, or None (real data, or an unreadable file)."""
-    from ..data.synth import load_ceilings
+    from ..data.synth import pmr_ceilings
 
-    try:
-        c = (load_ceilings(data) or {}).get(split) or {}
-    except IterWeGOError:
-        return None
-    out = {k: float(c[f"{k}_pmr"]) for k in ("image", "text", "fused") if isinstance(c.get(f"{k}_pmr"), (int, float))}
-    return out if len(out) == 3 else None
+    return pmr_ceilings(data, split)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -115,8 +130,13 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from ..training.evaluator import format_table
 
     t0 = time.time()
+    if a.update_card and not Path(a.run).is_dir():
+        raise IterWeGOError(
+            f"{a.run}: --update-card writes into the run, so it needs a local run directory "
+            f"(copy a Hub run with `hf download {a.run} --local-dir DIR` first)"
+        )
     result, chosen, ss, _ = _eval_run(
-        Path(a.run),
+        a.run,
         Path(a.data),
         a.split,
         fmt=a.fmt,
@@ -126,10 +146,16 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         progress=not a.quiet,
         keep_orders=bool(a.html),
         cache=_cache(a),
+        load_kw=run_load_args(a),
     )
     report = result.report(chosen)
     title = f"{a.split} split, decoder {a.decoder}, {len(result.story_ids)} stories"
     ceilings = _ceilings(a.data, a.split)
+    if a.update_card:
+        _record(a.run, a.split, report, result, a.decoder, ceilings)
+        print(
+            f"recorded the {a.split} evaluation in {Path(a.run) / 'meta.json'} and its card {Path(a.run) / 'README.md'}"
+        )
     print(format_table(report, ceilings, title=title, fused_text=(result.fused or {}).get("text")))
     if a.html:
         from .report import evaluation_report
@@ -152,6 +178,16 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         print(f"wrote {a.json}")
     print(f"evaluated in {time.time() - t0:.1f}s")
     return 0
+
+
+def _record(run, split: str, report: dict, result, decoder: str, ceilings: dict | None) -> None:
+    """Keep an evaluation in the run (``meta.json``) and show it in its model card."""
+    from ..training.card import record_evaluation
+
+    n = len(result.story_ids)
+    record_evaluation(
+        run, split, report, stories=n, decoder=decoder, fused_text=(result.fused or {}).get("text"), ceilings=ceilings
+    )
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -177,6 +213,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     result, chosen, ss, _ = _eval_run(run, data, "test", progress=False, keep_orders=True, cache=_cache(a))
     report = result.report(chosen)
     (out / "test_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    _record(run, "test", report, result, "exact", _ceilings(data, "test"))
     try:
         from .report import evaluation_report
 
@@ -201,7 +238,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
             fused_text=(result.fused or {}).get("text"),
         )
     )
-    print(f"\nrun saved in {run}; metrics in {out / 'test_metrics.json'}{report_note}; total {time.time() - t0:.0f}s")
+    print(
+        f"\nrun saved in {run} (model card {run / 'README.md'}); metrics in {out / 'test_metrics.json'}{report_note}; "
+        f"total {time.time() - t0:.0f}s"
+    )
     return 0
 
 
@@ -229,9 +269,14 @@ def register(sub, add_data_args) -> None:
     s = sub.add_parser("evaluate", help="Acc / PMR / tau per round, the validation-chosen round and fused decoding")
     add_data_args(s)
     s.add_argument("--split", default="test")
-    s.add_argument("--run", required=True, help="run directory from `iterwego train`")
+    add_run_args(s, "the run to evaluate")
     s.add_argument("--decoder", default="exact", choices=["exact", "tsort", "beam"])
     s.add_argument("--json", default=None, help="write the metrics JSON here")
+    s.add_argument(
+        "--update-card",
+        action="store_true",
+        help="record this evaluation in the run (meta.json) and its model card README.md (a local run only)",
+    )
     s.add_argument(
         "--html",
         default=None,
@@ -254,6 +299,7 @@ def register(sub, add_data_args) -> None:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_demo)
     register_order(sub)
+    register_push(sub)
 
 
 def cmd_order(a: argparse.Namespace) -> int:
@@ -265,7 +311,7 @@ def cmd_order(a: argparse.Namespace) -> int:
     if a.jsonl and (a.images or a.sentences):
         raise IterWeGOError("give either --jsonl or --images/--sentences, not both")
     stories = read_jsonl(a.jsonl) if a.jsonl else stories_from_args(a.images, a.sentences)
-    model, meta = load_run(a.run, pick_device())
+    model, meta = load_run(a.run, pick_device(), **run_load_args(a))
     results = order_stories(model, stories, chosen_rounds=meta.get("chosen_rounds"), decoder=a.decoder)
     for story, r in zip(stories, results):
         print(format_order(r, has_gold=bool(a.jsonl)))
@@ -312,7 +358,7 @@ def _short(text: str, limit: int = 120) -> str:
 
 def register_order(sub) -> None:
     s = sub.add_parser("order", help="order a new album (images and/or sentences) with a trained run")
-    s.add_argument("--run", required=True, help="run directory")
+    add_run_args(s)
     s.add_argument("--images", nargs="+", help="image files, in any order")
     s.add_argument("--sentences", nargs="+", help="sentences, in any order")
     s.add_argument(
@@ -323,3 +369,36 @@ def register_order(sub) -> None:
     s.add_argument("--json", help="write the result as JSON")
     s.add_argument("--html", help="write a self-contained HTML report")
     s.set_defaults(func=cmd_order)
+
+
+def cmd_push(a: argparse.Namespace) -> int:
+    """Refresh the run's model card for ``REPO_ID`` (unless ``--keep-card``), then upload the run directory."""
+    from ..pretrained import push_run, read_config
+    from ..training.card import write_card
+
+    read_config(a.run)  # a complete run, before anything is rewritten or uploaded
+    if not a.keep_card:
+        write_card(a.run, a.repo_id)
+    url = push_run(a.run, a.repo_id, private=a.private or None, commit_message=a.commit_message)
+    print(f"pushed {a.run} to https://huggingface.co/{a.repo_id} ({url})")
+    print(f'load it with: iterwego order --run {a.repo_id} ...  or  IterWeGO.from_pretrained("{a.repo_id}")')
+    return 0
+
+
+def register_push(sub) -> None:
+    s = sub.add_parser(
+        "push",
+        help="upload a run directory to the Hugging Face Hub as a model repository (model card included)",
+        description="Create REPO_ID if needed and upload RUN (config, weights, metadata, model card, training log; "
+        "not the resume state). The token comes from HF_TOKEN or `hf auth login`.",
+    )
+    s.add_argument("run", metavar="RUN", help="run directory")
+    s.add_argument("repo_id", metavar="REPO_ID", help="Hub repository, ORG/NAME or NAME")
+    s.add_argument("--private", action="store_true", help="create the repository as private")
+    s.add_argument("--commit-message", default=None, help="commit message (default: Upload iterwego run NAME)")
+    s.add_argument(
+        "--keep-card",
+        action="store_true",
+        help="upload RUN/README.md as it is (default: regenerate it from the run's files, naming REPO_ID)",
+    )
+    s.set_defaults(func=cmd_push)

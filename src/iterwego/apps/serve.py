@@ -132,17 +132,17 @@ class OrderService:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, run: str | Path, device: str | None = None, **kw) -> "OrderService":
-        """Load ``run`` once (on CUDA when available) and wrap it.
+    def load(cls, run: str | Path, device: str | None = None, *, load_kw: dict | None = None, **kw) -> "OrderService":
+        """Load ``run`` (a run directory or a Hub id; ``load_kw`` as for ``load_run``) once, on CUDA when available.
 
         Raises:
-            ModelLoadError: the run directory is missing, incomplete or incompatible.
+            ModelLoadError: the run directory is missing, incomplete or incompatible, or the Hub id unknown.
         """
         from ..device import pick_device
         from ..model import load_run
 
         dev = device or pick_device()
-        model, meta = load_run(run, dev)
+        model, meta = load_run(run, dev, **(load_kw or {}))
         return cls(model, meta, run_name=Path(run).name, **kw)
 
     def info(self) -> dict:
@@ -388,7 +388,9 @@ def run_server(
 def cmd_serve(a: argparse.Namespace) -> int:
     """``iterwego serve``: load the run once, then serve the page until Ctrl-C."""
     t0 = time.time()
-    service = OrderService.load(a.run)
+    from .commands import run_load_args
+
+    service = OrderService.load(a.run, load_kw=run_load_args(a))
     print(f"loaded run {a.run} in {time.time() - t0:.1f}s", flush=True)
     server = make_server(service, a.host, a.port, log=None if a.quiet else sys.stderr)
     try:
@@ -401,7 +403,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
 def register(sub) -> None:
     """Add the ``serve`` sub-command to the CLI's sub-parsers."""
     s = sub.add_parser("serve", help="local web page: upload images / paste sentences and see the recovered order")
-    s.add_argument("--run", required=True, help="run directory from `iterwego train`")
+    from .commands import add_run_args
+
+    add_run_args(s, "the run to serve")
     s.add_argument(
         "--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine only)"
     )

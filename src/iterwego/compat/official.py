@@ -608,11 +608,12 @@ def save_as_run(
     ``bert:backbones/bert``, authors' pooling, aligner ``clip``),
     ``model.safetensors`` (orderer weights under IterWeGO names) and
     ``meta.json`` (``source: "official"``, ``best_score``, ``args``, which
-    tokenizers were saved). A run without a BERT tokenizer fails with a clear
+    tokenizers were saved) and the model card ``README.md``. A run without a BERT tokenizer fails with a clear
     error when its text encoder is used.
     """
     from ..io import atomic_write_bytes, atomic_write_json
     from ..pretrained import save_run
+    from ..training.card import write_card
 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not overwrite)):
@@ -665,4 +666,5 @@ def save_as_run(
     full = json.loads((out / "meta.json").read_text())
     full.pop("backbones", None)
     atomic_write_json(out / "meta.json", full)
+    write_card(out)
     return out

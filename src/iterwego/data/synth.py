@@ -203,6 +203,19 @@ def load_ceilings(data_dir: str | Path) -> dict | None:
 
 
 # -------------------------------------------------------------- generation
+
+
+def pmr_ceilings(data_dir: str | Path, split: str) -> dict | None:
+    """``{"image", "text", "fused"}`` Bayes-optimal PMRs of ``split`` for metric tables, or None (real data,
+    or an unreadable ``ceilings.json``: a table without ceilings is still a table)."""
+    try:
+        c = (load_ceilings(data_dir) or {}).get(split) or {}
+    except DataError:
+        return None
+    out = {k: float(c[f"{k}_pmr"]) for k in ("image", "text", "fused") if isinstance(c.get(f"{k}_pmr"), (int, float))}
+    return out if len(out) == 3 else None
+
+
 def _story_rngs(seed: int, k: int) -> tuple[np.random.Generator, np.random.Generator]:
     """Independent content and rendering generators of story ``k``.
 

@@ -29,12 +29,14 @@ from ..aligner import alignment_hits
 from ..config import Config
 from ..data.features import batches, build_features
 from ..data.readers import load_split
+from ..data.synth import pmr_ceilings
 from ..device import autocast, pick_device
 from ..encoders import CNNHead
 from ..errors import IterWeGOError
 from ..io import atomic_write_json
 from ..model import create_model, n_pairs, pair_loss
 from ..pretrained import save_run
+from .card import evaluation_record, write_card
 from .distributed import Dist
 from .evaluator import Evaluator, pick
 
@@ -471,11 +473,14 @@ class TrainRecipe:
         self.fit_aligner()
         self.fit_iterative()
         self.train_seconds = time.time() - t0
+        self.val_result = self.val_eval(self.model)  # the kept model on validation, for the model card
         return self
 
     def save(self) -> Path:
+        """Write the run: config, weights, metadata (with the validation evaluation) and the model card."""
         if not self.main:
             return self.out
+        val = self.val_result
         save_run(
             self.out,
             self.model,
@@ -486,8 +491,19 @@ class TrainRecipe:
                 "format": self.fmt,
                 "text_field": self.text_field,
                 "truncated_sentences": self.truncated,
+                "splits": {"train": len(self.train_stories), "val": len(self.val_stories)},
+                "evaluation": {
+                    "val": evaluation_record(
+                        val.report(self.chosen),
+                        len(self.val_stories),
+                        self.cfg.train.decoder,
+                        (val.fused or {}).get("text"),
+                        pmr_ceilings(self.data, "val"),
+                    )
+                },
             },
         )
+        self.model.card_text = write_card(self.out)
         return self.out
 
     def cleanup(self) -> None:
