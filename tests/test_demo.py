@@ -27,6 +27,24 @@ def test_demo_runs_end_to_end_small(tmp_path, capsys):
     rep = json.loads((tmp_path / "test_metrics.json").read_text())
     assert set(rep) == {"image", "text", "fused", "alignment_accuracy"}
     assert (tmp_path / "report.html").is_file() and (tmp_path / "run" / "model.safetensors").is_file()
+    # the run's model card renders the demo's test table, ceilings included, beside the validation table
+    from huggingface_hub import ModelCard
+
+    from iterwego.data.readers import load_split
+    from iterwego.data.synth import pmr_ceilings
+
+    card = ModelCard.load(tmp_path / "run" / "README.md")
+    assert card.data.library_name == "iterwego" and card.data.base_model == ["sentence-transformers/all-MiniLM-L6-v2"]
+    test = card.text[card.text.index("**test** split") : card.text.index("**val** split")]
+    fused = rep["fused"]
+    assert f"| fused decoding | {100 * fused['acc']:.1f} | {100 * fused['pmr']:.1f} | {fused['tau']:+.3f} |" in test
+    assert "| **guided (val-chosen:" in test and "| round 3 |" in test
+    ceil = pmr_ceilings(tmp_path / "data", "test")
+    assert f"images alone {100 * ceil['image']:.1f}, sentences alone {100 * ceil['text']:.1f}" in test
+    for section in ("## How to load", "## Training configuration", "## Data", "## Backbones", "## Citation"):
+        assert section in card.text
+    n_test = len(load_split(tmp_path / "data", "test"))
+    assert f"| test | {n_test} | evaluation below |" in card.text and "Intended use and limits" in card.text
 
 
 def test_cli_fills_and_reuses_the_feature_cache(tmp_path, monkeypatch):

@@ -426,6 +426,10 @@ def test_save_as_run_reloads_with_identical_orderer_logits(tmp_path, official):
     assert meta["tokenizers"] == {"bert": True, "clip_align": False}
     for d in ("clip", "bert", "clip_align"):
         assert (run / "backbones" / d / "config.json").is_file()
+    card = (run / "README.md").read_text()
+    assert (
+        "library_name: iterwego" in card and "import-official" in card and "inside this run: `backbones/clip`" in card
+    )
 
     pv, bert_in, clip_in = story_inputs(1)
     img0, txt0 = official.official_logits(pv, bert_in, clip_in, 0)
@@ -438,6 +442,14 @@ def test_save_as_run_reloads_with_identical_orderer_logits(tmp_path, official):
     with torch.no_grad():
         got = model.text(model.text_encoder.featurize(SENTENCES), torch.arange(3)[None])[0]
     torch.testing.assert_close(got, txt0, atol=1e-6, rtol=0)
+
+    # saving (or pushing) the loaded model elsewhere takes the run's own backbones along
+    model.save_pretrained(tmp_path / "copy")
+    assert (tmp_path / "copy" / "backbones" / "bert" / "config.json").is_file()
+    assert (tmp_path / "copy" / "README.md").read_text() == card
+    again, _ = load_run(tmp_path / "copy", modalities=("text",))
+    with torch.no_grad():
+        torch.testing.assert_close(again.text(again.text_encoder.featurize(SENTENCES), torch.arange(3)[None])[0], txt0)
 
 
 def test_run_without_tokenizer_fails_clearly_on_text(tmp_path, official):
