@@ -238,6 +238,8 @@ def test_push_refused_by_the_hub_is_one_line(tmp_path, monkeypatch, tiny_bert_di
     assert err.count("\n") == 1 and "org/x: cannot push" in err and "hf auth login" in err
     assert main(["push", str(tmp_path / "absent"), "org/x"]) == 2
     assert "run directory not found" in capsys.readouterr().err
+    assert main(["push", str(run), "x"]) == 2
+    assert "give the full Hub id ORG/NAME" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- portable backbones
@@ -285,3 +287,28 @@ def test_local_backbone_without_hub_name_asks_for_a_copy_and_old_runs_still_load
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no Hub name" in err and "--set encoder.text=bert:DIR" in err
     assert main(["order", "--run", str(run), "--sentences", *SENTENCES, "--set", f"encoder.text=bert:{moved}"]) == 0
+
+
+# --------------------------------------------------------------------------- recording evaluations in the card
+def test_evaluate_update_card_records_the_split_in_meta_and_card(tmp_path, hub_cache, tiny_bert_dir, capsys):
+    from iterwego.data.synth import SynthConfig, synthesize
+
+    data = tmp_path / "data"
+    synthesize(data, SynthConfig(stories=12, seed=5, lengths=(3, 4), image_size=32))
+    run = tmp_path / "run"
+    save_tiny_run(run, tiny_bert_dir)
+    argv = ["evaluate", "--run", str(run), "--data", str(data), "--split", "test", "--quiet", "--no-cache"]
+    assert main([*argv, "--json", str(tmp_path / "m.json"), "--update-card"]) == 0
+    report = json.loads((tmp_path / "m.json").read_text())
+    rec = json.loads((run / "meta.json").read_text())["evaluation"]["test"]
+    assert rec["report"] == report and rec["ceilings"] is not None and rec["decoder"] == "exact"
+    card = (run / "README.md").read_text()
+    img = report["image"]["unimodal"]
+    row = f"| unimodal (round 0) | {100 * img['acc']:.1f} | {100 * img['pmr']:.1f} | {img['tau']:+.3f} |"
+    assert "**test** split" in card and row in card and "Ceilings (Bayes-optimal PMR" in card
+
+    assert main([*argv, "--update-card", "--set", "guidance.threshold_t2i=0.5"]) == 2
+    assert "--set guidance.threshold_t2i changes it" in capsys.readouterr().err
+    publish(run, hub_cache, "org/evaluated")
+    assert main(["evaluate", "--run", "org/evaluated", "--data", str(data), "--update-card", "--quiet"]) == 2
+    assert "needs a local run directory" in capsys.readouterr().err

@@ -90,8 +90,7 @@ def load_pretrained(cls, name: str, local_files_only: bool, what: str):
         return cls.from_pretrained(name, local_files_only=local_files_only)
     except (OSError, ValueError) as err:
         hint = (
-            f"download it on a machine with internet (e.g. `huggingface-cli download {name} --local-dir DIR`) "
-            "and pass the local DIR"
+            f"download it on a machine with internet (e.g. `hf download {name} --local-dir DIR`) and pass the local DIR"
             if local_files_only
             else "check the name or the directory"
         )

@@ -358,13 +358,13 @@ def resolve_run(
     local = Path(name).expanduser()
     if local.is_dir():
         return local
-    name = str(name)
-    if looks_local(name) or local.exists():
+    if isinstance(name, Path) or looks_local(str(name)) or local.exists():  # a Path object is never a Hub id
         raise ModelLoadError(
             f"{name}: run directory not found (train one with `iterwego train --out {name}` or `iterwego demo`)"
         )
     from huggingface_hub import snapshot_download
 
+    name = str(name)
     kw = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
     try:
         head = Path(snapshot_download(name, allow_patterns=FIRST_FILES, **kw))

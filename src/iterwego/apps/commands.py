@@ -130,11 +130,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from ..training.evaluator import format_table
 
     t0 = time.time()
-    if a.update_card and not Path(a.run).is_dir():
-        raise IterWeGOError(
-            f"{a.run}: --update-card writes into the run, so it needs a local run directory "
-            f"(copy a Hub run with `hf download {a.run} --local-dir DIR` first)"
-        )
+    if a.update_card:
+        _check_card_update(a)
     result, chosen, ss, _ = _eval_run(
         a.run,
         Path(a.data),
@@ -151,12 +148,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     report = result.report(chosen)
     title = f"{a.split} split, decoder {a.decoder}, {len(result.story_ids)} stories"
     ceilings = _ceilings(a.data, a.split)
+    print(format_table(report, ceilings, title=title, fused_text=(result.fused or {}).get("text")))
     if a.update_card:
         _record(a.run, a.split, report, result, a.decoder, ceilings)
         print(
-            f"recorded the {a.split} evaluation in {Path(a.run) / 'meta.json'} and its card {Path(a.run) / 'README.md'}"
+            f"recorded the {a.split} evaluation in {Path(a.run) / 'meta.json'} and the card {Path(a.run) / 'README.md'}"
         )
-    print(format_table(report, ceilings, title=title, fused_text=(result.fused or {}).get("text")))
     if a.html:
         from .report import evaluation_report
 
@@ -178,6 +175,19 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         print(f"wrote {a.json}")
     print(f"evaluated in {time.time() - t0:.1f}s")
     return 0
+
+
+def _check_card_update(a: argparse.Namespace) -> None:
+    """``--update-card`` writes into the run, and records the run as saved: only where a backbone moved may differ."""
+    if not Path(a.run).is_dir():
+        raise IterWeGOError(
+            f"{a.run}: --update-card writes into the run, so it needs a local run directory "
+            f"(copy a Hub run with `hf download {a.run} --local-dir DIR` first)"
+        )
+    where = {"encoder.image", "encoder.text", "aligner.clip_model", "encoder.local_files_only"}
+    changed = [x.split("=", 1)[0].strip() for x in a.set or [] if x.split("=", 1)[0].strip() not in where]
+    if changed:
+        raise IterWeGOError(f"--update-card records the run as it was saved, but --set {changed[0]} changes it")
 
 
 def _record(run, split: str, report: dict, result, decoder: str, ceilings: dict | None) -> None:
@@ -376,6 +386,8 @@ def cmd_push(a: argparse.Namespace) -> int:
     from ..pretrained import push_run, read_config
     from ..training.card import write_card
 
+    if a.repo_id.count("/") != 1:  # the card names the id others load, so it must be complete
+        raise IterWeGOError(f"{a.repo_id}: give the full Hub id ORG/NAME (your user name or an organisation)")
     read_config(a.run)  # a complete run, before anything is rewritten or uploaded
     if not a.keep_card:
         write_card(a.run, a.repo_id)
@@ -393,7 +405,7 @@ def register_push(sub) -> None:
         "not the resume state). The token comes from HF_TOKEN or `hf auth login`.",
     )
     s.add_argument("run", metavar="RUN", help="run directory")
-    s.add_argument("repo_id", metavar="REPO_ID", help="Hub repository, ORG/NAME or NAME")
+    s.add_argument("repo_id", metavar="REPO_ID", help="Hub repository ORG/NAME (your user name or an organisation)")
     s.add_argument("--private", action="store_true", help="create the repository as private")
     s.add_argument("--commit-message", default=None, help="commit message (default: Upload iterwego run NAME)")
     s.add_argument(
