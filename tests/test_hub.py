@@ -202,6 +202,10 @@ def test_push_to_hub_uploads_a_run_that_loads_back(tmp_path, hub_cache, fake_hub
     back = IterWeGO.from_pretrained("org/pushed")
     assert _same_weights(model, back) and back.card_text == model.card_text
 
+    model.card_text = None  # a model built in Python without a card gets the mixin's, tagged for iterwego
+    model.push_to_hub("org/bare")
+    assert "library_name: iterwego" in (fake_hub.root / "org/bare/README.md").read_text()
+
 
 def test_cli_push_uploads_the_run_directory_with_a_fresh_card(tmp_path, fake_hub, tiny_bert_dir, capsys):
     run = tmp_path / "run"

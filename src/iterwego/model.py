@@ -346,22 +346,40 @@ class IterWeGO(
         model.meta, model.run_dir, model.card_text = meta, run_dir, read_card(run_dir)
         return model.to(device).eval()
 
-    def save_pretrained(self, save_directory, meta: dict | None = None, **kwargs):
-        """Write config, weights (safetensors), metadata and the model card atomically into ``save_directory``.
+    def save_pretrained(
+        self,
+        save_directory,
+        meta: dict | None = None,
+        *,
+        config=None,
+        model_card_kwargs: dict | None = None,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **push_to_hub_kwargs,
+    ):
+        """Write config, weights (safetensors), metadata and the model card into ``save_directory``.
 
-        ``meta`` is merged over ``model.meta``; other keyword arguments go to ``ModelHubMixin.save_pretrained``
-        (e.g. ``push_to_hub=True, repo_id=...``).
+        ``meta`` is merged over ``model.meta``. The ``ModelHubMixin`` contract otherwise (``push_to_hub=True,
+        repo_id=...``), except that every file is replaced atomically (the mixin first deletes ``config.json``)
+        and ``config`` is ignored: the config is ``model.cfg``. A model without a card gets the mixin's.
         """
-        self._pending_meta = meta
-        try:
-            return super().save_pretrained(save_directory, **kwargs)
-        finally:
-            self._pending_meta = None
+        from .io import atomic_write_bytes
+        from .pretrained import save_run
+
+        save_directory = Path(save_directory)
+        save_run(save_directory, self, {**self.meta, **(meta or {})}, self.card_text)
+        if not (save_directory / "README.md").exists():
+            card = self.generate_model_card(**(model_card_kwargs or {}))
+            atomic_write_bytes(save_directory / "README.md", str(card).encode())
+        if push_to_hub:
+            repo_id = repo_id or save_directory.name
+            return self.push_to_hub(repo_id, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
+        return None
 
     def _save_pretrained(self, save_directory: Path) -> None:
         from .pretrained import save_run
 
-        save_run(save_directory, self, {**self.meta, **(getattr(self, "_pending_meta", None) or {})}, self.card_text)
+        save_run(save_directory, self, self.meta, self.card_text)
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
         """The run's own card when it has one (``iterwego train`` and ``import-official`` write it)."""
