@@ -178,14 +178,60 @@ def test_masked_mean_and_official_pooling_differ_only_with_padding(tiny_bert_dir
     with torch.no_grad():
         a = masked.new_head()(masked.featurize(SENTENCES))
         b = official.new_head()(official.featurize(SENTENCES))
+    # sentences given together form one story, padded to its longest sentence (the authors' padding)
     lengths = masked.backbone.tokenize(SENTENCES)["attention_mask"].sum(1)
-    padded = lengths < lengths.max() if layers == 0 else lengths < 32
+    padded = lengths < lengths.max()
     assert padded.any()
     for k in range(3):
         if padded[k]:
             assert not torch.allclose(a[k], b[k], atol=1e-4)
         else:
             torch.testing.assert_close(a[k], b[k])
+
+
+PADDED_STORIES = [
+    ["a cat.", "the red circle waits by the tank.", "hour seven: a green square looks at the water level today."],
+    ["a cat.", "the dog.", "one more."],  # "a cat." again, in a story padded to another length
+    [" ".join(["word"] * 20), "short.", "a brown star rolls over the old wooden floor."],  # cut at 16 tokens
+]
+
+
+@pytest.mark.parametrize("layers", [0, 1])
+def test_story_padding_is_invariant_to_batching_and_cache(tiny_bert_dir, tmp_path, layers):
+    """All-position pooling: each sentence is featurized padded to its story's longest sentence, as the authors
+    pad, whatever the chunking or the cache; the same sentence in two stories keeps two features."""
+    from iterwego.data.cache import FeatureCache
+    from iterwego.data.features import build_features
+    from iterwego.data.readers import Item, Story
+
+    cfg = EncoderConfig(text=f"bert:{tiny_bert_dir}", text_train_layers=layers, text_max_length=16)
+    enc = build_encoder("text", EncoderConfig(**{**cfg.__dict__, "official_text_pooling": True}))
+    head = enc.new_head().eval()
+    stories = [Story(f"s{k}", [Item(sentence=t) for t in sents]) for k, sents in enumerate(PADDED_STORIES)]
+    with torch.no_grad():
+        want = [  # the authors' computation, one story at a time
+            enc.backbone.model(**enc.backbone.tokenizer(sents, padding="longest", max_length=16, truncation=True,
+                                                        return_tensors="pt")).last_hidden_state.mean(1)
+            for sents in PADDED_STORIES
+        ]  # fmt: skip
+        for _ in range(2):  # the second pass reads every feature back from the cache
+            sets, feats = build_features({"text": enc}, {"x": stories}, cross_modal=False, cache=FeatureCache(tmp_path))
+            got = [head(feats["text"][torch.as_tensor(rows)]) for rows in sets["x"].text_rows]
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        assert sets["x"].text_rows[0][0] != sets["x"].text_rows[1][0]
+        assert not torch.allclose(got[0][0], got[1][0], atol=1e-4)  # padded to 17 and to 5 tokens
+        items = [it for st in stories for it in enc.story_items([i.sentence for i in st.items])]
+        one_by_one = head(enc.featurize(items, batch_size=1))
+        torch.testing.assert_close(head(enc.featurize(items, batch_size=4)), one_by_one, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(one_by_one, torch.cat(want), atol=1e-5, rtol=1e-5)
+        # masked pooling reads no padding: any chunking gives the same features
+        masked = build_encoder("text", cfg)
+        plain = [t for sents in PADDED_STORIES for t in sents]
+        m_head = masked.new_head().eval()
+        torch.testing.assert_close(
+            m_head(masked.featurize(plain, batch_size=1)), m_head(masked.featurize(plain)), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_truncation_is_counted(tiny_bert_dir):
