@@ -147,3 +147,11 @@ def test_train_preset_paper_writes_the_recipe_and_selects_as_the_authors(
     best = max(range(5), key=lambda k: (scores[k], -k))
     assert meta["chosen_rounds"] == guided[best]["val"]["chosen_rounds"]
     assert main(["evaluate", "--data", str(data), "--run", str(run), "--quiet", "--no-cache"]) == 0
+
+
+@pytest.mark.parametrize("bad", ["train.select=best", "train.loss_average=batch"])
+def test_unknown_recipe_value_is_a_one_line_error(tmp_path, capsys, bad):
+    argv = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--preset", "paper", "--set", bad]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and bad.split("=")[0] in err and bad.split("=")[1] in err

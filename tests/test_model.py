@@ -382,6 +382,53 @@ def test_pair_loss_matches_manual_cross_entropy_and_ignores_diagonal_and_padding
     torch.testing.assert_close(pair_loss(noisy, pos, valid), loss)
 
 
+def test_story_loss_averaging_weighs_every_story_alike():
+    """train.loss_average="story" (the authors'): each story's mean pair loss, summed; "pair": all pairs alike."""
+    from iterwego.model import loss_units, pairwise_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 4, 2, generator=g)
+    pos = torch.tensor([[2, 0, 1, 3], [1, 0, -1, -1]])
+    valid = pos >= 0
+    per_story = [pair_loss(logits[b : b + 1], pos[b : b + 1], valid[b : b + 1]) for b in range(2)]
+    torch.testing.assert_close(pair_loss(logits, pos, valid, "story_sum"), per_story[0] + per_story[1])
+    torch.testing.assert_close(pair_loss(logits, pos, valid, "sum") / 14, (12 * per_story[0] + 2 * per_story[1]) / 14)
+    assert loss_units(valid, "story") == 2 and loss_units(valid, "pair") == 14
+    # the authors' validation score reads each ordered cell (i, j) on its own
+    hand = torch.zeros(1, 3, 3, 2)
+    hand[0, 0, 1, 1] = hand[0, 1, 0, 0] = hand[0, 1, 2, 1] = 1.0  # right: (0,1), (1,0), (1,2)
+    hand[0, 2, 1, 1] = hand[0, 0, 2, 0] = hand[0, 2, 0, 1] = 1.0  # wrong: (2,1), (0,2), (2,0)
+    acc = pairwise_accuracy(hand, torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.bool))
+    assert acc.tolist() == [0.5]
+
+
+def test_pair_classifier_has_its_own_dropout():
+    cfg = OrdererConfig(d_model=16, layers=1, heads=2, ffn=32, dropout=0.2, pair_dropout=0.1)
+    o = Orderer(Encoder("image", "x", None, lambda: L2Head(16), 16), cfg)
+    assert o.classifier.drop.p == 0.1 and o.encoder.layers[0].self_attn.dropout == 0.2
+    same = Orderer(Encoder("image", "x", None, lambda: L2Head(16), 16), OrdererConfig(d_model=16, dropout=0.3))
+    assert same.classifier.drop.p == 0.3  # None: one dropout for both, as runs saved before the split
+
+
+def test_config_of_an_older_run_keeps_the_old_behaviour_and_optional_overrides():
+    from iterwego.config import preset
+    from iterwego.errors import ConfigError
+
+    old = preset("tiny").to_dict()
+    for section, key in (("orderer", "pair_dropout"), ("guidance", "eval_threshold_i2t"), ("train", "select")):
+        del old[section][key]  # written before these rows existed
+    cfg = Config.from_dict(old)
+    assert cfg == preset("tiny")
+    assert cfg.orderer.pair_dropout is None and cfg.train.select == "pmr" and cfg.train.loss_average == "pair"
+    assert cfg.guidance.inference_thresholds() == (cfg.guidance.threshold_t2i, cfg.guidance.threshold_i2t)
+    paper = preset("paper")
+    assert paper.override(["guidance.eval_threshold_i2t=null"]).guidance.eval_threshold_i2t is None
+    assert preset("tiny").override(["guidance.eval_threshold_i2t=0.7"]).guidance.eval_threshold_i2t == 0.7
+    assert preset("tiny").override(["orderer.pair_dropout=0"]).orderer.pair_dropout == 0.0
+    with pytest.raises(ConfigError, match="expects a number"):
+        preset("tiny").override(["guidance.eval_threshold_i2t=high"])
+
+
 def test_pair_loss_label_convention():
     pos = torch.tensor([[0, 1, 2]])
     right = torch.zeros(1, 3, 3, 2)
@@ -419,6 +466,20 @@ def _outputs(model, feats, index):
         out = {m: model.orderer(m)(feats[m], index[m]) for m in ("image", "text")}
         out["align"] = model.aligner.scores(feats["image"], feats["text"], index["image"], index["text"])
     return out
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_guiding_orderer_keeps_its_dropout_only_when_asked(tiny_bert_dir, image_paths, on):
+    """guidance.train_source_dropout: in a guided phase the guiding orderer runs in train mode, as the authors'."""
+    from iterwego.batch import Batch
+
+    model, feats, index = _tiny_run(tiny_bert_dir, image_paths)
+    model.cfg.guidance.train_source_dropout = on
+    model.train()
+    loss = model.guided_loss(Batch([0], index, {m: v.clone() for m, v in index.items()}, feats), "image")
+    loss.backward()
+    assert model.text.training is on and model.image.training
+    assert all(p.grad is None for p in model.text.parameters())  # the guiding orderer does not learn
 
 
 @pytest.fixture
