@@ -366,7 +366,7 @@ class BertBackbone:
         return items
 
     def sort_key(self, item: str) -> int:
-        """Items padded alike batch together (no grouping cost); plain sentences sort first."""
+        """Sorting by this puts items padded to the same length into the same batches; plain sentences first."""
         return split_padding(item)[1] or 0
 
     @torch.no_grad()
