@@ -347,7 +347,7 @@ def load_run(run_dir, device="cpu", *, modalities: tuple[str, ...] = ("image", "
 def create_model(
     cfg: Config | str, *, base_dir=None, modalities: tuple[str, ...] = ("image", "text"), preloaded: dict | None = None
 ) -> IterWeGO:
-    """Build an untrained model from a config or a preset name (``"tiny"``, ``"paper"``).
+    """Build an untrained model from a config or a preset name (``"tiny"``, ``"paper"``, ``"paper+"``).
 
     Backbone weights are loaded from the names or local directories in the
     config (relative paths resolve against ``base_dir``); nothing is downloaded
