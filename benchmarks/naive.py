@@ -132,8 +132,9 @@ def infer_story(model: IterWeGO, images: Sequence[str], sentences: Sequence[str]
     scores = aligner_scores(model, images, sentences)
     i2t = align_story(scores, mapping)
     t2i = align_story(scores.T, mapping)
-    li = guide_story(li, lt, t2i, g.threshold_t2i, g.weight_t2i, g.eval_rule)
-    lt = guide_story(lt, li, i2t, g.threshold_i2t, g.weight_i2t, g.eval_rule)
+    thr_t2i, thr_i2t = g.inference_thresholds()
+    li = guide_story(li, lt, t2i, thr_t2i, g.weight_t2i, g.eval_rule)
+    lt = guide_story(lt, li, i2t, thr_i2t, g.weight_i2t, g.eval_rule)
     return li, lt
 
 
@@ -152,7 +153,7 @@ def phase_story_loss(
     thr, lam = (g.threshold_t2i, g.weight_t2i) if tgt == "image" else (g.threshold_i2t, g.weight_i2t)
     items = {"image": images, "text": sentences}
     with torch.no_grad():
-        model.orderer(src).eval()
+        model.orderer(src).train(g.train_source_dropout)
         src_logits = pair_logits(model.orderer(src), backbone_features(model, src, items[src]))
         scores = aligner_scores(model, images, sentences)
         a = align_story(scores.T if src == "text" else scores, mapping)

@@ -62,3 +62,22 @@ def test_bench_tiny_prints_the_table(tmp_path):
     assert max(res["check"]["abs_diff_phase_loss"].values()) < 1e-4
     assert res["clip_preprocessing"]["max_abs_diff"] < 1e-3
     assert set(res["lengths"]) == {"5", "10", "20", "50"} and set(res["exact_decoder_ms"]) == {"8", "10", "12"}
+
+
+@pytest.mark.benchmark
+def test_presets_benchmark_prints_the_paper_against_paper_plus_table(tmp_path):
+    """benchmarks/presets.py end to end on a small dataset with one short training per preset."""
+    out = tmp_path / "presets.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    short = ["train.unimodal_epochs=1", "train.iterative_epochs=2", "aligner.epochs=1"]
+    argv = [str(BENCH.with_name("presets.py")), "--work", str(tmp_path / "w"), "--stories", "60", "--seeds", "0"]
+    argv += [x for s in short for x in ("--set", s)] + ["--json", str(out)]
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for needle in ("paper    tsort *|", "paper+   exact *|", "gain of paper+ over paper", "held fixed in both presets"):
+        assert needle in proc.stdout, f"missing {needle!r} in:\n{proc.stdout}"
+    res = json.loads(out.read_text())
+    assert set(res["gain"]) == {"image", "text", "fused"} and res["extra_overrides"] == short
+    for name in ("paper", "paper+"):
+        cfg = json.loads((tmp_path / "w" / f"{name}-seed0" / "config.json").read_text())
+        assert cfg["preset"] == name and cfg["encoder"]["image"] == "cnn" and cfg["aligner"]["kind"] == "learned"

@@ -238,3 +238,18 @@ def test_hungarian_is_a_permutation_and_never_worse_than_any_other(seed, n):
     perm = torch.from_numpy(rng.permutation(n))
     assert total >= float(s[0, torch.arange(n), perm].sum()) - 1e-5
     assert torch.equal(align(s, "argmax")[0], s[0].argmax(-1))
+
+
+def test_inference_thresholds_apply_at_inference_only():
+    """paper: theta image -> text is 0.9 in training and 0.8 at inference; iterate reads the inference value."""
+    g = torch.Generator().manual_seed(5)
+    img, txt = 3 * torch.randn(1, 4, 4, 2, generator=g), 3 * torch.randn(1, 4, 4, 2, generator=g)
+    a = torch.tensor([[2, 0, 3, 1]])
+    split = GuidanceConfig(threshold_t2i=0.8, threshold_i2t=0.9, eval_threshold_i2t=0.6)
+    assert split.inference_thresholds() == (0.8, 0.6)
+    assert GuidanceConfig(threshold_t2i=0.7, threshold_i2t=0.9).inference_thresholds() == (0.7, 0.9)
+    got = iterate(img, txt, a, a, 1, split)[1]
+    want = iterate(img, txt, a, a, 1, GuidanceConfig(threshold_t2i=0.8, threshold_i2t=0.6))[1]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    train_thr = iterate(img, txt, a, a, 1, GuidanceConfig(threshold_t2i=0.8, threshold_i2t=0.9))[1]
+    assert not torch.equal(got[1], train_thr[1])  # 0.6 and 0.9 select different image pairs here

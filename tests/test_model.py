@@ -178,14 +178,60 @@ def test_masked_mean_and_official_pooling_differ_only_with_padding(tiny_bert_dir
     with torch.no_grad():
         a = masked.new_head()(masked.featurize(SENTENCES))
         b = official.new_head()(official.featurize(SENTENCES))
+    # sentences given together form one story, padded to its longest sentence (the authors' padding)
     lengths = masked.backbone.tokenize(SENTENCES)["attention_mask"].sum(1)
-    padded = lengths < lengths.max() if layers == 0 else lengths < 32
+    padded = lengths < lengths.max()
     assert padded.any()
     for k in range(3):
         if padded[k]:
             assert not torch.allclose(a[k], b[k], atol=1e-4)
         else:
             torch.testing.assert_close(a[k], b[k])
+
+
+PADDED_STORIES = [
+    ["a cat.", "the red circle waits by the tank.", "hour seven: a green square looks at the water level today."],
+    ["a cat.", "the dog.", "one more."],  # "a cat." again, in a story padded to another length
+    [" ".join(["word"] * 20), "short.", "a brown star rolls over the old wooden floor."],  # cut at 16 tokens
+]
+
+
+@pytest.mark.parametrize("layers", [0, 1])
+def test_story_padding_is_invariant_to_batching_and_cache(tiny_bert_dir, tmp_path, layers):
+    """All-position pooling: each sentence is featurized padded to its story's longest sentence, as the authors
+    pad, whatever the chunking or the cache; the same sentence in two stories keeps two features."""
+    from iterwego.data.cache import FeatureCache
+    from iterwego.data.features import build_features
+    from iterwego.data.readers import Item, Story
+
+    cfg = EncoderConfig(text=f"bert:{tiny_bert_dir}", text_train_layers=layers, text_max_length=16)
+    enc = build_encoder("text", EncoderConfig(**{**cfg.__dict__, "official_text_pooling": True}))
+    head = enc.new_head().eval()
+    stories = [Story(f"s{k}", [Item(sentence=t) for t in sents]) for k, sents in enumerate(PADDED_STORIES)]
+    with torch.no_grad():
+        want = [  # the authors' computation, one story at a time
+            enc.backbone.model(**enc.backbone.tokenizer(sents, padding="longest", max_length=16, truncation=True,
+                                                        return_tensors="pt")).last_hidden_state.mean(1)
+            for sents in PADDED_STORIES
+        ]  # fmt: skip
+        for _ in range(2):  # the second pass reads every feature back from the cache
+            sets, feats = build_features({"text": enc}, {"x": stories}, cross_modal=False, cache=FeatureCache(tmp_path))
+            got = [head(feats["text"][torch.as_tensor(rows)]) for rows in sets["x"].text_rows]
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        assert sets["x"].text_rows[0][0] != sets["x"].text_rows[1][0]
+        assert not torch.allclose(got[0][0], got[1][0], atol=1e-4)  # padded to 17 and to 5 tokens
+        items = [it for st in stories for it in enc.story_items([i.sentence for i in st.items])]
+        one_by_one = head(enc.featurize(items, batch_size=1))
+        torch.testing.assert_close(head(enc.featurize(items, batch_size=4)), one_by_one, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(one_by_one, torch.cat(want), atol=1e-5, rtol=1e-5)
+        # masked pooling reads no padding: any chunking gives the same features
+        masked = build_encoder("text", cfg)
+        plain = [t for sents in PADDED_STORIES for t in sents]
+        m_head = masked.new_head().eval()
+        torch.testing.assert_close(
+            m_head(masked.featurize(plain, batch_size=1)), m_head(masked.featurize(plain)), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_truncation_is_counted(tiny_bert_dir):
@@ -336,6 +382,53 @@ def test_pair_loss_matches_manual_cross_entropy_and_ignores_diagonal_and_padding
     torch.testing.assert_close(pair_loss(noisy, pos, valid), loss)
 
 
+def test_story_loss_averaging_weighs_every_story_alike():
+    """train.loss_average="story" (the authors'): each story's mean pair loss, summed; "pair": all pairs alike."""
+    from iterwego.model import loss_units, pairwise_accuracy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 4, 2, generator=g)
+    pos = torch.tensor([[2, 0, 1, 3], [1, 0, -1, -1]])
+    valid = pos >= 0
+    per_story = [pair_loss(logits[b : b + 1], pos[b : b + 1], valid[b : b + 1]) for b in range(2)]
+    torch.testing.assert_close(pair_loss(logits, pos, valid, "story_sum"), per_story[0] + per_story[1])
+    torch.testing.assert_close(pair_loss(logits, pos, valid, "sum") / 14, (12 * per_story[0] + 2 * per_story[1]) / 14)
+    assert loss_units(valid, "story") == 2 and loss_units(valid, "pair") == 14
+    # the authors' validation score reads each ordered cell (i, j) on its own
+    hand = torch.zeros(1, 3, 3, 2)
+    hand[0, 0, 1, 1] = hand[0, 1, 0, 0] = hand[0, 1, 2, 1] = 1.0  # right: (0,1), (1,0), (1,2)
+    hand[0, 2, 1, 1] = hand[0, 0, 2, 0] = hand[0, 2, 0, 1] = 1.0  # wrong: (2,1), (0,2), (2,0)
+    acc = pairwise_accuracy(hand, torch.tensor([[0, 1, 2]]), torch.ones(1, 3, dtype=torch.bool))
+    assert acc.tolist() == [0.5]
+
+
+def test_pair_classifier_has_its_own_dropout():
+    cfg = OrdererConfig(d_model=16, layers=1, heads=2, ffn=32, dropout=0.2, pair_dropout=0.1)
+    o = Orderer(Encoder("image", "x", None, lambda: L2Head(16), 16), cfg)
+    assert o.classifier.drop.p == 0.1 and o.encoder.layers[0].self_attn.dropout == 0.2
+    same = Orderer(Encoder("image", "x", None, lambda: L2Head(16), 16), OrdererConfig(d_model=16, dropout=0.3))
+    assert same.classifier.drop.p == 0.3  # None: one dropout for both, as runs saved before the split
+
+
+def test_config_of_an_older_run_keeps_the_old_behaviour_and_optional_overrides():
+    from iterwego.config import preset
+    from iterwego.errors import ConfigError
+
+    old = preset("tiny").to_dict()
+    for section, key in (("orderer", "pair_dropout"), ("guidance", "eval_threshold_i2t"), ("train", "select")):
+        del old[section][key]  # written before these rows existed
+    cfg = Config.from_dict(old)
+    assert cfg == preset("tiny")
+    assert cfg.orderer.pair_dropout is None and cfg.train.select == "pmr" and cfg.train.loss_average == "pair"
+    assert cfg.guidance.inference_thresholds() == (cfg.guidance.threshold_t2i, cfg.guidance.threshold_i2t)
+    paper = preset("paper")
+    assert paper.override(["guidance.eval_threshold_i2t=null"]).guidance.eval_threshold_i2t is None
+    assert preset("tiny").override(["guidance.eval_threshold_i2t=0.7"]).guidance.eval_threshold_i2t == 0.7
+    assert preset("tiny").override(["orderer.pair_dropout=0"]).orderer.pair_dropout == 0.0
+    with pytest.raises(ConfigError, match="expects a number"):
+        preset("tiny").override(["guidance.eval_threshold_i2t=high"])
+
+
 def test_pair_loss_label_convention():
     pos = torch.tensor([[0, 1, 2]])
     right = torch.zeros(1, 3, 3, 2)
@@ -373,6 +466,20 @@ def _outputs(model, feats, index):
         out = {m: model.orderer(m)(feats[m], index[m]) for m in ("image", "text")}
         out["align"] = model.aligner.scores(feats["image"], feats["text"], index["image"], index["text"])
     return out
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_guiding_orderer_keeps_its_dropout_only_when_asked(tiny_bert_dir, image_paths, on):
+    """guidance.train_source_dropout: in a guided phase the guiding orderer runs in train mode, as the authors'."""
+    from iterwego.batch import Batch
+
+    model, feats, index = _tiny_run(tiny_bert_dir, image_paths)
+    model.cfg.guidance.train_source_dropout = on
+    model.train()
+    loss = model.guided_loss(Batch([0], index, {m: v.clone() for m, v in index.items()}, feats), "image")
+    loss.backward()
+    assert model.text.training is on and model.image.training
+    assert all(p.grad is None for p in model.text.parameters())  # the guiding orderer does not learn
 
 
 @pytest.fixture

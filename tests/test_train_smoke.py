@@ -143,3 +143,22 @@ def test_compile_and_bf16_autocast_train_and_reload(tmp_path):
     assert main(args) == 0
     model, _ = load_run(tmp_path / "r")
     assert not any("_orig_mod" in k for k in model.state_dict())
+
+
+def test_authors_protocol_is_printed_beside_the_validation_chosen_result(trained, tmp_path, capsys):
+    """`evaluate --authors-protocol` adds the authors' test-chosen tsort row; the validation-chosen result stays."""
+    data, run = str(trained["data"]), str(trained["a"]["run"])
+    base = ["evaluate", "--data", data, "--run", run, "--quiet", "--json"]
+    assert main([*base, str(tmp_path / "a.json"), "--authors-protocol"]) == 0
+    out = capsys.readouterr().out
+    assert "guided (val-chosen" in out and "authors' protocol (test-chosen: img " in out
+    assert "for comparison with their published numbers only" in out
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert main([*base, str(tmp_path / "t.json"), "--decoder", "tsort"]) == 0
+    tsort = json.loads((tmp_path / "t.json").read_text())
+    authors = report.pop("authors_protocol")
+    for mod in ("image", "text"):
+        rounds = tsort[mod]["rounds"]
+        best = max((1, 2, 3), key=lambda r: (rounds[r]["acc"], -r))  # the best test Acc, the first on ties
+        assert authors[mod] == {"round": best, **rounds[best]}
+    assert report == json.loads(trained["a"]["json"].read_text())  # the flag changes nothing else

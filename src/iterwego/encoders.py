@@ -257,6 +257,23 @@ class L2Head(nn.Module):
 
 
 # --------------------------------------------------------------------------- text
+PAD_CONTEXT = "\x1f"  # the unit separator: opens a text item that carries its story's padded token length
+
+
+def with_padding(sentence: str, length: int) -> str:
+    """A feature-bank text item: ``sentence`` together with the token length its story is padded to."""
+    return f"{PAD_CONTEXT}{length}{PAD_CONTEXT}{sentence}"
+
+
+def split_padding(item: str) -> tuple[str, int | None]:
+    """``(sentence, padded length)`` of a text item; the length is None for a plain sentence."""
+    if item.startswith(PAD_CONTEXT):
+        parts = item.split(PAD_CONTEXT, 2)
+        if len(parts) == 3 and parts[1].isdigit():
+            return parts[2], int(parts[1])
+    return item, None
+
+
 def tokenize(tokenizer, sentences: Sequence[str], max_length: int, padding: str = "longest") -> dict:
     """The one padding policy: truncate at ``max_length`` tokens; pad to the longest sentence given,
     or to ``max_length``.
@@ -274,6 +291,15 @@ class BertBackbone:
     or the authors' mean over all positions when ``official_pooling``); else it
     returns the hidden states entering the first trainable layer, padded to
     ``max_length``, with the attention mask stored as an extra last channel.
+
+    The authors' mean over all positions reads padding, so a sentence's feature
+    depends on the length it is padded to; they pad each story to its longest
+    sentence. With ``official_pooling`` each sentence is therefore featurized
+    at its story's padded length, which its feature-bank item carries
+    (:meth:`story_items`), so batching and caching change nothing; the
+    token-level features (``skip_top > 0``) then end in two channels: the
+    attention mask and the positions that padding covers (the ones pooled).
+    Masked pooling does not read padding, so there plain sentences are batched freely.
     """
 
     modality = "text"
@@ -306,20 +332,73 @@ class BertBackbone:
         pool = "allpos" if official_pooling else "masked"
         self.identity = f"bert:{name}{weights_fingerprint(name)}:skip{skip_top}:len{max_length}:{pool}:v1"
 
+    @property
+    def per_story(self) -> bool:
+        """Whether a sentence's feature depends on the padding of its story (all-position pooling)."""
+        return self.official_pooling
+
+    def _token_lengths(self, sentences: Sequence[str]) -> list[int]:
+        return [
+            len(ids) for ids in self.tokenizer(list(sentences), add_special_tokens=True, truncation=False)["input_ids"]
+        ]
+
     def tokenize(self, sentences: Sequence[str]) -> dict:
-        full = self.tokenizer(list(sentences), add_special_tokens=True, truncation=False)["input_ids"]
-        self.truncated += sum(len(ids) > self.max_length for ids in full)
+        self.truncated += sum(n > self.max_length for n in self._token_lengths(sentences))
         return tokenize(self.tokenizer, sentences, self.max_length, "longest" if self.skip_top == 0 else "max_length")
+
+    def story_items(self, sentences: Sequence[str]) -> list[str]:
+        """Feature-bank items of one story's sentences: with ``per_story`` each carries the story's padded
+        length (its longest sentence in tokens, at most ``max_length``); else the sentences themselves."""
+        sentences = list(sentences)
+        if not self.per_story or not sentences:
+            return sentences
+        length = min(max(self._token_lengths(sentences)), self.max_length)
+        return [with_padding(s, length) for s in sentences]
+
+    def prepare(self, items: Sequence[str]) -> list[str]:
+        """Items ready to be featurized in any grouping: plain sentences given together form one story."""
+        items = list(items)
+        plain = [k for k, it in enumerate(items) if split_padding(it)[1] is None]
+        if self.per_story and plain:
+            for k, item in zip(plain, self.story_items([items[k] for k in plain])):
+                items[k] = item
+        return items
+
+    def sort_key(self, item: str) -> int:
+        """Sorting by this puts items padded to the same length into the same batches; plain sentences first."""
+        return split_padding(item)[1] or 0
 
     @torch.no_grad()
     def featurize(self, items: Sequence[str]) -> Tensor:
-        enc = {k: v.to(self.model.device) for k, v in self.tokenize(items).items()}
+        if not self.per_story:
+            return self._forward(self.tokenize(items))
+        groups: dict[int, list[int]] = {}
+        parsed = [split_padding(it) for it in self.prepare(items)]
+        for k, (_, length) in enumerate(parsed):
+            groups.setdefault(length, []).append(k)
+        rows: list[Tensor | None] = [None] * len(parsed)
+        for length, ks in groups.items():
+            sentences = [parsed[k][0] for k in ks]
+            self.truncated += sum(n > self.max_length for n in self._token_lengths(sentences))
+            # the story's length is at least each of its sentences' (or max_length): truncation stays at max_length
+            for k, row in zip(ks, self._forward(tokenize(self.tokenizer, sentences, length, "max_length"))):
+                rows[k] = row
+        if self.skip_top == 0:
+            return torch.stack(rows)
+        longest = max(r.shape[0] for r in rows)
+        return torch.stack([F.pad(r, (0, 0, 0, longest - r.shape[0])) for r in rows])
+
+    def _forward(self, enc: dict) -> Tensor:
+        enc = {k: v.to(self.model.device) for k, v in enc.items()}
         out = self.model(**enc, output_hidden_states=self.skip_top > 0)
         mask = enc["attention_mask"]
         if self.skip_top == 0:
             return pool_tokens(out.last_hidden_state, mask, self.official_pooling).float().cpu()
         h = out.hidden_states[len(out.hidden_states) - 1 - self.skip_top]
-        return torch.cat([h, mask[..., None].to(h.dtype)], -1).float().cpu()
+        channels = [h, mask[..., None].to(h.dtype)]
+        if self.per_story:  # zero padding added later (to batch stories of other lengths) is not pooled
+            channels.append(torch.ones_like(channels[1]))
+        return torch.cat(channels, -1).float().cpu()
 
     def top_layers(self) -> nn.ModuleList:
         layers = self.model.encoder.layer
@@ -343,12 +422,17 @@ class BertTopHead(nn.Module):
         self.out_dim = layers[0].output.dense.out_features
 
     def forward(self, feats: Tensor) -> Tensor:
-        h, mask = feats[..., :-1], feats[..., -1]
+        if self.official_pooling:  # hidden states, attention mask, positions the story's padding covers
+            h, mask, covered = feats[..., :-2], feats[..., -2], feats[..., -1]
+        else:
+            h, mask = feats[..., :-1], feats[..., -1]
         ext = (1.0 - mask[:, None, None, :]) * torch.finfo(h.dtype).min
         for layer in self.layers:
             out = layer(h, attention_mask=ext)
             h = out[0] if isinstance(out, tuple) else out
-        return pool_tokens(h, mask, self.official_pooling)
+        if self.official_pooling:
+            return pool_tokens(h, covered, False)  # every covered position, padding tokens included
+        return pool_tokens(h, mask, False)
 
 
 class CLIPTextBackbone:
@@ -374,6 +458,8 @@ class CLIPTextBackbone:
 
     @torch.no_grad()
     def featurize(self, items: Sequence[str]) -> Tensor:
+        # the embedding sits at the end-of-text token, which padding after it cannot reach (causal attention)
+        items = [split_padding(it)[0] for it in items]
         enc = tokenize(self.tokenizer, items, self.max_length)
         enc = {k: v.to(self.model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         out = self.model.text_model(**enc)
@@ -401,8 +487,24 @@ class Encoder:
     def new_head(self) -> nn.Module:
         return self._make_head()
 
+    def story_items(self, items: Sequence[str]) -> list[str]:
+        """The feature-bank items of one story's items (text backbones may attach the story's padding)."""
+        return getattr(self.backbone, "story_items", list)(items)
+
     def featurize(self, items: Sequence[str], batch_size: int = 64, progress: bool = False, desc: str = "") -> Tensor:
-        """Backbone features for ``items``, in batches; rows align with ``items``."""
+        """Backbone features for ``items``, in batches; rows align with ``items``.
+
+        Backbones whose features depend on padding group items padded alike into the same batches.
+        """
+        prepare, key = getattr(self.backbone, "prepare", None), getattr(self.backbone, "sort_key", None)
+        if prepare is None or key is None or len(items) <= batch_size:
+            return self._featurize(items, batch_size, progress, desc)
+        items = prepare(items)
+        order = sorted(range(len(items)), key=lambda k: key(items[k]))
+        feats = self._featurize([items[k] for k in order], batch_size, progress, desc)
+        return feats[torch.as_tensor(order).argsort()]
+
+    def _featurize(self, items: Sequence[str], batch_size: int, progress: bool, desc: str) -> Tensor:
         from tqdm.auto import tqdm
 
         chunks = []
@@ -475,16 +577,25 @@ def build_encoder(
 
 
 def build_align_encoders(
-    clip_spec: str, cfg: EncoderConfig, base_dir: str | Path | None = None, preloaded: dict | None = None
+    clip_spec: str,
+    cfg: EncoderConfig,
+    base_dir: str | Path | None = None,
+    preloaded: dict | None = None,
+    text_max_length: int | None = None,
 ) -> tuple[Encoder, Encoder]:
-    """Image and text encoders of the zero-shot CLIP aligner (one CLIP model shared by both)."""
+    """Image and text encoders of the zero-shot CLIP aligner (one CLIP model shared by both).
+
+    ``text_max_length``: tokens per sentence (the authors truncate at 40); None: CLIP's own limit.
+    """
     kind, _, name = clip_spec.partition(":")
     if kind != "clip" or not name:
         raise ValueError(f"the clip aligner needs aligner.clip_model = clip:<hf-name-or-dir>, got {clip_spec!r}")
     name = _resolve(name, base_dir)
     pre = (preloaded or {}).get(clip_spec)
     img = CLIPVisionBackbone(name, cfg.local_files_only, include_projection=True, model=pre[0] if pre else None)
-    txt = CLIPTextBackbone(name, cfg.local_files_only, model=img.model, tokenizer=pre[1] if pre else None)
+    txt = CLIPTextBackbone(
+        name, cfg.local_files_only, model=img.model, tokenizer=pre[1] if pre else None, max_length=text_max_length
+    )
     dim = img.model.config.projection_dim
     return Encoder("image", clip_spec, img, lambda: L2Head(dim), dim), Encoder(
         "text", clip_spec, txt, lambda: L2Head(dim), dim

@@ -100,13 +100,14 @@ def iterate(
     Round r applies r alternating steps; each step guides the image logits by
     the text logits, then the text logits by the *updated* image logits.
     ``t2i[b, s]`` is the image aligned to sentence s, ``i2t[b, k]`` the sentence aligned to image k.
-    Thresholds and weights come from ``g``; ``rule`` defaults to ``g.eval_rule``.
+    Thresholds (``g.inference_thresholds()``) and weights come from ``g``; ``rule`` defaults to ``g.eval_rule``.
     """
     rule = g.eval_rule if rule is None else rule
+    thr_t2i, thr_i2t = g.inference_thresholds()
     out = [(image_logits, text_logits)]
     img, txt = image_logits, text_logits
     for _ in range(rounds):
-        img = guide(img, txt, t2i, threshold=g.threshold_t2i, weight=g.weight_t2i, rule=rule, valid=text_valid)
-        txt = guide(txt, img, i2t, threshold=g.threshold_i2t, weight=g.weight_i2t, rule=rule, valid=image_valid)
+        img = guide(img, txt, t2i, threshold=thr_t2i, weight=g.weight_t2i, rule=rule, valid=text_valid)
+        txt = guide(txt, img, i2t, threshold=thr_i2t, weight=g.weight_i2t, rule=rule, valid=image_valid)
         out.append((img, txt))
     return out

@@ -125,7 +125,7 @@ class Orderer(nn.Module):
         self.proj = nn.Identity() if encoder.out_dim == d else nn.Linear(encoder.out_dim, d)
         self.input_drop = nn.Dropout(cfg.input_dropout)
         self.encoder = SetTransformer(cfg)
-        self.classifier = PairHead(d, cfg.dropout)
+        self.classifier = PairHead(d, cfg.dropout if cfg.pair_dropout is None else cfg.pair_dropout)
 
     def item_vectors(self, feats: Tensor) -> Tensor:
         return self.proj(self.head(feats))
@@ -138,17 +138,43 @@ class Orderer(nn.Module):
 
 
 def pair_loss(logits: Tensor, positions: Tensor, valid: Tensor, reduction: str = "mean") -> Tensor:
-    """Cross-entropy over valid off-diagonal pairs; the label of (i, j) is "i before j" (class 1)."""
+    """Cross-entropy over valid off-diagonal pairs; the label of (i, j) is "i before j" (class 1).
+
+    ``reduction``: ``"mean"`` / ``"sum"`` over all pairs of the batch, or ``"story_sum"``: the sum over
+    stories of each story's mean (the authors' averaging, divided by their batch size afterwards).
+    """
     labels = (positions[:, :, None] < positions[:, None, :]).long()
     n = positions.shape[1]
     keep = valid[:, :, None] & valid[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=valid.device)
-    return F.cross_entropy(logits[keep].float(), labels[keep], reduction=reduction)
+    if reduction != "story_sum":
+        return F.cross_entropy(logits[keep].float(), labels[keep], reduction=reduction)
+    ce = F.cross_entropy(logits[keep].float(), labels[keep], reduction="none")
+    k = valid.sum(1)
+    per_pair = (1.0 / (k * (k - 1)).clamp(min=1).float())[:, None, None].expand(keep.shape)
+    return (ce * per_pair[keep]).sum()
 
 
 def n_pairs(valid: Tensor) -> int:
     """Ordered off-diagonal pairs in a padded batch."""
     k = valid.sum(1)
     return int((k * (k - 1)).sum())
+
+
+def loss_units(valid: Tensor, average: str) -> int:
+    """What a batch's loss is divided by: its pairs (``average="pair"``) or its stories (``"story"``)."""
+    return n_pairs(valid) if average == "pair" else int(valid.shape[0])
+
+
+def pairwise_accuracy(logits: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
+    """``(B,)`` fraction of each story's ordered off-diagonal pairs whose argmax class is right (NaN below 2 items).
+
+    The authors' validation score reads each cell (i, j) on its own, without combining it with (j, i).
+    """
+    labels = (positions[:, :, None] < positions[:, None, :]).long()
+    n = positions.shape[1]
+    keep = valid[:, :, None] & valid[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=valid.device)
+    right = ((logits.argmax(-1) == labels) & keep).sum((1, 2)).float()
+    return right / keep.sum((1, 2)).float()
 
 
 @dataclass
@@ -262,16 +288,18 @@ class IterWeGO(
     def guided_loss(self, batch: Batch, target: str, *, normalizer: int | None = None) -> Tensor:
         """One phase of iterative learning: the ``target`` orderer's pair loss under the other modality's guidance.
 
-        The guiding orderer and the aligner run without gradients and in eval
-        mode: they do not learn in this phase. The loss is the mean over valid
-        pairs, or their sum divided by ``normalizer`` (the global pair count
-        under data parallelism). No gold cross-modal order is used.
+        The guiding orderer and the aligner run without gradients: they do not
+        learn in this phase. The guiding orderer runs in eval mode, or in train
+        mode (its dropout on, as in the authors' code) with ``guidance.train_source_dropout``.
+        The loss is averaged as ``train.loss_average`` says (over pairs, or per story
+        then over stories); with ``normalizer`` it is summed and divided by it (the global
+        pair or story count under data parallelism). No gold cross-modal order is used.
         """
         g = self.cfg.guidance
         src = "text" if target == "image" else "image"
         thr, lam = (g.threshold_t2i, g.weight_t2i) if target == "image" else (g.threshold_i2t, g.weight_i2t)
         with torch.no_grad():
-            self.orderer(src).eval()
+            self.orderer(src).train(g.train_source_dropout)
             src_logits = self.orderer(src)(batch.feats[src], batch.index[src])
             scores = self.alignment_scores(batch)
             if src == "text":
@@ -281,9 +309,13 @@ class IterWeGO(
         guided = guide(
             logits, src_logits, src_to_tgt, threshold=thr, weight=lam, rule=g.train_rule, valid=batch.valid(src)
         )
+        valid = batch.valid(target)
+        per_story = self.cfg.train.loss_average == "story"
         if normalizer is None:
-            return pair_loss(guided, batch.pos[target], batch.valid(target))
-        return pair_loss(guided, batch.pos[target], batch.valid(target), reduction="sum") / max(normalizer, 1)
+            if per_story:
+                return pair_loss(guided, batch.pos[target], valid, "story_sum") / valid.shape[0]
+            return pair_loss(guided, batch.pos[target], valid)
+        return pair_loss(guided, batch.pos[target], valid, "story_sum" if per_story else "sum") / max(normalizer, 1)
 
     # ------------------------------------------------------------------ parts and persistence
     def encoders(self) -> dict:
@@ -410,7 +442,7 @@ def load_run(run_dir, device="cpu", *, modalities: tuple[str, ...] = ("image", "
 def create_model(
     cfg: Config | str, *, base_dir=None, modalities: tuple[str, ...] = ("image", "text"), preloaded: dict | None = None
 ) -> IterWeGO:
-    """Build an untrained model from a config or a preset name (``"tiny"``, ``"paper"``).
+    """Build an untrained model from a config or a preset name (``"tiny"``, ``"paper"``, ``"paper+"``).
 
     Backbone weights are loaded from the names or local directories in the
     config (relative paths resolve against ``base_dir``); nothing is downloaded
@@ -429,5 +461,11 @@ def create_model(
     align_enc = None
     if enc["image"] is not None and enc["text"] is not None and cfg.aligner.kind == "clip":
         spec = cfg.aligner.clip_model or (cfg.encoder.image if cfg.encoder.image.startswith("clip:") else "")
-        align_enc = build_align_encoders(spec, cfg.encoder, base_dir=base_dir, preloaded=preloaded)
+        align_enc = build_align_encoders(
+            spec,
+            cfg.encoder,
+            base_dir=base_dir,
+            preloaded=preloaded,
+            text_max_length=cfg.aligner.clip_text_max_length or None,
+        )
     return IterWeGO(cfg, enc["image"], enc["text"], align_enc)

@@ -54,21 +54,27 @@ def _eval_run(
     fmt="vist",
     image_dir=None,
     text_field="text",
-    decoder="exact",
+    decoder=None,
     progress=True,
     keep_orders=False,
     cache=None,
     load_kw: dict | None = None,
+    authors=False,
 ):
-    """Evaluate a run on ``split``; the inference round comes from validation (saved at training, or computed here)."""
+    """Evaluate a run on ``split``; the inference round comes from validation (saved at training, or computed here).
+
+    ``decoder`` defaults to the run's ``train.decoder``. With ``authors`` the result also carries the authors'
+    evaluation protocol (``result.authors``), computed beside the validation-chosen result.
+    """
     from ..data.features import build_features
     from ..data.readers import load_split
     from ..device import pick_device
     from ..model import load_run
-    from ..training.evaluator import Evaluator
+    from ..training.evaluator import AUTHORS_ROUNDS, Evaluator, authors_protocol
 
     model, meta = load_run(run, pick_device(), **(load_kw or {}))
     cfg = model.cfg
+    decoder = decoder or cfg.train.decoder
     read = dict(fmt=fmt, image_dir=image_dir, text_field=text_field)
     splits = list(dict.fromkeys([split] + ([] if meta.get("chosen_rounds") else ["val"])))
     sets, feats = build_features(
@@ -79,9 +85,15 @@ def _eval_run(
         cache=cache,
     )
     device = next(model.parameters()).device
-    ev = lambda ss: Evaluator(ss, feats, decoder=decoder, seed=cfg.train.seed + 2, device=device)  # noqa: E731
+    ev = lambda ss, dec=decoder, rounds=None: Evaluator(  # noqa: E731
+        ss, feats, decoder=dec, rounds=rounds, seed=cfg.train.seed + 2, device=device
+    )
     chosen = meta.get("chosen_rounds") or ev(sets["val"])(model).choose_rounds()
     result = ev(sets[split])(model, keep_orders=keep_orders)
+    if authors:
+        rounds = max(cfg.guidance.max_rounds, max(AUTHORS_ROUNDS))
+        same = decoder == "tsort" and cfg.guidance.max_rounds >= rounds
+        result.authors = authors_protocol(result if same else ev(sets[split], "tsort", rounds)(model))
     return result, chosen, sets[split], meta
 
 
@@ -144,13 +156,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         keep_orders=bool(a.html),
         cache=_cache(a),
         load_kw=run_load_args(a),
+        authors=a.authors_protocol,
     )
     report = result.report(chosen)
-    title = f"{a.split} split, decoder {a.decoder}, {len(result.story_ids)} stories"
+    title = f"{a.split} split, decoder {result.decoder}, {len(result.story_ids)} stories"
     ceilings = _ceilings(a.data, a.split)
     print(format_table(report, ceilings, title=title, fused_text=(result.fused or {}).get("text")))
     if a.update_card:
-        _record(a.run, a.split, report, result, a.decoder, ceilings)
+        _record(a.run, a.split, report, result, result.decoder, ceilings)
         print(
             f"recorded the {a.split} evaluation in {Path(a.run) / 'meta.json'} and the card {Path(a.run) / 'README.md'}"
         )
@@ -280,7 +293,18 @@ def register(sub, add_data_args) -> None:
     add_data_args(s)
     s.add_argument("--split", default="test")
     add_run_args(s, "the run to evaluate")
-    s.add_argument("--decoder", default="exact", choices=["exact", "tsort", "beam"])
+    s.add_argument(
+        "--decoder",
+        default=None,
+        choices=["exact", "tsort", "beam"],
+        help="default: the run's train.decoder (exact; tsort for the paper preset)",
+    )
+    s.add_argument(
+        "--authors-protocol",
+        action="store_true",
+        help="also print the authors' released evaluation (round picked on this split by best Acc among 1-3, "
+        "tsort), labelled, beside the validation-chosen result; for comparison with their published numbers",
+    )
     s.add_argument("--json", default=None, help="write the metrics JSON here")
     s.add_argument(
         "--update-card",
@@ -322,7 +346,8 @@ def cmd_order(a: argparse.Namespace) -> int:
         raise IterWeGOError("give either --jsonl or --images/--sentences, not both")
     stories = read_jsonl(a.jsonl) if a.jsonl else stories_from_args(a.images, a.sentences)
     model, meta = load_run(a.run, pick_device(), **run_load_args(a))
-    results = order_stories(model, stories, chosen_rounds=meta.get("chosen_rounds"), decoder=a.decoder)
+    decoder = a.decoder or model.cfg.train.decoder
+    results = order_stories(model, stories, chosen_rounds=meta.get("chosen_rounds"), decoder=decoder)
     for story, r in zip(stories, results):
         print(format_order(r, has_gold=bool(a.jsonl)))
     if a.json:
@@ -375,7 +400,9 @@ def register_order(sub) -> None:
         "--jsonl",
         help="stories as JSONL ({'id', 'images', 'sentences'}; listed order is treated as gold for the report)",
     )
-    s.add_argument("--decoder", default="exact", choices=["exact", "tsort", "beam"])
+    s.add_argument(
+        "--decoder", default=None, choices=["exact", "tsort", "beam"], help="default: the run's train.decoder"
+    )
     s.add_argument("--json", help="write the result as JSON")
     s.add_argument("--html", help="write a self-contained HTML report")
     s.set_defaults(func=cmd_order)

@@ -506,16 +506,25 @@ def run_config(model: OfficialModel) -> Config:
             heads=HEADS,
             ffn=ic.ffn,
             dropout=float(num("attdp", 0.2)),
+            pair_dropout=base.orderer.pair_dropout,  # hard-coded in their classifier
             input_dropout=0.0,
         ),
-        aligner=AlignerConfig(kind="clip", mapping="argmax", clip_model=f"clip:{BACKBONE_DIRS['aligner']}"),
+        aligner=AlignerConfig(
+            kind="clip",
+            mapping="argmax",
+            clip_model=f"clip:{BACKBONE_DIRS['aligner']}",
+            clip_text_max_length=TEXT_MAX_LENGTH,
+        ),
         guidance=GuidanceConfig(
-            threshold_t2i=model.guidance["threshold_t2i"],
-            threshold_i2t=model.guidance["threshold_i2t"],
+            threshold_t2i=float(num("thr_thi", base.guidance.threshold_t2i)),  # training's, from the checkpoint
+            threshold_i2t=float(num("thr_iht", base.guidance.threshold_i2t)),
+            eval_threshold_t2i=model.guidance["threshold_t2i"],
+            eval_threshold_i2t=model.guidance["threshold_i2t"],
             weight_t2i=model.guidance["weight_t2i"],
             weight_i2t=model.guidance["weight_i2t"],
             train_rule="class0",
             eval_rule="any",
+            train_source_dropout=True,
             max_rounds=3,
         ),
         train=train,

@@ -106,7 +106,8 @@ def index_stories(
                 raise DataError(
                     "story has items without a sentence, but the model orders sentences", path=where or None, story=s.id
                 )
-            txt_rows.append(text_bank.rows([it.sentence if it.sentence.strip() else "[empty]" for it in s.items]))
+            sentences = [it.sentence if it.sentence.strip() else "[empty]" for it in s.items]
+            txt_rows.append(text_bank.rows(text_bank.encoder.story_items(sentences)))  # may carry story padding
     if cross_modal and image_bank is not None and text_bank is not None:
         for s, a, b in zip(stories, img_rows, txt_rows):
             if len(a) != len(b):

@@ -15,6 +15,7 @@ Finally the inference round per modality is chosen on validation and saved.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -34,7 +35,7 @@ from ..device import autocast, pick_device
 from ..encoders import CNNHead
 from ..errors import IterWeGOError
 from ..io import atomic_write_json
-from ..model import create_model, n_pairs, pair_loss
+from ..model import create_model, loss_units, pair_loss, pairwise_accuracy
 from ..pretrained import save_run
 from .card import evaluation_record, write_card
 from .distributed import Dist
@@ -75,6 +76,7 @@ class TrainRecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> "TrainRecipe":
         c = self.cfg
+        _check_recipe(c)
         seed_everything(c.train.seed)
         if c.train.num_threads:  # also pins the thread count, so a resumed run repeats the same arithmetic
             torch.set_num_threads(c.train.num_threads)
@@ -173,8 +175,9 @@ class TrainRecipe:
         keep = self.dist.shard_rows(len(b.ids))
         return b.rows(keep) if keep else None
 
-    def _pair_loss(self, logits, b, mod: str, global_pairs: int):
-        return pair_loss(logits, b.pos[mod], b.valid(mod), reduction="sum") / max(global_pairs, 1)
+    def _pair_loss(self, logits, b, mod: str, global_units: int):
+        reduction = "story_sum" if self.cfg.train.loss_average == "story" else "sum"
+        return pair_loss(logits, b.pos[mod], b.valid(mod), reduction=reduction) / max(global_units, 1)
 
     def _record(self, entry: dict) -> None:
         self.history.append(entry)
@@ -311,13 +314,13 @@ class TrainRecipe:
             orderer.train()
             losses = []
             for gb in batches(self.train_set, t.batch_size, self.rng, {mod: self.feats[mod]}, shuffle_stories=True):
-                global_pairs, b = n_pairs(gb.valid(mod)), self._local(gb)
+                global_units, b = loss_units(gb.valid(mod), t.loss_average), self._local(gb)
                 loss = None
                 if b is not None:
                     b = b.to(self.device)
                     with autocast(self.device, t.amp):
                         logits = orderer(b.feats[mod], b.index[mod])
-                    loss = self._pair_loss(logits, b, mod, global_pairs)
+                    loss = self._pair_loss(logits, b, mod, global_units)
                 losses.append(
                     self._step(
                         opt,
@@ -406,25 +409,49 @@ class TrainRecipe:
             hits, total = hits + h, total + n
         return hits / max(total, 1)
 
+    @torch.no_grad()
+    def authors_val_score(self) -> float:
+        """The authors' validation score: per story, the mean of the image and the text pairwise accuracy
+        after one guided round at the *training* thresholds and rule; averaged over stories.
+
+        Every process computes it over the whole validation split (it is cheap), so all agree.
+        """
+        m, g = self.model, self.cfg.guidance
+        at_training = dataclasses.replace(
+            g, eval_threshold_t2i=g.threshold_t2i, eval_threshold_i2t=g.threshold_i2t, eval_rule=g.train_rule
+        )
+        was = m.training
+        m.eval()
+        scores = []
+        for b in self.val_eval.batches:
+            b = b.to(self.device)
+            with autocast(self.device, self.cfg.train.amp):
+                fw = m(b, 1, guidance=at_training, fuse=False)
+            acc = [pairwise_accuracy(fw.logits(mod, 1), b.pos[mod], b.valid(mod)) for mod in ("image", "text")]
+            scores.append(((acc[0] + acc[1]) / 2).cpu())
+        m.train(was)
+        s = torch.cat(scores)
+        return float(s[~s.isnan()].mean()) if (~s.isnan()).any() else 0.0
+
     def _guided_phase(self, tgt: str, opt, epoch: int) -> float:
         """One pass updating the ``tgt`` orderer under guidance from the other modality (fixed)."""
         t, m = self.cfg.train, self.model
         losses = []
         for gb in batches(self.train_set, t.batch_size, self.rng, self.feats, shuffle_stories=True):
-            global_pairs, b = n_pairs(gb.valid(tgt)), self._local(gb)
+            global_units, b = loss_units(gb.valid(tgt), t.loss_average), self._local(gb)
             loss = None
             if b is not None:
                 m.orderer(tgt).train()
                 with autocast(self.device, t.amp):
-                    loss = m.guided_loss(b.to(self.device), tgt, normalizer=global_pairs)
+                    loss = m.guided_loss(b.to(self.device), tgt, normalizer=global_units)
             where = f"iterative epoch {epoch} {tgt} phase step {len(losses)}"
             losses.append(self._step(opt, loss, m.orderer(tgt).parameters(), where, sharded=True))
         return float(np.mean(losses))
 
-    def _val_entry(self, res) -> dict:
+    def _val_entry(self, res, authors: float | None = None) -> dict:
         chosen = res.choose_rounds()
         out = {
-            "selection": res.selection_score(),
+            "selection": res.selection_score() if authors is None else authors,
             "chosen_rounds": chosen,
             **{f"{k}_guided_pmr": res.rounds[k][r]["pmr"] for k, r in chosen.items()},
         }
@@ -437,15 +464,18 @@ class TrainRecipe:
         opts = {
             mod: self._optimizer(m.orderer(mod), self._pretrained_head(m.orderer(mod))) for mod in ("image", "text")
         }
+        pairwise = t.select == "pairwise"
         if getattr(self, "_resume", None) is None or self._resume["stage"] != "iterative":
-            # epoch -1: the models before any guided update are a candidate too
+            # epoch -1: the models before any guided update are a candidate too, except under the
+            # authors' selection, whose first guided epoch always becomes the best so far
             res = self.val_eval(m)
-            self._record({"stage": "iterative", "epoch": -1, "val": self._val_entry(res)})
+            authors = self.authors_val_score() if pairwise else None
+            self._record({"stage": "iterative", "epoch": -1, "val": self._val_entry(res, authors)})
             self._resume = {
                 "stage": "iterative",
                 "epoch": -1,
-                "best": res.selection_score(),
-                "best_state": copy.deepcopy(m.state_dict()),
+                "best": None if pairwise else res.selection_score(),
+                "best_state": None if pairwise else copy.deepcopy(m.state_dict()),
                 "since": 0,
                 "opts": {k: o.state_dict() for k, o in opts.items()},
                 "extra": res.choose_rounds(),
@@ -459,9 +489,10 @@ class TrainRecipe:
                 entry[f"loss_{tgt}"] = self._guided_phase(tgt, opts[tgt], epoch)
             entry["loss"] = (entry["loss_image"] + entry["loss_text"]) / 2
             res = self.val_eval(m)
-            entry["val"] = self._val_entry(res)
+            authors = self.authors_val_score() if pairwise else None
+            entry["val"] = self._val_entry(res, authors)
             self._record(entry)
-            return res.selection_score(), m, res.choose_rounds()
+            return (res.selection_score() if authors is None else authors), m, res.choose_rounds()
 
         self.chosen = self._epochs("iterative", t.iterative_epochs, opts, epoch_fn)
         self.log(f"inference rounds chosen on validation: {self.chosen}")
@@ -512,6 +543,18 @@ class TrainRecipe:
         if hasattr(self, "dist"):
             self.model = self.feats = None  # drop tensors before leaving the process group
             self.dist.teardown()
+
+
+def _check_recipe(cfg: Config) -> None:
+    """Refuse recipe values the training loop would otherwise misread (a typo in ``--set``)."""
+    from ..config import LOSS_AVERAGES, SELECTIONS
+    from ..errors import ConfigError
+
+    t = cfg.train
+    if t.select not in SELECTIONS:
+        raise ConfigError(f"train.select must be one of {sorted(SELECTIONS)}, got {t.select!r}")
+    if t.loss_average not in LOSS_AVERAGES:
+        raise ConfigError(f"train.loss_average must be one of {list(LOSS_AVERAGES)}, got {t.loss_average!r}")
 
 
 def _extra(state: dict):
