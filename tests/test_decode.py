@@ -206,6 +206,18 @@ def test_exact_above_the_limit_raises_decode_error():
     assert decode(small, "auto") == decode(small, "exact")
 
 
+def test_exact_at_the_limit_n12_is_optimal_and_deterministic():
+    lp = random_logprobs(np.random.default_rng(5), 12)
+    order = decode(lp, "exact")
+    assert is_permutation(order, 12) and decode(lp, "exact") == order
+    best = order_score(lp, order)
+    # a beam as wide as the largest subset layer, C(12, 6), keeps every subset: it is the exact DP too
+    assert order_score(lp, decode(lp, "beam", beam_size=math.comb(12, 6))) == pytest.approx(best, abs=1e-9)
+    for m in ("beam", "tsort"):
+        assert order_score(lp, decode(lp, m)) <= best + 1e-9, m
+
+
+@pytest.mark.benchmark
 def test_exact_n12_timing():
     lp = random_logprobs(np.random.default_rng(5), 12)
     decode(lp, "exact")  # warm the subset-layer cache
@@ -397,7 +409,8 @@ def test_beam_merges_partial_orders_over_the_same_items():
     # P(i before j), width 2, n = 4; the search charges each placed item for its pairs with all unplaced ones.
     #   p = [[-, .5, .5, .8], [.5, -, .6, .5], [.5, .4, -, .8], [.2, .5, .2, -]]
     # Step 1: 0: ln(.5*.5*.8) = -1.609, 1: ln(.5*.6*.5) = -1.897, 2: ln(.5*.4*.8) = -1.833, 3: -3.912 -> keep 0, 2.
-    # Step 2: (0,2): -1.609 + ln(.4*.8) = -2.749, (2,0): -1.833 + ln(.5*.8) = -2.749, (0,1): -1.609 + ln(.6*.5) = -2.813.
+    # Step 2: (0,2): -1.609 + ln(.4*.8) = -2.749, (2,0): -1.833 + ln(.5*.8) = -2.749,
+    #   (0,1): -1.609 + ln(.6*.5) = -2.813.
     #   Without merging, (0,2) and (2,0) fill the beam; both end at -2.749 + ln .5 = -3.442.
     #   Merging keeps one of them plus (0,1), which ends [0, 1, 2, 3] at -2.813 + ln .8 = -3.037, the optimum.
     # (Tested on the search itself: decode's single-item-move polish would repair the unmerged result here.)

@@ -20,47 +20,56 @@ FAST = [
 ]
 
 
-def test_demo_runs_end_to_end_small(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--stories", "30", "--quiet", *FAST]) == 0
-    out = capsys.readouterr().out
-    assert "unimodal (round 0)" in out and "fused decoding" in out and "ceilings" in out
-    rep = json.loads((tmp_path / "test_metrics.json").read_text())
+def test_demo_runs_end_to_end_small_and_fills_the_feature_cache(tmp_path, capsys, monkeypatch):
+    """One small demo (synth -> train -> evaluate -> report) with a cache directory; a second CLI command on
+    the same data then takes every backbone feature from that cache."""
+    from iterwego import encoders
+
+    cache = tmp_path / "cache"
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--stories", "20", "--quiet", "--cache-dir", str(cache), *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "unimodal (round 0)" in printed and "fused decoding" in printed and "ceilings" in printed
+    rep = json.loads((out / "test_metrics.json").read_text())
     assert set(rep) == {"image", "text", "fused", "alignment_accuracy"}
-    assert (tmp_path / "report.html").is_file() and (tmp_path / "run" / "model.safetensors").is_file()
+    assert (out / "report.html").is_file() and (out / "run" / "model.safetensors").is_file()
+    assert any(cache.rglob("*.safetensors"))
     # the run's model card renders the demo's test table, ceilings included, beside the validation table
     from huggingface_hub import ModelCard
 
     from iterwego.data.readers import load_split
     from iterwego.data.synth import pmr_ceilings
 
-    card = ModelCard.load(tmp_path / "run" / "README.md")
+    card = ModelCard.load(out / "run" / "README.md")
     assert card.data.library_name == "iterwego" and card.data.base_model == ["sentence-transformers/all-MiniLM-L6-v2"]
     test = card.text[card.text.index("**test** split") : card.text.index("**val** split")]
     fused = rep["fused"]
     assert f"| fused decoding | {100 * fused['acc']:.1f} | {100 * fused['pmr']:.1f} | {fused['tau']:+.3f} |" in test
     assert "| **guided (val-chosen:" in test and "| round 3 |" in test
-    ceil = pmr_ceilings(tmp_path / "data", "test")
+    ceil = pmr_ceilings(out / "data", "test")
     assert f"images alone {100 * ceil['image']:.1f}, sentences alone {100 * ceil['text']:.1f}" in test
     for section in ("## How to load", "## Training configuration", "## Data", "## Backbones", "## Citation"):
         assert section in card.text
-    n_test = len(load_split(tmp_path / "data", "test"))
+    n_test = len(load_split(out / "data", "test"))
     assert f"| test | {n_test} | evaluation below |" in card.text and "Intended use and limits" in card.text
 
-
-def test_cli_fills_and_reuses_the_feature_cache(tmp_path, monkeypatch):
-    from iterwego import encoders
-
-    cache = tmp_path / "cache"
-    args = ["demo", "--out", str(tmp_path / "a"), "--stories", "20", "--quiet", "--cache-dir", str(cache), *FAST]
-    assert main(args) == 0
-    assert any(cache.rglob("*.safetensors"))
     calls = []
     orig = encoders.Encoder.featurize
     monkeypatch.setattr(
         encoders.Encoder, "featurize", lambda self, items, **kw: calls.append(len(items)) or orig(self, items, **kw)
     )
-    args[2] = str(tmp_path / "b")
-    assert main(args) == 0  # same seed, same data: every backbone feature comes from the cache
+    # the demo's own seed and preset: train and val features were cached by the demo's training
+    again = [
+        "train",
+        "--data",
+        str(out / "data"),
+        "--out",
+        str(tmp_path / "again"),
+        "--quiet",
+        "--cache-dir",
+        str(cache),
+    ]
+    assert main([*again, *FAST]) == 0
     assert calls == []
 
 

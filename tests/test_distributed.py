@@ -1,94 +1,57 @@
-"""Data-parallel training: 2 gloo processes equal 1 process with the same global batch."""
+"""Data-parallel training: 2 gloo processes (torchrun) equal 1 process with the same global batch."""
 
 from __future__ import annotations
 
+import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
-from iterwego.data.synth import SynthConfig, synthesize
+from conftest import TRAIN_ARGS
+from iterwego.apps.cli import main
 
+# On top of the shared run's arguments (conftest.TRAIN_ARGS), on its data (14 training stories, 3 validation).
 # A small learning rate keeps parity measurable: Adam turns pure float-noise gradients (attention key biases
 # have an exactly zero true gradient) into lr-sized steps, and the guidance threshold is discontinuous, so at
 # large rates 1e-7 differences in summation order grow; at 1e-5 both stay far below the 1e-6 tolerance.
+# Batches of 8 stories give each process 4 + 3 stories per epoch; validation batches of 2 stories give each
+# process one batch of the 3 validation stories, so the gathered validation metrics are really sharded.
 ARGS = [
-    "--quiet",
-    "--set",
-    "train.unimodal_epochs=1",
-    "--set",
-    "train.iterative_epochs=1",
-    "--set",
-    "aligner.epochs=1",
-    "--set",
-    "encoder.image_size=32",
-    "--set",
-    "train.num_threads=1",
-    "--set",
-    "orderer.dropout=0",
-    "--set",
-    "train.early_stop=0",
-    "--set",
-    "train.batch_size=8",
-    "--set",
-    "train.lr=1e-5",
-    "--set",
-    "train.eval_batch_size=3",
-]
+    *TRAIN_ARGS,
+    "--set", "train.unimodal_epochs=1",
+    "--set", "train.iterative_epochs=1",
+    "--set", "aligner.epochs=1",
+    "--set", "orderer.dropout=0",
+    "--set", "train.batch_size=8",
+    "--set", "train.lr=1e-5",
+    "--set", "train.eval_batch_size=2",
+]  # fmt: skip
 
 
-def _torchrun() -> list[str]:
+def _torchrun(data: Path, out: Path) -> tuple[list[str], dict]:
     exe = Path(sys.executable).with_name("torchrun")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    argv = [*launcher, "--standalone", "--nproc_per_node", "2", "-m", "iterwego", "train"]
+    return [*argv, "--data", str(data), "--out", str(out), *ARGS], {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def test_two_gloo_processes_match_one(tmp_path):
-    data = tmp_path / "data"
-    synthesize(data, SynthConfig(stories=40, seed=11, image_size=32))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(
-        [sys.executable, "-m", "iterwego", "train", "--data", str(data), "--out", str(tmp_path / "one"), *ARGS],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run(
-        [
-            *_torchrun(),
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "iterwego",
-            "train",
-            "--data",
-            str(data),
-            "--out",
-            str(tmp_path / "two"),
-            *ARGS,
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert two.returncode == 0, two.stderr[-2000:]
-    a, b = (
-        load_file(str(tmp_path / "one" / "model.safetensors")),
-        load_file(str(tmp_path / "two" / "model.safetensors")),
-    )
+@pytest.mark.early_start("torchrun-2-processes", _torchrun)  # runs while other tests do (conftest.early_runs)
+def test_two_gloo_processes_match_one(shared_data, early_runs, tmp_path):
+    one = tmp_path / "one"
+    assert main(["train", "--data", str(shared_data.path), "--out", str(one), *ARGS]) == 0
+    two = early_runs["torchrun-2-processes"]
+    r = two.wait()
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(two.out / "model.safetensors"))
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst <= 1e-6, worst
     # rank 0 alone wrote the run; validation metrics, evaluated in shards and gathered, equal one process's
-    import json
-
-    one_log = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
-    two_log = [json.loads(x) for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    one_log = [json.loads(x) for x in (one / "log.jsonl").read_text().splitlines()]
+    two_log = [json.loads(x) for x in (two.out / "log.jsonl").read_text().splitlines()]
     assert [(e["stage"], e["epoch"]) for e in one_log] == [(e["stage"], e["epoch"]) for e in two_log]
     for e1, e2 in zip(one_log, two_log):
         for k, v in e1.get("val", {}).items():

@@ -1,8 +1,10 @@
 """Reliability: crash safety, divergence, disk-full checkpoints, determinism across processes, atomic writes.
 
-tests/test_resume_order.py kills training once at each of two fixed points; here one training is
-killed three times in a row (SIGKILL at seeded-random log lines, one in each stage group), every
-restart is itself a `--resume`, and the end result must equal an uninterrupted run bit for bit.
+One training is killed three times in a row (SIGKILL at seeded-random log lines, one in each stage group:
+unimodal, aligner, iterative), every restart after the first is itself a `--resume`, and the end result must
+equal the uninterrupted shared run (tests/conftest.py) bit for bit. The killed attempts are forked from this
+process: a SIGKILL leaves no chance to clean up either way, and a fork skips a 3-5 s interpreter start. A whole
+run in a fresh interpreter with another hash seed must equal the shared run too.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import os
 import random
 import signal
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,58 +22,27 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
 
 import iterwego.training.recipe as train_mod
+from conftest import TRAIN_ARGS, assert_same_run, evaluate_json
 from iterwego.apps.cli import main
-from iterwego.data.synth import SynthConfig, synthesize
 from iterwego.errors import WriteError
 from iterwego.io import atomic_write_bytes
 
-TRAIN_ARGS = [
-    "--quiet",
-    "--set",
-    "train.unimodal_epochs=2",
-    "--set",
-    "train.iterative_epochs=2",
-    "--set",
-    "aligner.epochs=2",
-    "--set",
-    "encoder.image_size=32",
-    "--set",
-    "train.num_threads=1",
-    "--set",
-    "train.early_stop=0",
-]
-# log.jsonl lines of one run with TRAIN_ARGS: 1-2 unimodal-image, 3-4 unimodal-text, 5-6 aligner,
+# log.jsonl lines of the shared run (conftest.TRAIN_ARGS): 1-2 unimodal-image, 3-4 unimodal-text, 5-6 aligner,
 # 7 iterative epoch -1 (before guided training), 8-9 iterative epochs 0 and 1.
 STAGE_LINES = {"unimodal": (2, 4), "aligner": (5, 6), "iterative": (7, 8)}  # from 2: a checkpoint exists by then
 KILL_SEED = 7  # gives kill points [3, 5, 8]: unimodal-text epoch 0, aligner epoch 0, iterative epoch 0
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("reliability") / "data"
-    synthesize(d, SynthConfig(stories=20, seed=11, image_size=32), progress=False)
-    return d
+@pytest.fixture
+def data(trained_run) -> Path:
+    return trained_run.data
 
 
-def _evaluate(run: Path, data: Path, out: Path) -> dict:
-    assert main(["evaluate", "--data", str(data), "--run", str(run), "--quiet", "--json", str(out)]) == 0
-    return json.loads(out.read_text())
-
-
-@pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
-    """One uninterrupted run, trained in this process, and its test metrics."""
-    threads = torch.get_num_threads()
-    try:
-        root = tmp_path_factory.mktemp("reference")
-        run = root / "run"
-        assert main(["train", "--data", str(data), "--out", str(run), *TRAIN_ARGS]) == 0
-        yield {"run": run, "metrics": _evaluate(run, data, root / "metrics.json")}
-    finally:
-        torch.set_num_threads(threads)
+@pytest.fixture
+def train_args(trained_run) -> list[str]:
+    return trained_run.args
 
 
 def _env(hash_seed: int) -> dict:
@@ -79,61 +50,84 @@ def _env(hash_seed: int) -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONHASHSEED": str(hash_seed)}
 
 
-from test_resume_order import _log_lines  # noqa: E402  (shared with the 2-point resume test)
-from test_resume_order import _train_cmd as _cmd  # noqa: E402
+def _cli_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "iterwego", *args]
 
 
-def _assert_same_run(a: Path, b: Path) -> None:
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
-    assert (a / "log.jsonl").read_text() == (b / "log.jsonl").read_text()  # every loss and validation metric
-    ma, mb = (json.loads((r / "meta.json").read_text()) for r in (a, b))
-    assert ma["chosen_rounds"] == mb["chosen_rounds"]
+def _log_lines(run: Path) -> int:
+    try:
+        return len((run / "log.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
 
 
-def test_three_sigkills_then_resume_equal_an_uninterrupted_run(data, reference, tmp_path):
+def _fork_cli(argv: list[str]) -> int:
+    """Run ``iterwego ARGV`` in a forked child (output discarded); returns its pid. The child never returns."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child leaves through os._exit, past pytest and atexit handlers
+        rc = 70
+        try:
+            sink = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(sink, 1)
+            os.dup2(sink, 2)
+            sys.stdout = sys.stderr = open(os.devnull, "w")
+            rc = main(argv)
+        finally:
+            os._exit(rc)
+    return pid
+
+
+def _kill_at_line(pid: int, run: Path, k: int, what: str) -> None:
+    """SIGKILL the child once ``run``'s log has ``k`` lines; fail if it exited before."""
+    deadline = time.time() + 180
+    exited = None
+    while _log_lines(run) < k and time.time() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            exited = os.waitstatus_to_exitcode(status)
+            break
+        time.sleep(0.005)
+    if exited is None:
+        os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        exited = os.waitstatus_to_exitcode(status)
+    assert exited == -signal.SIGKILL, f"{what} came too late: the training exited with {exited}"
+
+
+def test_three_sigkills_then_resume_equal_an_uninterrupted_run(trained_run, data, train_args, tmp_path, capsys):
     rng = random.Random(KILL_SEED)
     points = [rng.randint(lo, hi) for lo, hi in STAGE_LINES.values()]
+    assert points == [3, 5, 8]  # one kill in each stage group (a new seed must keep that)
     run = tmp_path / "run"
-    cmd = _cmd("--data", str(data), "--out", str(run), *TRAIN_ARGS)
+    argv = ["train", "--data", str(data), "--out", str(run), *train_args]
     for i, k in enumerate(points):
-        p = subprocess.Popen(cmd, env=_env(101 + i), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.time() + 180
-        while _log_lines(run) < k and p.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        assert p.poll() is None, (
-            f"kill {i + 1} at log line {k} (points {points}) came too late: exit {p.returncode}, {p.stderr.read()!r}"
-        )
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        p.stderr.close()
+        _kill_at_line(_fork_cli(argv), run, k, f"kill {i + 1} at log line {k} (points {points})")
         assert (run / "train_state.pt").is_file(), f"no checkpoint after the kill at line {k}"
         assert not (run / "model.safetensors").exists()
-        cmd = _cmd("--resume", str(run), "--quiet")  # every restart after the first kill is a resume
-    r = subprocess.run(cmd, env=_env(200), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    _assert_same_run(reference["run"], run)
-    assert _evaluate(run, data, tmp_path / "metrics.json") == reference["metrics"]
+        assert not [p.name for p in run.iterdir() if p.name.endswith(".tmp")]  # atomic writes only
+        argv = ["train", "--resume", str(run), "--quiet"]  # every restart after the first kill is a resume
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err  # the last resume runs to the end, here
+    assert_same_run(trained_run.run, run)
+    assert evaluate_json(run, data, tmp_path / "metrics.json") == trained_run.metrics
 
 
-def test_same_seed_gives_identical_metrics_in_a_fresh_process(data, reference, tmp_path):
-    """tests/test_train_smoke.py trains twice in one process; this run is another interpreter with another hash seed."""
-    run = tmp_path / "run"
-    r = subprocess.run(
-        _cmd("--data", str(data), "--out", str(run), *TRAIN_ARGS),
-        env=_env(7),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr
-    assert _evaluate(run, data, tmp_path / "metrics.json") == reference["metrics"]
-    _assert_same_run(reference["run"], run)
+def _fresh_process(data: Path, out: Path) -> tuple[list[str], dict]:
+    return _cli_cmd("train", "--data", str(data), "--out", str(out), *TRAIN_ARGS), _env(7)
 
 
-def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(data, tmp_path, monkeypatch, capsys):
+@pytest.mark.early_start("fresh-process-train", _fresh_process)
+def test_same_seed_gives_identical_metrics_in_a_fresh_process(trained_run, early_runs, tmp_path):
+    """tests/test_train_smoke.py trains twice in one process; this run is another interpreter with another hash seed
+    (started with the session, see conftest.early_runs)."""
+    run = early_runs["fresh-process-train"]
+    r = run.wait()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_same_run(trained_run.run, run.out)
+    assert evaluate_json(run.out, trained_run.data, tmp_path / "metrics.json") == trained_run.metrics
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(data, train_args, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     real = train_mod.pair_loss
 
@@ -144,7 +138,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(data, tmp_path, m
 
     monkeypatch.setattr(train_mod, "pair_loss", poisoned)
     capsys.readouterr()
-    rc = main(["train", "--data", str(data), "--out", str(run), *TRAIN_ARGS])
+    rc = main(["train", "--data", str(data), "--out", str(run), *train_args])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
     assert (
@@ -159,7 +153,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(data, tmp_path, m
     assert [json.loads(x)["epoch"] for x in (run / "log.jsonl").read_text().splitlines()] == [0]
 
 
-def test_disk_full_at_a_checkpoint_keeps_the_previous_one(data, tmp_path, monkeypatch, capsys):
+def test_disk_full_at_a_checkpoint_keeps_the_previous_one(data, train_args, tmp_path, monkeypatch, capsys):
     if not Path("/proc/self/fd").is_dir():
         pytest.skip("needs /proc to tell which file is being synced")
     run = tmp_path / "run"
@@ -174,7 +168,7 @@ def test_disk_full_at_a_checkpoint_keeps_the_previous_one(data, tmp_path, monkey
 
     monkeypatch.setattr(os, "fsync", full_disk)
     capsys.readouterr()
-    rc = main(["train", "--data", str(data), "--out", str(run), *TRAIN_ARGS])
+    rc = main(["train", "--data", str(data), "--out", str(run), *train_args])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1, err
     assert str(run / "train_state.pt") in err[0] and "No space left on device" in err[0]

@@ -30,7 +30,6 @@ from iterwego.apps.cli import main
 from iterwego.apps.order import order_stories, stories_from_args
 from iterwego.apps.serve import MAX_BODY_BYTES, MAX_ITEMS, OrderService, cmd_serve, make_server, register, run_server
 from iterwego.data.readers import load_split
-from iterwego.data.synth import SynthConfig, synthesize
 from iterwego.errors import IterWeGOError, ModelLoadError
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -50,33 +49,8 @@ DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "app.png"
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> SimpleNamespace:
-    root = tmp_path_factory.mktemp("serve")
-    data, run = root / "data", root / "run"
-    synthesize(data, SynthConfig(stories=24, seed=7, image_size=32))
-    assert (
-        main(
-            [
-                "train",
-                "--data",
-                str(data),
-                "--out",
-                str(run),
-                "--quiet",
-                "--set",
-                "train.unimodal_epochs=1",
-                "--set",
-                "train.iterative_epochs=1",
-                "--set",
-                "aligner.epochs=1",
-                "--set",
-                "encoder.image_size=32",
-                "--set",
-                "train.num_threads=1",
-            ]
-        )
-        == 0
-    )
+def trained(trained_run) -> SimpleNamespace:
+    data, run = trained_run.data, trained_run.run
     story = next(s for s in load_split(data, "test") if len(s.items) >= 3)
     items = story.items[:3]
     # presented out of gold order, images and sentences shuffled differently, as a user would paste them
@@ -298,12 +272,48 @@ def test_busy_port_and_missing_run_are_user_errors(app, tmp_path):
 
 
 # ----------------------------------------------------------------------------- real browser
-@pytest.mark.skipif(
+needs_chromium = pytest.mark.skipif(
     not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} not installed (apt-get install -y chromium chromium-driver)"
 )
-def test_browser_orders_like_the_cli(app, tmp_path, capsys):
+
+
+def _chrome(tmp_path: Path, downloads: Path | None = None):
+    """Debian's headless chromium through Debian's chromedriver."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in CHROME_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]:
+        opts.add_argument(flag)
+    if downloads is not None:
+        opts.add_experimental_option(
+            "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
+        )
+    return webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
+
+
+def _choose(driver, files: list[str], sentences: list[str]) -> None:
+    from selenium.webdriver.common.by import By
+
+    box = driver.find_element(By.ID, "images")
+    box.clear()
+    box.send_keys("\n".join(files))
+    area = driver.find_element(By.ID, "sentences")
+    area.clear()
+    area.send_keys("\n".join(sentences))
+
+
+def _result_drawn(n: int):
+    from selenium.webdriver.common.by import By
+
+    return lambda d: (
+        d.find_element(By.ID, "result").is_displayed() and len(d.find_elements(By.CSS_SELECTOR, "#strip .card")) == n
+    )
+
+
+@needs_chromium
+def test_browser_orders_like_the_cli(app, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -330,32 +340,11 @@ def test_browser_orders_like_the_cli(app, tmp_path, capsys):
 
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in CHROME_FLAGS + [f"--user-data-dir={tmp_path / 'profile'}"]:
-        opts.add_argument(flag)
-    opts.add_experimental_option(
-        "prefs", {"download.default_directory": str(downloads), "download.prompt_for_download": False}
-    )
-    driver = webdriver.Chrome(options=opts, service=Service(executable_path=CHROMEDRIVER))
+    driver = _chrome(tmp_path, downloads)
     wait = WebDriverWait(driver, 30, poll_frequency=0.02)
-    timings = {}
     try:
-        t0 = time.perf_counter()
         driver.get(app.url)
         wait.until(lambda d: d.find_element(By.ID, "limits").text)  # /api/info answered and drawn
-        timings["page_load_s"] = time.perf_counter() - t0
-        timings["page_load_event_ms"] = driver.execute_script(
-            "const n = performance.getEntriesByType('navigation')[0]; return n.loadEventEnd - n.startTime;"
-        )
-
-        def choose(files: list[str], sentences: list[str]) -> None:
-            box = driver.find_element(By.ID, "images")
-            box.clear()
-            box.send_keys("\n".join(files))
-            area = driver.find_element(By.ID, "sentences")
-            area.clear()
-            area.send_keys("\n".join(sentences))
 
         def cards(what: str) -> list[int]:
             return [
@@ -366,7 +355,7 @@ def test_browser_orders_like_the_cli(app, tmp_path, capsys):
         # a file that is not an image: a clear message, nothing drawn
         bad = tmp_path / "holiday-notes.txt"
         bad.write_text("not a picture")
-        choose([str(bad), *app.images[1:]], app.sentences)
+        _choose(driver, [str(bad), *app.images[1:]], app.sentences)
         driver.find_element(By.ID, "order").click()
         wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
         assert "holiday-notes.txt" in driver.find_element(By.ID, "error").text
@@ -375,17 +364,9 @@ def test_browser_orders_like_the_cli(app, tmp_path, capsys):
         driver.save_screenshot(str(tmp_path / "app-error.png"))
 
         # then a valid album in the same page
-        choose(app.images, app.sentences)
-        t0 = time.perf_counter()
+        _choose(driver, app.images, app.sentences)
         driver.find_element(By.ID, "order").click()
-        wait.until(
-            lambda d: (
-                d.find_element(By.ID, "result").is_displayed()
-                and len(d.find_elements(By.CSS_SELECTOR, "#strip .card")) == 3
-            )
-        )
-        timings["press_to_result_s"] = time.perf_counter() - t0
-        timings["press_to_result_page_ms"] = float(driver.execute_script("return document.body.dataset.orderMs"))
+        wait.until(_result_drawn(3))
         assert not driver.find_element(By.ID, "error").is_displayed()
 
         v = cli["variants"]
@@ -425,6 +406,34 @@ def test_browser_orders_like_the_cli(app, tmp_path, capsys):
         driver.save_screenshot(str(shot))
         if os.environ.get("ITERWEGO_UPDATE_SCREENSHOT"):
             shutil.copyfile(shot, DOCS_SCREENSHOT)
+    finally:
+        driver.quit()
+
+
+@pytest.mark.benchmark
+@needs_chromium
+def test_browser_timings(app, tmp_path, capsys):
+    """Page load and press-to-result times in a real browser (printed and written, never asserted)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = _chrome(tmp_path)
+    wait = WebDriverWait(driver, 30, poll_frequency=0.02)
+    timings = {}
+    try:
+        t0 = time.perf_counter()
+        driver.get(app.url)
+        wait.until(lambda d: d.find_element(By.ID, "limits").text)
+        timings["page_load_s"] = time.perf_counter() - t0
+        timings["page_load_event_ms"] = driver.execute_script(
+            "const n = performance.getEntriesByType('navigation')[0]; return n.loadEventEnd - n.startTime;"
+        )
+        _choose(driver, app.images, app.sentences)
+        t0 = time.perf_counter()
+        driver.find_element(By.ID, "order").click()
+        wait.until(_result_drawn(3))
+        timings["press_to_result_s"] = time.perf_counter() - t0
+        timings["press_to_result_page_ms"] = float(driver.execute_script("return document.body.dataset.orderMs"))
     finally:
         driver.quit()
     (tmp_path / "timings.json").write_text(json.dumps(timings, indent=2))

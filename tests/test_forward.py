@@ -1,0 +1,397 @@
+"""``IterWeGO.forward`` is the paper's figure: checked stage by stage against plain-torch references.
+
+A tiny model with stand-in encoders (the features are the item vectors) and every parameter set from a
+seeded generator is compared, at 1e-5, with computations written out below in float64 with loops over
+items and pairs, independently of iterwego's modules: (i) the orderers' pair logits (attention by hand,
+post-norm residuals, the pair head on [h_i; h_j]), (ii) the aligner's scores, (iii) guidance rounds (a loop
+over the confident pairs of the source), (iv) the fused logits, and (v) one phase of iterative training.
+
+Then: ``order_stories`` and the ``Evaluator`` (the two callers of forward) give the same logits and orders
+for the same presentation, and a run saved by iterwego 0.1.0 still loads and computes what 0.1.0 computed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from iterwego.batch import Batch
+from iterwego.config import AlignerConfig, Config, GuidanceConfig, OrdererConfig
+from iterwego.encoders import Encoder, L2Head
+from iterwego.model import IterWeGO
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+D_IMG, D_TXT, D, HEADS = 6, 8, 8, 2
+GUIDANCE = GuidanceConfig(
+    threshold_t2i=0.8, threshold_i2t=0.75, weight_t2i=1.0, weight_i2t=0.5, eval_rule="any", train_rule="class0"
+)
+# two stories: 4 items, and 3 items + padding; rows into the feature tensors deliberately out of order
+INDEX = {
+    "image": torch.tensor([[2, 0, 3, 1], [6, 4, 5, -1]]),
+    "text": torch.tensor([[1, 3, 0, 2], [5, 6, 4, -1]]),
+}
+POS = {  # gold position of the item shown at each slot
+    "image": torch.tensor([[2, 0, 3, 1], [1, 2, 0, -1]]),
+    "text": torch.tensor([[3, 1, 0, 2], [0, 2, 1, -1]]),
+}
+LENGTHS = [4, 3]
+
+
+def stand_in(modality: str, dim: int) -> Encoder:
+    """An encoder without a backbone whose head passes the features through: they are the item vectors."""
+    return Encoder(modality, f"stand-in-{modality}", None, lambda: L2Head(dim), dim)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(model, params by state-dict name in float64, batch): a fixed-init model in eval mode."""
+    cfg = Config(
+        orderer=OrdererConfig(d_model=D, layers=2, heads=HEADS, ffn=12, dropout=0.3),
+        aligner=AlignerConfig(kind="learned", dim=5, mapping="argmax"),
+        guidance=GUIDANCE,
+    )
+    model = IterWeGO(cfg, stand_in("image", D_IMG), stand_in("text", D_TXT))
+    g = torch.Generator().manual_seed(0)
+    params = {}
+    for name, t in model.state_dict().items():
+        v = torch.randn(t.shape, generator=g, dtype=torch.float64)
+        if name.endswith("norm.weight"):
+            v = 1.0 + 0.2 * v
+        elif name.endswith("classifier.classifier.weight"):
+            v = 1.0 * v  # pair logits from undecided to confident, on both sides of the thresholds
+        elif name.endswith("bias"):
+            v = 0.1 * v
+        else:
+            v = 0.3 * v  # small next to the residual stream: items stay distinct through the layers
+        params[name] = v
+    model.load_state_dict({k: v.float() for k, v in params.items()})
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    feats = {"image": torch.randn(7, D_IMG, generator=g), "text": torch.randn(7, D_TXT, generator=g)}
+    batch = Batch([0, 1], {k: v.clone() for k, v in INDEX.items()}, {k: v.clone() for k, v in POS.items()}, feats)
+    params = {k: v.double() for k, v in params.items()}  # the reference reads the same numbers, in float64
+    return model, params, batch
+
+
+# --------------------------------------------------------------------------- plain-torch references
+def linear(P: dict, name: str, x: torch.Tensor) -> torch.Tensor:
+    return P[name + ".weight"] @ x + P[name + ".bias"]
+
+
+def layer_norm(P: dict, name: str, x: torch.Tensor) -> torch.Tensor:
+    mean = x.mean()
+    var = ((x - mean) ** 2).mean()
+    return (x - mean) / math.sqrt(var + 1e-5) * P[name + ".weight"] + P[name + ".bias"]
+
+
+def ref_pair_logits(P: dict, m: str, items: list[torch.Tensor]) -> torch.Tensor:
+    """(n, n, 2) pair logits of one story's items, as the paper's orderer computes them."""
+    x = [linear(P, f"{m}.proj", v) if f"{m}.proj.weight" in P else v for v in items]
+    n, dh = len(x), D // HEADS
+    for layer in range(2):
+        p = f"{m}.encoder.layers.{layer}."
+        q = [linear(P, p + "self_attn.linears.0", v) for v in x]
+        k = [linear(P, p + "self_attn.linears.1", v) for v in x]
+        val = [linear(P, p + "self_attn.linears.2", v) for v in x]
+        attended = []
+        for i in range(n):
+            heads = []
+            for h in range(HEADS):
+                sl = slice(h * dh, (h + 1) * dh)
+                w = torch.softmax(torch.stack([q[i][sl] @ k[j][sl] / math.sqrt(dh) for j in range(n)]), 0)
+                heads.append(sum(w[j] * val[j][sl] for j in range(n)))
+            attended.append(linear(P, p + "self_attn.linears.3", torch.cat(heads)))
+        x = [layer_norm(P, p + "sublayer.0.norm", x[i] + attended[i]) for i in range(n)]
+        ffn = [linear(P, p + "feed_forward.w_2", torch.relu(linear(P, p + "feed_forward.w_1", v))) for v in x]
+        x = [layer_norm(P, p + "sublayer.1.norm", x[i] + ffn[i]) for i in range(n)]
+    out = torch.zeros(n, n, 2, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            hidden = torch.tanh(linear(P, f"{m}.classifier.linear", torch.cat([x[i], x[j]])))
+            out[i, j] = linear(P, f"{m}.classifier.classifier", hidden)
+    return out
+
+
+def ref_embed(P: dict, m: str, v: torch.Tensor) -> torch.Tensor:
+    e = linear(P, f"aligner.{m}_proj.2", torch.relu(linear(P, f"aligner.{m}_proj.0", v)))
+    return e / e.norm()
+
+
+def story_items(batch: Batch, m: str, b: int) -> list[torch.Tensor]:
+    return [batch.feats[m][int(r)].double() for r in batch.index[m][b, : LENGTHS[b]]]
+
+
+def ref_stage_outputs(P: dict, batch: Batch) -> list[dict]:
+    """Per story: round-0 logits, aligner scores and the argmax mappings, all by hand."""
+    out = []
+    for b, n in enumerate(LENGTHS):
+        img, txt = story_items(batch, "image", b), story_items(batch, "text", b)
+        ei, et = [ref_embed(P, "image", v) for v in img], [ref_embed(P, "text", v) for v in txt]
+        scores = torch.tensor([[float(sum(ei[i] * et[j])) for j in range(n)] for i in range(n)], dtype=torch.float64)
+        out.append(
+            {
+                "image": ref_pair_logits(P, "image", img),
+                "text": ref_pair_logits(P, "text", txt),
+                "scores": scores,
+                "i2t": [int(scores[i].argmax()) for i in range(n)],
+                "t2i": [int(scores[:, j].argmax()) for j in range(n)],
+            }
+        )
+    return out
+
+
+def ref_guide(target, source, a, threshold, weight, select) -> tuple[torch.Tensor, int, int]:
+    """target[a(i), a(j)] += weight * source[i, j] for each off-diagonal source pair that ``select`` accepts."""
+    out, used, skipped = target.clone(), 0, 0
+    n = source.shape[0]
+    for i in range(n):
+        for j in range(n):
+            if i == j:
+                continue
+            p = torch.softmax(source[i, j], 0)
+            assert abs(float(p.max()) - threshold) > 1e-4, "a pair this close to theta makes the test fragile"
+            if select(p, threshold):
+                out[a[i], a[j]] += weight * source[i, j]
+                used += 1
+            else:
+                skipped += 1
+    return out, used, skipped
+
+
+def any_class(p, thr) -> bool:
+    return bool(p.max() > thr)
+
+
+def best_one_to_one(scores: torch.Tensor) -> list[int]:
+    n = scores.shape[0]
+    return list(max(itertools.permutations(range(n)), key=lambda s: sum(float(scores[i, s[i]]) for i in range(n))))
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- the figure, stage by stage
+def test_orderer_pair_logits_and_aligner_scores_equal_the_hand_computation(tiny):
+    model, P, batch = tiny
+    with torch.no_grad():
+        fw = model(batch, 0)
+    ref = ref_stage_outputs(P, batch)
+    assert len(fw.image) == len(fw.text) == 1
+    for b, n in enumerate(LENGTHS):
+        close(fw.image[0][b, :n, :n], ref[b]["image"])  # (i)
+        close(fw.text[0][b, :n, :n], ref[b]["text"])
+        close(fw.scores[b, :n, :n], ref[b]["scores"])  # (ii)
+        assert fw.i2t[b, :n].tolist() == ref[b]["i2t"] and fw.t2i[b, :n].tolist() == ref[b]["t2i"]
+    assert fw.i2t[1, 3] == fw.t2i[1, 3] == -1  # padding maps nowhere
+
+
+def test_guidance_rounds_equal_a_loop_over_confident_pairs(tiny):
+    model, P, batch = tiny
+    with torch.no_grad():
+        fw = model(batch, 2)
+    ref = ref_stage_outputs(P, batch)
+    used = skipped = 0
+    for b, n in enumerate(LENGTHS):
+        img, txt = ref[b]["image"], ref[b]["text"]
+        for r in (1, 2):  # each round: text guides images, then the updated images guide text
+            img, u1, s1 = ref_guide(img, txt, ref[b]["t2i"], GUIDANCE.threshold_t2i, GUIDANCE.weight_t2i, any_class)
+            txt, u2, s2 = ref_guide(txt, img, ref[b]["i2t"], GUIDANCE.threshold_i2t, GUIDANCE.weight_i2t, any_class)
+            close(fw.image[r][b, :n, :n], img)  # (iii)
+            close(fw.text[r][b, :n, :n], txt)
+            used, skipped = used + u1 + u2, skipped + s1 + s2
+    assert used and skipped  # some pairs guide and some do not: the thresholds are exercised
+
+
+def test_fused_logits_sum_image_and_aligned_sentence_logits(tiny):
+    model, P, batch = tiny
+    with torch.no_grad():
+        fw = model(batch, 1)
+    ref = ref_stage_outputs(P, batch)
+    for b, n in enumerate(LENGTHS):
+        pairing = best_one_to_one(ref[b]["scores"])
+        assert fw.pairing[b, :n].tolist() == pairing
+        want = ref[b]["image"].clone()
+        for i in range(n):
+            for j in range(n):
+                want[i, j] += ref[b]["text"][pairing[i], pairing[j]]
+        close(fw.fused[b, :n, :n], want)  # (iv)
+
+
+@pytest.mark.parametrize("target", ["image", "text"])
+def test_guided_loss_is_the_pair_loss_under_training_guidance(tiny, target):
+    """One phase of iterative learning: class-0 pairs of the other modality guide, then cross-entropy on gold order."""
+    model, P, batch = tiny
+    src = "text" if target == "image" else "image"
+    thr, lam = (
+        (GUIDANCE.threshold_t2i, GUIDANCE.weight_t2i)
+        if target == "image"
+        else (GUIDANCE.threshold_i2t, GUIDANCE.weight_i2t)
+    )
+    ref = ref_stage_outputs(P, batch)
+    total, pairs = 0.0, 0
+    for b, n in enumerate(LENGTHS):
+        a = ref[b]["t2i"] if target == "image" else ref[b]["i2t"]
+        guided, _, _ = ref_guide(ref[b][target], ref[b][src], a, thr, lam, lambda p, t: bool(p[0] > t))
+        pos = POS[target][b]
+        for i in range(n):
+            for j in range(n):
+                if i != j:
+                    label = int(pos[i] < pos[j])
+                    total -= float(torch.log_softmax(guided[i, j], 0)[label])
+                    pairs += 1
+    with torch.no_grad():
+        mean = model.guided_loss(batch, target)
+        summed = model.guided_loss(batch, target, normalizer=100)
+    assert float(mean) == pytest.approx(total / pairs, abs=1e-5)  # (v)
+    assert float(summed) == pytest.approx(total / 100, abs=1e-5)
+
+
+# --------------------------------------------------------------------------- the two callers of forward
+def _guidance_that_fires(model, batch, rounds: int) -> float:
+    """Set (and return) a guidance threshold, both directions, that some pairs pass and others do not, far from
+    every pair's probability in every round, so that float rounding between a batch of stories and a single
+    story cannot flip a pair. The shared run trains briefly: at its own 0.8 no pair would pass."""
+    off = lambda v: v[:, :, None] & v[:, None, :] & ~torch.eye(v.shape[1], dtype=torch.bool)  # noqa: E731
+    with torch.no_grad():
+        fw0 = model(batch, 0)
+    probs = torch.cat([getattr(fw0, m)[0].softmax(-1).max(-1).values[off(batch.valid(m))] for m in ("image", "text")])
+    p = probs.sort().values
+    lo, hi = len(p) // 4, 3 * len(p) // 4
+    gaps = sorted(range(lo, hi), key=lambda k: float(p[k + 1] - p[k]), reverse=True)
+    for k in gaps[:20]:
+        thr = float(p[k] + p[k + 1]) / 2
+        model.cfg.guidance.threshold_t2i = model.cfg.guidance.threshold_i2t = thr
+        with torch.no_grad():
+            fw = model(batch, rounds)
+        sources = [fw.text[r - 1] for r in range(1, rounds + 1)] + [fw.image[r] for r in range(1, rounds + 1)]
+        mods = ["text"] * rounds + ["image"] * rounds
+        margin = min(
+            float((lg.softmax(-1).max(-1).values[off(batch.valid(m))] - thr).abs().min())
+            for lg, m in zip(sources, mods)
+        )
+        fired = any(not torch.equal(fw.image[r], fw.image[0]) for r in range(1, rounds + 1))
+        if margin > 1e-4 and fired:
+            return thr
+    pytest.fail("no guidance threshold with a safe margin")
+
+
+def test_order_stories_and_the_evaluator_give_the_same_logits_and_orders(trained_run):
+    """The same stories, presented in the same item order, through `order` and through evaluation."""
+    from iterwego.apps.order import _story_batch, order_story
+    from iterwego.data.features import build_features
+    from iterwego.data.readers import load_split
+    from iterwego.model import load_run
+    from iterwego.training.evaluator import Evaluator
+
+    model, _ = load_run(trained_run.run)
+    stories = [s for split in ("test", "val") for s in load_split(trained_run.data, split)]
+    sets, feats = build_features(model.encoders(), {"x": stories})
+    ev = Evaluator(sets["x"], feats, seed=5, rounds=2)
+    assert len(ev.batches) == 1 and ev.batches[0].ids == list(range(len(stories)))
+    batch = ev.batches[0]
+    _guidance_that_fires(model, batch, 2)
+    res = ev(model, keep_orders=True)
+    with torch.no_grad():
+        fw_e = model(batch, 2)
+    shuffled_apart = 0  # stories whose images and sentences are shown in different orders
+    for k, s in enumerate(stories):
+        n = len(s.items)
+        pos_i, pos_t = batch.pos["image"][k, :n].tolist(), batch.pos["text"][k, :n].tolist()
+        shuffled_apart += pos_i != pos_t
+        imgs = [s.items[p].image for p in pos_i]  # the evaluator's presentation, slot by slot
+        sents = [s.items[p].sentence for p in pos_t]
+        with torch.no_grad():
+            fw_o = model(_story_batch(model, s.id, imgs, sents), 2)
+        for m in ("image", "text"):
+            for r in range(3):
+                close(getattr(fw_o, m)[r][0], getattr(fw_e, m)[r][k, :n, :n].double())
+        close(fw_o.scores[0], fw_e.scores[k, :n, :n].double())
+        close(fw_o.fused[0], fw_e.fused[k, :n, :n].double())
+        assert fw_o.pairing[0].tolist() == fw_e.pairing[k, :n].tolist()
+        gold_i = lambda order: [pos_i[t] for t in order]  # noqa: E731
+        gold_t = lambda order: [pos_t[t] for t in order]  # noqa: E731
+        for r in range(3):
+            out = order_story(model, _presented(s.id, imgs, sents), chosen_rounds={"image": r, "text": r})
+            v = out["variants"]
+            assert gold_i(v["guided"]["image_order"]) == res.orders[f"image/round{r}"][k], (s.id, r)
+            assert gold_t(v["guided"]["sentence_order"]) == res.orders[f"text/round{r}"][k], (s.id, r)
+            if r == 0:
+                assert gold_i(v["image_only"]["order"]) == res.orders["image/round0"][k]
+                assert gold_t(v["text_only"]["order"]) == res.orders["text/round0"][k]
+            assert gold_i(v["fused"]["image_order"]) == res.orders["fused/image"][k]
+            assert gold_t(v["fused"]["sentence_order"]) == res.orders["fused/text"][k]
+    assert shuffled_apart  # so that pairing images and sentences by position would show
+    changed = [
+        k
+        for k, s in enumerate(stories)
+        if any(
+            res.orders[f"{m}/round{r}"][k] != res.orders[f"{m}/round0"][k] for m in ("image", "text") for r in (1, 2)
+        )
+    ]
+    assert changed, "guidance changed no story's order: the comparison of rounds would be vacuous"
+
+
+def _presented(sid, imgs, sents):
+    from iterwego.data.readers import Item, Story
+
+    return Story(sid, [Item(image=i, sentence=t) for i, t in zip(imgs, sents)])
+
+
+# --------------------------------------------------------------------------- a run saved by 0.1.0
+FIXTURE = Path(__file__).parent / "data" / "run_v0_1"  # written by make_fixture.py there, with iterwego 0.1.0
+
+
+def test_a_run_saved_by_0_1_loads_and_computes_what_0_1_computed(tmp_path):
+    from iterwego.apps.order import _story_batch, order_stories
+
+    run = tmp_path / "moved"  # a copy elsewhere: backbone paths are relative to the run, identities portable
+    shutil.copytree(FIXTURE, run, ignore=shutil.ignore_patterns("*.py", "expected.json"))
+    expected = json.loads((FIXTURE / "expected.json").read_text())
+    assert expected["iterwego"] == "0.1.0"
+    model = IterWeGO.from_pretrained(run)
+    # the state-dict keys and the config format did not change
+    saved = load_file(str(run / "model.safetensors"))
+    own = model.state_dict()
+    assert sorted(own) == sorted(saved)
+    assert all(torch.equal(own[k], saved[k]) for k in saved)
+    assert model.cfg.to_dict() == json.loads((run / "config.json").read_text())
+    assert model.meta["versions"]["iterwego"] == "0.1.0"
+
+    imgs = [str(run / "album" / name) for name in expected["images"]]
+    with torch.no_grad():
+        fw = model(_story_batch(model, "album", imgs, expected["sentences"]), 2)
+    for m in ("image", "text"):
+        for r in range(3):
+            close(getattr(fw, m)[r][0], torch.tensor(expected[m][r], dtype=torch.float64))
+    assert not torch.equal(fw.image[1], fw.image[0]) and not torch.equal(fw.text[2], fw.text[1])  # guidance acts
+    close(fw.scores[0], torch.tensor(expected["scores"], dtype=torch.float64))
+    assert fw.i2t[0].tolist() == expected["i2t"] and fw.t2i[0].tolist() == expected["t2i"]
+    assert fw.pairing[0].tolist() == expected["pairing"]
+    close(fw.fused[0], torch.tensor(expected["fused"], dtype=torch.float64))
+
+    got = order_stories(
+        model, [_presented("album", imgs, expected["sentences"])], chosen_rounds=model.meta["chosen_rounds"]
+    )[0]
+    got["images"] = [Path(p).name for p in got["images"]]
+    assert_same_result(got, expected["order"])
+
+
+def assert_same_result(got: dict, want: dict) -> None:
+    """Equal orders, pairing, modes and names; floats (confidences, pairing scores) within 1e-6."""
+    assert got.keys() == want.keys()
+    for k, w in want.items():
+        if isinstance(w, dict):
+            assert_same_result(got[k], w)
+        elif isinstance(w, list) and w and isinstance(w[0], float):
+            assert got[k] == pytest.approx(w, abs=1e-6), k
+        else:
+            assert got[k] == w, k
