@@ -139,9 +139,9 @@ def test_compile_and_bf16_autocast_train_and_reload(tmp_path):
     assert not any("_orig_mod" in k for k in model.state_dict())
 
 
-def test_authors_protocol_is_printed_beside_the_validation_chosen_result(trained, tmp_path, capsys):
+def test_authors_protocol_is_printed_beside_the_validation_chosen_result(trained_run, tmp_path, capsys):
     """`evaluate --authors-protocol` adds the authors' test-chosen tsort row; the validation-chosen result stays."""
-    data, run = str(trained["data"]), str(trained["a"]["run"])
+    data, run = str(trained_run.data), str(trained_run.run)
     base = ["evaluate", "--data", data, "--run", run, "--quiet", "--json"]
     assert main([*base, str(tmp_path / "a.json"), "--authors-protocol"]) == 0
     out = capsys.readouterr().out
@@ -155,4 +155,4 @@ def test_authors_protocol_is_printed_beside_the_validation_chosen_result(trained
         rounds = tsort[mod]["rounds"]
         best = max((1, 2, 3), key=lambda r: (rounds[r]["acc"], -r))  # the best test Acc, the first on ties
         assert authors[mod] == {"round": best, **rounds[best]}
-    assert report == json.loads(trained["a"]["json"].read_text())  # the flag changes nothing else
+    assert report == trained_run.metrics  # the flag changes nothing else

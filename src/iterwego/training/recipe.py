@@ -582,6 +582,8 @@ def resume_recipe(run: str | Path, *, progress: bool = True, log=print, cache=No
         cfg = Config.from_dict(a["config"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ModelLoadError) as err:
         raise ModelLoadError(f"{args_path}: unusable ({type(err).__name__}: {err})") from None
+    for tmp in Path(run).glob(".*.tmp"):  # atomic writes cut short by the kill that interrupted the run
+        tmp.unlink(missing_ok=True)
     r = TrainRecipe(
         cfg,
         a["data"],
