@@ -24,8 +24,11 @@ def test_demo_runs_end_to_end_small(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--stories", "30", "--quiet", *FAST]) == 0
     out = capsys.readouterr().out
     assert "unimodal (round 0)" in out and "fused decoding" in out and "ceilings" in out
+    # half the demo's photos carry EXIF times: labelled rows use them, the rows above ignore them
+    assert "guided + capture times (val-chosen: img" in out and "fused decoding + capture times" in out
     rep = json.loads((tmp_path / "test_metrics.json").read_text())
-    assert set(rep) == {"image", "text", "fused", "alignment_accuracy"}
+    assert set(rep) == {"image", "text", "fused", "alignment_accuracy", "capture_time"}
+    assert 0.2 < rep["capture_time"]["placed_by_time"] < 0.6
     assert (tmp_path / "report.html").is_file() and (tmp_path / "run" / "model.safetensors").is_file()
 
 
