@@ -1,4 +1,4 @@
-"""EXIF capture times: read, compared only where comparable, never contradicted by any decoder, never used unasked."""
+"""EXIF capture times: read, compared within one camera only, never contradicted by any decoder, never used unasked."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def _ct(hh: int, mm: int = 0, *, camera="A", offset_h: float | None = None) -> C
 
 
 def _broken(order, times: list) -> list[tuple[int, int]]:
-    """Pairs (i, j) of gold items with comparable known times t_i < t_j that ``order`` puts j first."""
+    """Pairs (i, j) of gold items with known same-camera times t_i < t_j that ``order`` puts j first."""
     pos = {item: k for k, item in enumerate(order)}
     return [
         (i, j)
@@ -77,7 +77,7 @@ def test_reads_datetime_original_with_subseconds_offset_and_camera(tmp_path):
     jpg = _photo(tmp_path / "a.jpg", "2024:05:01 09:15:30", model="Pixel 8 ", subsec="25", offset="+02:00")
     t = read_capture_time(jpg)
     assert t == CaptureTime(datetime(2024, 5, 1, 9, 15, 30, 250000), timedelta(hours=2), "Pixel 8")
-    assert t.iso() == "2024-05-01T09:15:30.250000+02:00" and t.instant == datetime(2024, 5, 1, 7, 15, 30, 250000)
+    assert t.iso() == "2024-05-01T09:15:30.250000+02:00" and t.utc == datetime(2024, 5, 1, 7, 15, 30, 250000)
     png = _photo(tmp_path / "b.png", "2023:12:31 23:59:59", model="X100")  # PNG eXIf round-trips through Pillow
     assert read_capture_time(png) == CaptureTime(datetime(2023, 12, 31, 23, 59, 59), None, "X100")
     assert read_capture_time(_photo(tmp_path / "c.jpg", "2024:01:02 03:04:05", ifd0=True)).camera == ""
@@ -89,17 +89,20 @@ def test_reads_datetime_original_with_subseconds_offset_and_camera(tmp_path):
     assert read_capture_times([str(tmp_path / "h.jpg"), None, str(tmp_path / "missing.jpg")]) == [None] * 3
 
 
-def test_only_comparable_distinct_times_are_evidence():
-    times = [_ct(9), _ct(18), _ct(12, camera="B"), _ct(9), None, _ct(10, offset_h=0)]
+def test_only_distinct_times_of_one_camera_are_evidence():
+    times = [_ct(9), _ct(18), _ct(12, camera="B"), _ct(9), None, _ct(10, offset_h=-7)]
     b = precedence(times)
     assert b[0, 1] and not b[1, 0]
     assert not b[:, 2].any() and not b[2].any()  # another camera: its clock may be off
     assert not b[0, 3] and not b[3, 0] and b[3, 1]  # equal times are no evidence
     assert not b[4].any() and not b[:, 4].any()  # no time
-    assert not b[5].any() and not b[:, 5].any()  # only this one has a UTC offset
-    assert placed_by_time(b).tolist() == [True, True, False, True, False, False]
-    # with offsets both ways the instants are compared: 09:30 at UTC+2 was before 08:00 at UTC
+    assert b[0, 5] and b[5, 1]  # not every photo of camera A has an offset: its own clock decides
+    assert placed_by_time(b).tolist() == [True, True, False, True, False, True]
+    # when every photo of the camera has one, UTC decides: 09:30 at UTC+2 was before 08:00 at UTC
     assert precedence([_ct(8, offset_h=0), _ct(9, 30, offset_h=2)]).tolist() == [[False, False], [True, False]]
+    # a mixed camera is still one consistent order, so the decoders always find one that obeys it
+    mixed = [_ct(10, offset_h=0), _ct(9, offset_h=-2), _ct(9, 30)]
+    assert decode(np.zeros((3, 3)), before=precedence(mixed)) == [1, 2, 0]
     assert times_in_effect("auto", [None, _ct(9), _ct(10)]) and not times_in_effect("auto", [None, _ct(9)])
     assert times_in_effect("on", []) and not times_in_effect("off", times)
     with pytest.raises(ValueError, match="auto, on, off"):

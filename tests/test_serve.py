@@ -473,7 +473,7 @@ def test_browser_orders_like_the_cli(app, tmp_path, capsys):
             ("time" if placed[i]["placed_by"] == "capture time" else "model") for i in cards("image")
         ]
         assert "Capture times: 2 of 3 photos placed by their capture time" in driver.find_element(By.ID, "notes").text
-        assert "2024-06-01 09:00:00, placed by capture time" in driver.find_element(By.ID, "strip").text
+        assert "taken 2024-06-01 09:00:00, placed by capture time" in driver.find_element(By.ID, "strip").text
 
         # nothing but this server (and the page's own data:/blob: images) was ever fetched
         fetched = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")

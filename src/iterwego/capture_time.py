@@ -8,9 +8,11 @@ model. Times are *not* compared, and so are no evidence, when
 
 * they are equal (a burst, or a copy that reset both);
 * the two photos come from different cameras (EXIF ``Model`` differs), because
-  one camera's clock may be off by hours;
-* only one of the two carries a UTC offset, since its wall-clock time cannot
-  then be put on the other's clock.
+  one camera's clock may be off by hours.
+
+Within one camera the photos are compared in UTC when every timed photo of it
+carries ``OffsetTimeOriginal`` (a phone that crossed time zones), else on the
+camera's wall clock; one rule per camera keeps the evidence free of cycles.
 
 ``DateTime`` (0x0132, rewritten by editors and copy tools) is never read.
 The evidence is a boolean precedence matrix ``before[i, j]`` ("i was taken
@@ -49,6 +51,7 @@ _MODEL = 0x0110
 _DATETIME_ORIGINAL = 0x9003
 _OFFSET_TIME_ORIGINAL = 0x9011
 _SUBSEC_TIME_ORIGINAL = 0x9291
+_EPOCH = datetime(1970, 1, 1)
 _OFFSET_RE = re.compile(r"^([+-])(\d{2}):?(\d{2})$")
 #: Logit of a time-fixed pair's certain class (minus it for the other): softmax gives exactly 1 and 0 in float32.
 PIN_LOGIT = 100.0
@@ -63,9 +66,9 @@ class CaptureTime:
     camera: str  # EXIF Model, stripped; "" when the photo names none
 
     @property
-    def instant(self) -> datetime:
-        """The point in time to compare: UTC when the offset is known, else the camera's wall clock."""
-        return self.local - self.offset if self.offset is not None else self.local
+    def utc(self) -> datetime | None:
+        """The moment in UTC (naive), or None without an offset."""
+        return self.local - self.offset if self.offset is not None else None
 
     def iso(self) -> str:
         """ISO 8601, with the offset when known (``2024-05-01T09:00:00.250+02:00``)."""
@@ -74,10 +77,6 @@ class CaptureTime:
             mins = int(self.offset.total_seconds()) // 60
             s += f"{'+' if mins >= 0 else '-'}{abs(mins) // 60:02d}:{abs(mins) % 60:02d}"
         return s
-
-    def comparable(self, other: "CaptureTime") -> bool:
-        """Whether the two clocks can be compared: same camera, and both or neither with an offset."""
-        return self.camera == other.camera and (self.offset is None) == (other.offset is None)
 
 
 def _text(v) -> str:
@@ -129,13 +128,15 @@ def read_capture_times(paths: Sequence[str | os.PathLike | None]) -> list[Captur
 
 
 def precedence(times: Sequence[CaptureTime | None]) -> np.ndarray:
-    """``before[i, j]``: photo i was taken before photo j, by comparable, known and distinct times."""
+    """``before[i, j]``: photo i was taken before photo j, by known, distinct times of the same camera."""
     n = len(times)
     before = np.zeros((n, n), dtype=bool)
-    for i, a in enumerate(times):
-        for j, b in enumerate(times):
-            if a is not None and b is not None and a.comparable(b) and a.instant < b.instant:
-                before[i, j] = True
+    for camera in {t.camera for t in times if t is not None}:
+        idx = [k for k, t in enumerate(times) if t is not None and t.camera == camera]
+        utc = all(times[k].offset is not None for k in idx)
+        # seconds from a fixed naive epoch: no local time zone or DST of this machine enters
+        key = np.array([((times[k].utc if utc else times[k].local) - _EPOCH).total_seconds() for k in idx])
+        before[np.ix_(idx, idx)] = key[:, None] < key[None, :]
     return before
 
 

@@ -67,7 +67,7 @@ def _capture_summary(mode: str, times: list, before: np.ndarray | None) -> tuple
     if before is not None and timed >= 2 and not by.any():
         notes.append(
             f"capture times: {timed} photos carry one but no two can be compared "
-            "(equal times, different cameras or mixed UTC offsets); the model placed every photo"
+            "(equal times or different cameras); the model placed every photo"
         )
     elif mode == "on" and timed < 2:
         notes.append(f"capture times: {timed} photo(s) carry one, nothing to compare; the model placed every photo")
@@ -207,7 +207,7 @@ def order_stories(
 
     ``capture_time`` (``auto``, ``on``, ``off``; see :mod:`iterwego.capture_time`): with
     ``auto``, when at least two photos carry an EXIF capture time, every pair of photos
-    with comparable, distinct times is ordered by them in every image variant.
+    with distinct times from the same camera is ordered by them in every image variant.
     ``result["capture_time"]["photos"][k]["placed_by"]`` says whether photo k's place came
     from its ``"capture time"`` or from the ``"model"``. ``capture_rounds`` (a run's
     ``meta["capture_time"]["chosen_rounds"]``) replaces the guided image round when times are used.

@@ -12,7 +12,7 @@ deletes the directory and answers with the same result dictionary that
 
 HTTP API (all bodies JSON)::
 
-    GET  /api/info   -> {"run", "modalities", "limits": {...}, "version"}
+    GET  /api/info   -> {"run", "modalities", "capture_time" (the default mode), "limits": {...}, "version"}
     POST /api/order  <- {"images": [{"name": "a.jpg", "data": "<base64 or data: URI>"}, ...],
                          "sentences": ["...", ...], "decoder": "exact",
                          "capture_time": "auto"}      (either list may be empty; capture_time auto|on|off)

@@ -236,7 +236,7 @@ function card(row, k, textOnly) {
       const byTime = photo.placed_by === "capture time";
       data.placedBy = byTime ? "time" : "model";
       li.append(el("span", { class: "placed" + (byTime ? " by-time" : ""),
-        text: byTime ? `\u{1F552} ${when(photo)}, placed by capture time` : "placed by the model" }));
+        text: byTime ? `taken ${when(photo)}, placed by capture time` : "placed by the model" }));
     }
   }
   if (row.sentence !== undefined && row.sentence !== null && row.sentence >= 0) {
