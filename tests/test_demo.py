@@ -30,8 +30,11 @@ def test_demo_runs_end_to_end_small_and_fills_the_feature_cache(tmp_path, capsys
     assert main(["demo", "--out", str(out), "--stories", "20", "--quiet", "--cache-dir", str(cache), *FAST]) == 0
     printed = capsys.readouterr().out
     assert "unimodal (round 0)" in printed and "fused decoding" in printed and "ceilings" in printed
+    # half the demo's photos carry EXIF times: labelled rows use them, the rows above ignore them
+    assert "guided + capture times (val-chosen: img" in printed and "fused decoding + capture times" in printed
     rep = json.loads((out / "test_metrics.json").read_text())
-    assert set(rep) == {"image", "text", "fused", "alignment_accuracy"}
+    assert set(rep) == {"image", "text", "fused", "alignment_accuracy", "capture_time"}
+    assert 0.2 < rep["capture_time"]["placed_by_time"] < 0.6
     assert (out / "report.html").is_file() and (out / "run" / "model.safetensors").is_file()
     assert any(cache.rglob("*.safetensors"))
     # the run's model card renders the demo's test table, ceilings included, beside the validation table

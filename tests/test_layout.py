@@ -18,6 +18,7 @@ CORE = {
     "metrics",
     "encoders",
     "images",
+    "capture_time",
     "batch",
     "device",
     "io",

@@ -156,6 +156,50 @@ def test_photo_sized_uploads_get_jpeg_thumbnails_and_keep_their_names(app, tmp_p
         assert Image.open(io.BytesIO(base64.b64decode(b64))).size == (192, 120)
 
 
+def _with_capture_times(paths: list[str], times: list[str | None], out: Path) -> list[str]:
+    """Copies of ``paths`` whose EXIF carries the given DateTimeOriginal (None: no EXIF), all from one camera."""
+    copies = []
+    for k, (p, when) in enumerate(zip(paths, times)):
+        exif = Image.Exif()
+        if when is not None:
+            exif[0x0110] = "Test Camera"
+            exif.get_ifd(0x8769)[0x9003] = when
+        q = out / f"photo{k}.png"
+        Image.open(p).save(q, exif=exif)
+        copies.append(str(q))
+    return copies
+
+
+def test_photos_with_capture_times_are_placed_by_them_and_the_answer_says_so(app, tmp_path):
+    # the first shown photo was taken at 18:00, the second at 09:00, the third carries no time
+    paths = _with_capture_times(app.images, ["2024:06:01 18:00:00", "2024:06:01 09:00:00", None], tmp_path)
+    status, answer = _post(app.url, {"images": _image_payload(paths), "sentences": app.sentences})
+    assert status == 200, answer
+    res = answer["result"]
+    assert res == _expected(app, paths, app.sentences)
+    assert res["capture_time"]["used"] and res["capture_time"]["mode"] == "auto"
+    assert [p["placed_by"] for p in res["capture_time"]["photos"]] == ["capture time", "capture time", "model"]
+    assert res["capture_time"]["photos"][1] == {
+        "time": "2024-06-01T09:00:00",
+        "camera": "Test Camera",
+        "placed_by": "capture time",
+    }
+    v = res["variants"]
+    for order in (res["image_order"], v["guided"]["image_order"], v["image_only"]["order"]):
+        assert order.index(1) < order.index(0)
+    o, conf = res["image_order"], v["fused"]["confidence"]
+    if o.index(0) == o.index(1) + 1:  # neighbours: the step between them is certain
+        assert conf[o.index(1)] > 0.9999
+    status, off = _post(app.url, {"images": _image_payload(paths), "capture_time": "off"})
+    assert status == 200 and not off["result"]["capture_time"]["used"]
+    assert {p["placed_by"] for p in off["result"]["capture_time"]["photos"]} == {"model"}
+    info = json.loads(_get(app.url + "api/info")[1])
+    assert info["capture_time"] == "auto" and info["limits"]["capture_time_modes"] == ["auto", "on", "off"]
+    # the page draws what the answer says: a note and a mark on every photo of an image order
+    js = _get(app.url + "app.js")[1].decode()
+    assert "placed by capture time" in js and "placed_by" in js and "capture_time:" in js
+
+
 def test_more_than_twelve_items_says_beam_search_was_used(app):
     sentences = [f"{s} ({k})" for k, s in enumerate(app.sentences * 5)][:13]
     status, answer = _post(app.url, {"sentences": sentences})
@@ -196,6 +240,7 @@ BAD = [
     ),
     ("empty sentence", lambda a: {"sentences": ["one", "  "]}, 400, ["sentence 2"]),
     ("bad decoder", lambda a: {"sentences": a.sentences, "decoder": "magic"}, 400, ["decoder"]),
+    ("bad capture_time", lambda a: {"sentences": a.sentences, "capture_time": "yes"}, 400, ["capture_time", "auto"]),
     ("not a list", lambda a: {"images": "a.png"}, 400, ["lists"]),
     ("not an object", lambda a: [1, 2], 400, ["JSON object"]),
     ("not JSON", lambda a: b"{nope", 400, ["not valid JSON"]),
@@ -392,6 +437,24 @@ def test_browser_orders_like_the_cli(app, tmp_path):
         target = downloads / "iterwego-order.json"
         wait.until(lambda d: target.is_file() and target.stat().st_size > 0)
         assert json.loads(target.read_text()) == cli
+
+        # photos with EXIF capture times: the page marks what placed each photo, as the answer says
+        timed = _with_capture_times(app.images, ["2024:06:01 18:00:00", "2024:06:01 09:00:00", None], tmp_path)
+        want = _expected(app, timed, app.sentences)
+        _choose(driver, timed, app.sentences)
+        driver.find_element(By.ID, "order").click()
+        # read in one script call: the strip is redrawn while the answer arrives, and elements found earlier go stale
+        marks = lambda d: d.execute_script(  # noqa: E731
+            "return [...document.querySelectorAll('#strip .card')].map(c => c.dataset.placedBy || null)"
+        )
+        wait.until(lambda d: len(marks(d)) == 3 and all(marks(d)))
+        assert cards("image") == want["image_order"]
+        placed = want["capture_time"]["photos"]
+        assert marks(driver) == [
+            ("time" if placed[i]["placed_by"] == "capture time" else "model") for i in cards("image")
+        ]
+        assert "Capture times: 2 of 3 photos placed by their capture time" in driver.find_element(By.ID, "notes").text
+        assert "taken 2024-06-01 09:00:00, placed by capture time" in driver.find_element(By.ID, "strip").text
 
         # nothing but this server (and the page's own data:/blob: images) was ever fetched
         fetched = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")

@@ -6,6 +6,7 @@ The public API, importable from here (each name loads its module on first use, s
   ``ForwardOutput``, ``load_run``; configs (:mod:`iterwego.config`): ``Config``, ``preset``;
 * the paper's parts: ``guide`` / ``iterate`` (guidance), ``align`` (aligner mapping), ``fuse_logits`` (fusion),
   ``decode`` / ``decode_story`` / ``pair_logprobs`` (decoders), ``order_metrics`` (Acc, PMR, tau);
+* capture times (:mod:`iterwego.capture_time`): ``read_capture_time``, ``CaptureTime``;
 * data (:mod:`iterwego.data`): ``load_split``, ``read_vist``, ``read_jsonl``, ``Story``, ``Item``, ``Batch``;
 * training and evaluation (:mod:`iterwego.training`): ``TrainRecipe``, ``Evaluator``;
 * applications (:mod:`iterwego.apps`): ``order_stories``.
@@ -31,6 +32,8 @@ _EXPORTS = {
     "fuse_logits": "fusion",
     "decode": "decode",
     "decode_story": "decode",
+    "CaptureTime": "capture_time",
+    "read_capture_time": "capture_time",
     "pair_logprobs": "decode",
     "order_metrics": "metrics",
     "load_split": "data.readers",

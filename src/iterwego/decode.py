@@ -198,7 +198,9 @@ def _positions(order: Sequence[int], n: int) -> np.ndarray:
     return pos
 
 
-def decode(logprobs: Any, method: str = "exact", *, beam_size: int = 64, max_exact: int = 12) -> list[int]:
+def decode(
+    logprobs: Any, method: str = "exact", *, beam_size: int = 64, max_exact: int = 12, before: Any = None
+) -> list[int]:
     """Predict a story's order from its pairwise log-probabilities.
 
     Args:
@@ -209,12 +211,15 @@ def decode(logprobs: Any, method: str = "exact", *, beam_size: int = 64, max_exa
         beam_size: partial orders kept per step by ``"beam"`` (and ``"auto"`` above ``max_exact``).
         max_exact: largest n that ``"exact"`` accepts and that ``"auto"`` decodes exactly;
             at most ``EXACT_HARD_LIMIT`` (16).
+        before: optional ``(n, n)`` bool hard constraints, ``before[i, j]``: i must come
+            before j (e.g. capture times, :mod:`iterwego.capture_time`); must be acyclic.
+            Every decoder's order obeys them; ``"exact"`` returns the best order among those that do.
 
     Returns:
         The item indices in predicted order, first item first (a permutation of ``range(n)``).
 
     Raises:
-        ValueError: bad input (non-square, non-finite off-diagonal), unknown method or bad option.
+        ValueError: bad input (non-square, non-finite off-diagonal, cyclic ``before``), unknown method or bad option.
         DecodeError: ``method="exact"`` with ``n > max_exact``.
     """
     if method not in DECODERS:
@@ -235,11 +240,68 @@ def decode(logprobs: Any, method: str = "exact", *, beam_size: int = 64, max_exa
     if n <= 1:
         return list(range(n))
     c, s = _combined_scores(a)
+    must = _constraints(before, n)
+    if must is not None:
+        c, s = _pinned(c, s, must)
     if method == "tsort":
-        return _tsort(c)
-    if method == "exact":
-        return _exact(s)
-    return _local_search(s, _beam(s, int(beam_size)))
+        order = _tsort(c)
+    elif method == "exact":
+        order = _exact(s)
+    else:
+        order = _local_search(s, _beam(s, int(beam_size)))
+    return order if must is None else _obey(order, must)
+
+
+# --------------------------------------------------------------------------- hard constraints
+
+
+def _constraints(before: Any, n: int) -> np.ndarray | None:
+    """Validated ``(n, n)`` bool constraints, or None when there are none."""
+    if before is None:
+        return None
+    b = _to_numpy(before, "before") != 0
+    if b.shape != (n, n):
+        raise ValueError(f"before must be an (n, n) = ({n}, {n}) boolean matrix, got shape {b.shape}")
+    b = b & ~np.eye(n, dtype=bool)
+    if not b.any():
+        return None
+    _obey(list(range(n)), b)  # raises on a cycle
+    return b
+
+
+def _pinned(c: np.ndarray, s: np.ndarray, must: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scores where breaking one constraint costs more than every other pair can gain.
+
+    Any order that obeys the constraints scores at least ``-sum|S|`` and any that
+    breaks one at most ``-big``, so the exact decoder, the beam's ranking and the
+    local search's improving moves all prefer obeying orders.
+    """
+    big = 1.0 + float(np.abs(s).sum())
+    s = np.where(must, 0.0, np.where(must.T, -big, s))
+    c = np.where(must, big, np.where(must.T, -big, c))
+    return c, s
+
+
+def _obey(order: list[int], must: np.ndarray) -> list[int]:
+    """``order`` if it obeys ``must``; else the order that keeps each item as early as its constraints allow.
+
+    tsort can delete a constraint edge while breaking a cycle; this repairs it.
+    """
+    o = np.asarray(order, dtype=np.int64)
+    pos = np.empty(len(o), dtype=np.int64)
+    pos[o] = np.arange(len(o))
+    if not (must & (pos[:, None] > pos[None, :])).any():
+        return [int(x) for x in order]
+    left, out = list(order), []
+    waiting = must.sum(0)  # unplaced predecessors per item
+    while left:
+        k = next((k for k, j in enumerate(left) if waiting[j] == 0), None)
+        if k is None:
+            raise ValueError("before has a cycle: no order can satisfy it")
+        j = left.pop(k)
+        out.append(j)
+        waiting = waiting - must[j]
+    return out
 
 
 # --------------------------------------------------------------------------- tsort
@@ -393,23 +455,31 @@ def _local_search(s: np.ndarray, order: list[int], max_rounds: int | None = None
 MAX_EXACT = 12
 
 
-def decode_story(logprobs: Any, method: str = "exact", *, max_exact: int = MAX_EXACT) -> tuple[list[int], bool]:
+def decode_story(
+    logprobs: Any, method: str = "exact", *, max_exact: int = MAX_EXACT, before: Any = None
+) -> tuple[list[int], bool]:
     """:func:`decode` with the one fallback policy: ``exact`` above ``max_exact`` items becomes ``beam``.
 
     Returns ``(order, fell_back)`` so every caller can tell the user when the exact decoder was not used.
+    ``before`` (hard constraints) is passed on to :func:`decode`.
     """
     n = len(logprobs)
     if method == "exact" and n > max_exact:
-        return decode(logprobs, method="beam"), True
-    return decode(logprobs, method=method, max_exact=max_exact), False
+        return decode(logprobs, method="beam", before=before), True
+    return decode(logprobs, method=method, max_exact=max_exact, before=before), False
 
 
-def decode_stories(logprobs: Any, lengths: Sequence[int], method: str = "exact") -> tuple[list[list[int]], int]:
-    """Decode each story of a padded ``(B, n, n)`` log-probability batch; returns slot orders and fallback count."""
+def decode_stories(
+    logprobs: Any, lengths: Sequence[int], method: str = "exact", *, before: Any = None
+) -> tuple[list[list[int]], int]:
+    """Decode each story of a padded ``(B, n, n)`` log-probability batch; returns slot orders and fallback count.
+
+    ``before``: optional padded ``(B, n, n)`` bool hard constraints, in the same slot order.
+    """
     lp = _to_numpy(logprobs, "logprobs") if not isinstance(logprobs, np.ndarray) else logprobs
     orders, fallbacks = [], 0
     for b, n in enumerate(lengths):
-        order, fb = decode_story(lp[b, :n, :n], method)
+        order, fb = decode_story(lp[b, :n, :n], method, before=None if before is None else before[b][:n, :n])
         orders.append(order)
         fallbacks += fb
     return orders, fallbacks

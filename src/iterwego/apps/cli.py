@@ -31,6 +31,16 @@ def _parse_lengths(text: str) -> tuple[int, int]:
     return lo, hi
 
 
+def _rate(text: str) -> float:
+    try:
+        r = float(text)
+    except ValueError:
+        r = -1.0
+    if not 0.0 <= r <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1, got {text!r}")
+    return r
+
+
 def _add_data_args(p: argparse.ArgumentParser, *, positional: bool = False, required: bool = True) -> None:
     if positional:
         p.add_argument(
@@ -58,7 +68,14 @@ def _add_data_args(p: argparse.ArgumentParser, *, positional: bool = False, requ
 def _cmd_synth(a: argparse.Namespace) -> int:
     from ..data.synth import SynthConfig, synthesize
 
-    cfg = SynthConfig(stories=a.stories, seed=a.seed, lengths=a.lengths, image_size=a.image_size)
+    cfg = SynthConfig(
+        stories=a.stories,
+        seed=a.seed,
+        lengths=a.lengths,
+        image_size=a.image_size,
+        exif_rate=a.exif_rate,
+        clock_shift=a.clock_shift,
+    )
     summary = synthesize(a.out, cfg, progress=not a.quiet)
     print(json.dumps(summary, indent=2))
     return 0
@@ -113,6 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--lengths", type=_parse_lengths, default=(3, 8), help="story length range LO-HI (default 3-8)")
     s.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    s.add_argument(
+        "--exif-rate",
+        type=_rate,
+        default=0.0,
+        metavar="R",
+        help="share of the photos that carry an EXIF capture time (DateTimeOriginal), e.g. 0.5 (default 0)",
+    )
+    s.add_argument(
+        "--clock-shift",
+        type=float,
+        default=0.0,
+        metavar="HOURS",
+        help="a second camera (another EXIF Model), whose clock is HOURS off, takes about half the timed photos",
+    )
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_synth)
 

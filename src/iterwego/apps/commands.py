@@ -60,11 +60,14 @@ def _eval_run(
     cache=None,
     load_kw: dict | None = None,
     authors=False,
+    capture_time=False,
 ):
     """Evaluate a run on ``split``; the inference round comes from validation (saved at training, or computed here).
 
     ``decoder`` defaults to the run's ``train.decoder``. With ``authors`` the result also carries the authors'
-    evaluation protocol (``result.authors``), computed beside the validation-chosen result.
+    evaluation protocol (``result.authors``), computed beside the validation-chosen result. With ``capture_time``
+    the photos' EXIF times are read too, and the result holds the orders bound by them apart from the others;
+    returns ``(result, chosen, story set, meta, rounds chosen with times or None)``.
     """
     from ..data.features import build_features
     from ..data.readers import load_split
@@ -76,7 +79,9 @@ def _eval_run(
     cfg = model.cfg
     decoder = decoder or cfg.train.decoder
     read = dict(fmt=fmt, image_dir=image_dir, text_field=text_field)
-    splits = list(dict.fromkeys([split] + ([] if meta.get("chosen_rounds") else ["val"])))
+    capture_chosen = ((meta.get("capture_time") or {}).get("chosen_rounds") or None) if capture_time else None
+    need_val = not meta.get("chosen_rounds") or (capture_time and not capture_chosen)
+    splits = list(dict.fromkeys([split] + (["val"] if need_val else [])))
     sets, feats = build_features(
         model.encoders(),
         {sp: load_split(data, sp, **read) for sp in splits},
@@ -85,16 +90,19 @@ def _eval_run(
         cache=cache,
     )
     device = next(model.parameters()).device
-    ev = lambda ss, dec=decoder, rounds=None: Evaluator(  # noqa: E731
-        ss, feats, decoder=dec, rounds=rounds, seed=cfg.train.seed + 2, device=device
+    ev = lambda ss, dec=decoder, rounds=None, times=capture_time: Evaluator(  # noqa: E731
+        ss, feats, decoder=dec, rounds=rounds, seed=cfg.train.seed + 2, device=device, capture_time=times
     )
-    chosen = meta.get("chosen_rounds") or ev(sets["val"])(model).choose_rounds()
+    val = ev(sets["val"])(model) if need_val else None
+    chosen = meta.get("chosen_rounds") or val.choose_rounds()
+    if capture_time and not capture_chosen:
+        capture_chosen = val.choose_capture_rounds()
     result = ev(sets[split])(model, keep_orders=keep_orders)
     if authors:
         rounds = max(cfg.guidance.max_rounds, max(AUTHORS_ROUNDS))
         same = decoder == "tsort" and cfg.guidance.max_rounds >= rounds
-        result.authors = authors_protocol(result if same else ev(sets[split], "tsort", rounds)(model))
-    return result, chosen, sets[split], meta
+        result.authors = authors_protocol(result if same else ev(sets[split], "tsort", rounds, False)(model))
+    return result, chosen, sets[split], meta, capture_chosen
 
 
 def _ceilings(data: Path, split: str) -> dict | None:
@@ -127,6 +135,7 @@ def cmd_train(a: argparse.Namespace) -> int:
             text_field=a.text_field,
             progress=not a.quiet,
             cache=_cache(a),
+            capture_time=a.capture_time == "on",
         )
         recipe.setup()
         out = a.out
@@ -144,7 +153,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     t0 = time.time()
     if a.update_card:
         _check_card_update(a)
-    result, chosen, ss, _ = _eval_run(
+    result, chosen, ss, _, capture_chosen = _eval_run(
         a.run,
         Path(a.data),
         a.split,
@@ -157,9 +166,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         cache=_cache(a),
         load_kw=run_load_args(a),
         authors=a.authors_protocol,
+        capture_time=a.capture_time == "on",
     )
-    report = result.report(chosen)
+    report = result.report(chosen, capture_chosen)
     title = f"{a.split} split, decoder {result.decoder}, {len(result.story_ids)} stories"
+    if a.capture_time == "on":
+        title += ", capture times on (rows marked '+ capture times')"
     ceilings = _ceilings(a.data, a.split)
     print(format_table(report, ceilings, title=title, fused_text=(result.fused or {}).get("text")))
     if a.update_card:
@@ -213,8 +225,12 @@ def _record(run, split: str, report: dict, result, decoder: str, ceilings: dict 
     )
 
 
+#: Share of the demo's photos that carry an EXIF capture time (for its "+ capture times" rows).
+DEMO_EXIF_RATE = 0.5
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
-    """synth -> train --preset tiny -> evaluate on the synthetic test split."""
+    """synth -> train --preset tiny -> evaluate on the synthetic test split (the last rows with capture times)."""
     from ..config import preset
     from ..data.synth import SynthConfig, synthesize
     from ..training.evaluator import format_table
@@ -224,7 +240,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     out = Path(a.out)
     data, run = out / "data", out / "run"
     print(f"[1/3] synthesising {a.stories} stories into {data}", flush=True)
-    synthesize(data, SynthConfig(stories=a.stories, seed=a.seed), progress=not a.quiet)
+    synthesize(data, SynthConfig(stories=a.stories, seed=a.seed, exif_rate=DEMO_EXIF_RATE), progress=not a.quiet)
     print("[2/3] training the tiny preset (unimodal orderers, aligner, iterative guidance)", flush=True)
     cfg = preset("tiny").override([f"train.seed={a.seed}"] + (a.set or []))
     recipe = TrainRecipe(cfg, data, run, progress=not a.quiet, cache=_cache(a))
@@ -233,8 +249,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
     finally:
         recipe.cleanup()
     print("[3/3] evaluating on the test split (inference round chosen on validation)", flush=True)
-    result, chosen, ss, _ = _eval_run(run, data, "test", progress=False, keep_orders=True, cache=_cache(a))
-    report = result.report(chosen)
+    result, chosen, ss, _, capture_chosen = _eval_run(
+        run, data, "test", progress=False, keep_orders=True, cache=_cache(a), capture_time=True
+    )
+    report = result.report(chosen, capture_chosen)
     (out / "test_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     _record(run, "test", report, result, "exact", _ceilings(data, "test"))
     try:
@@ -268,6 +286,25 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_capture_arg(s, *, evaluation: bool) -> None:
+    if evaluation:
+        s.add_argument(
+            "--capture-time",
+            default="off",
+            choices=["on", "off"],
+            help="also score orders bound by the photos' EXIF capture times, in rows marked '+ capture times' "
+            "(default off: times can leak the gold order)",
+        )
+    else:
+        s.add_argument(
+            "--capture-time",
+            default="auto",
+            choices=["auto", "on", "off"],
+            help="order photos by their EXIF capture times where two can be compared "
+            "(default auto: on when at least two photos carry one)",
+        )
+
+
 def register(sub, add_data_args) -> None:
     s = sub.add_parser(
         "train", help="train everything (unimodal orderers, aligner, iterative guidance) into a run directory"
@@ -285,6 +322,7 @@ def register(sub, add_data_args) -> None:
         help="override a config field, e.g. --set train.unimodal_epochs=5 (repeatable)",
     )
     s.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    _add_capture_arg(s, evaluation=True)
     _add_cache_args(s)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_train)
@@ -316,6 +354,7 @@ def register(sub, add_data_args) -> None:
         default=None,
         help="write an HTML report (tables, plots per round, confidence histograms, sample stories)",
     )
+    _add_capture_arg(s, evaluation=True)
     _add_cache_args(s)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_evaluate)
@@ -346,8 +385,14 @@ def cmd_order(a: argparse.Namespace) -> int:
         raise IterWeGOError("give either --jsonl or --images/--sentences, not both")
     stories = read_jsonl(a.jsonl) if a.jsonl else stories_from_args(a.images, a.sentences)
     model, meta = load_run(a.run, pick_device(), **run_load_args(a))
-    decoder = a.decoder or model.cfg.train.decoder
-    results = order_stories(model, stories, chosen_rounds=meta.get("chosen_rounds"), decoder=decoder)
+    results = order_stories(
+        model,
+        stories,
+        chosen_rounds=meta.get("chosen_rounds"),
+        decoder=a.decoder or model.cfg.train.decoder,
+        capture_time=a.capture_time,
+        capture_rounds=(meta.get("capture_time") or {}).get("chosen_rounds"),
+    )
     for story, r in zip(stories, results):
         print(format_order(r, has_gold=bool(a.jsonl)))
     if a.json:
@@ -364,15 +409,18 @@ def cmd_order(a: argparse.Namespace) -> int:
 
 
 def format_order(r: dict, has_gold: bool = False) -> str:
+    from .order import capture_line, placed_tags
+
     lines = [f"story {r['id']} ({r['mode']}{'; ' + r['note'] if r.get('note') else ''})"]
     v = r["variants"]
+    placed = [f"   [{t}]" if t else "" for t in placed_tags(r)]
     if r["mode"] == "fused":
         conf = v["fused"]["confidence"]
         lines.append("  recovered order (fused; image <-> sentence):")
         for k, i in enumerate(r["image_order"]):
             t = r["sentence_order"][k]
             c = f"   P(next after this) = {conf[k]:.2f}" if k < len(conf) else ""
-            lines.append(f"  {k + 1:>3}. {Path(r['images'][i]).name}  <->  {_short(r['sentences'][t])!r}{c}")
+            lines.append(f"  {k + 1:>3}. {Path(r['images'][i]).name}  <->  {_short(r['sentences'][t])!r}{c}{placed[i]}")
         g = v["guided"]
         lines.append(f"  guided image order:    {g['image_order']}  (rounds {g['rounds']['image']})")
         lines.append(f"  guided sentence order: {g['sentence_order']}  (rounds {g['rounds']['text']})")
@@ -383,7 +431,10 @@ def format_order(r: dict, has_gold: bool = False) -> str:
                 conf = v[key]["confidence"]
                 for k, i in enumerate(v[key]["order"]):
                     c = f"   P(next after this) = {conf[k]:.2f}" if k < len(conf) else ""
-                    lines.append(f"  {k + 1:>3}. {_short(names[i]) if mod == 'text' else Path(names[i]).name}{c}")
+                    name, tag = (_short(names[i]), "") if mod == "text" else (Path(names[i]).name, placed[i])
+                    lines.append(f"  {k + 1:>3}. {name}{c}{tag}")
+    if r.get("capture_time"):
+        lines.append("  " + capture_line(r))
     return "\n".join(lines)
 
 
@@ -403,6 +454,7 @@ def register_order(sub) -> None:
     s.add_argument(
         "--decoder", default=None, choices=["exact", "tsort", "beam"], help="default: the run's train.decoder"
     )
+    _add_capture_arg(s, evaluation=False)
     s.add_argument("--json", help="write the result as JSON")
     s.add_argument("--html", help="write a self-contained HTML report")
     s.set_defaults(func=cmd_order)

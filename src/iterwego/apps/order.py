@@ -5,6 +5,10 @@
 of guidance rounds, and returns per story the recovered orders, the
 image-sentence pairing and the confidence of each adjacent step, for every
 variant (image only, sentences only, guided, fused).
+
+Photos' EXIF capture times (:mod:`iterwego.capture_time`) fix the order of
+every pair of photos they can compare, in every image variant; the result
+says per photo whether its place came from its capture time or from the model.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..capture_time import MODES, pin_logits, placed_by_time, precedence, read_capture_times, times_in_effect
 from ..data.features import build_features, make_batch
 from ..data.readers import Item, Story
 from ..decode import MAX_EXACT, combine, decode_story, pair_logprobs
@@ -28,11 +33,45 @@ def _adjacent(p: np.ndarray, order: list[int]) -> list[float]:
     return [float(p[a, b]) for a, b in zip(order, order[1:])]
 
 
-def _decoded(logits, decoder: str) -> tuple[list[int], list[float], bool]:
-    """(order, confidence of each adjacent step, fell back to beam) of one story's ``(1, n, n, 2)`` logits."""
+def _decoded(logits, decoder: str, before: np.ndarray | None = None) -> tuple[list[int], list[float], bool]:
+    """(order, confidence of each adjacent step, fell back to beam) of one story's ``(1, n, n, 2)`` logits.
+
+    ``before`` (capture-time precedence on these slots) pins those pairs to probability 1/0 and binds the decoder.
+    """
+    if before is not None:
+        logits = pin_logits(logits, before[None])
     lp = pair_logprobs(logits)[0].float().cpu().numpy()
-    order, fell_back = decode_story(lp, decoder)
+    order, fell_back = decode_story(lp, decoder, before=before)
     return order, _adjacent(np.exp(combine(lp)), order), fell_back
+
+
+def _capture_evidence(imgs: list, mode: str) -> tuple[list, np.ndarray | None]:
+    """(capture time per photo, precedence matrix or None when times are not used) under ``--capture-time mode``."""
+    times = read_capture_times(imgs) if mode != "off" else [None] * len(imgs)
+    return times, (precedence(times) if imgs and times_in_effect(mode, times) else None)
+
+
+def _capture_summary(mode: str, times: list, before: np.ndarray | None) -> tuple[dict, list[str]]:
+    """The result's ``capture_time`` entry (per photo: time, camera, placed by) and notes for the user."""
+    by = placed_by_time(before) if before is not None else np.zeros(len(times), bool)
+    photos = [
+        {
+            "time": t.iso() if t else None,
+            "camera": (t.camera or None) if t else None,
+            "placed_by": "capture time" if by[k] else "model",
+        }
+        for k, t in enumerate(times)
+    ]
+    timed = sum(t is not None for t in times)
+    notes = []
+    if before is not None and timed >= 2 and not by.any():
+        notes.append(
+            f"capture times: {timed} photos carry one but no two can be compared "
+            "(equal times or different cameras); the model placed every photo"
+        )
+    elif mode == "on" and timed < 2:
+        notes.append(f"capture times: {timed} photo(s) carry one, nothing to compare; the model placed every photo")
+    return {"mode": mode, "used": before is not None, "photos": photos}, notes
 
 
 def _notes(imgs: list, sents: list, cross: bool) -> list[str]:
@@ -63,7 +102,15 @@ def _story_batch(model, story_id: str, imgs: list, sents: list):
 
 
 @torch.no_grad()
-def order_story(model, s: Story, *, chosen_rounds: dict | None = None, decoder: str = "exact") -> dict:
+def order_story(
+    model,
+    s: Story,
+    *,
+    chosen_rounds: dict | None = None,
+    decoder: str = "exact",
+    capture_time: str = "auto",
+    capture_rounds: dict | None = None,
+) -> dict:
     """Order one story's images and sentences (the given order is ignored); see :func:`order_stories`."""
     chosen = {"image": 0, "text": 0, **(chosen_rounds or {})}
     imgs = [it.image for it in s.items if it.image is not None]
@@ -72,6 +119,12 @@ def order_story(model, s: Story, *, chosen_rounds: dict | None = None, decoder: 
     use = {"image": bool(imgs) and model.image is not None, "text": bool(sents) and model.text is not None}
     cross = use["image"] and use["text"] and len(imgs) == len(sents) and model.aligner is not None
     notes = _notes(imgs, sents, cross)
+    times, before = _capture_evidence(imgs if use["image"] else [], capture_time)
+    if use["image"]:
+        res["capture_time"], time_notes = _capture_summary(capture_time, times, before)
+        notes += time_notes
+    if before is not None and capture_rounds:
+        chosen["image"] = capture_rounds.get("image", chosen["image"])  # the round chosen on validation with times
     model.eval()
     # the text backbone counts sentences it cut at its token limit; the user should hear about them
     text_bb = getattr(model.encoders().get("text"), "backbone", None)
@@ -90,14 +143,14 @@ def order_story(model, s: Story, *, chosen_rounds: dict | None = None, decoder: 
         fw = out.get("both", out.get(m))
         if fw is None or not getattr(fw, m):
             continue
-        o, conf, fb = _decoded(fw.logits(m, 0), decoder)
+        o, conf, fb = _decoded(fw.logits(m, 0), decoder, before if m == "image" else None)
         fell_back |= fb
         res["variants"][f"{m}_only"] = {"order": o, "confidence": conf}
     if cross:
         fw = out["both"]
-        oi, ci, fbi = _decoded(fw.logits("image", chosen["image"]), decoder)
+        oi, ci, fbi = _decoded(fw.logits("image", chosen["image"]), decoder, before)
         ot, ct, fbt = _decoded(fw.logits("text", chosen["text"]), decoder)
-        of, cf, fbf = _decoded(fw.fused, decoder)
+        of, cf, fbf = _decoded(fw.fused, decoder, before)
         fell_back |= fbi or fbt or fbf
         a = fw.pairing[0].cpu().numpy()
         res["variants"]["guided"] = {
@@ -135,7 +188,14 @@ def order_story(model, s: Story, *, chosen_rounds: dict | None = None, decoder: 
 
 
 def order_stories(
-    model, stories: list[Story], *, chosen_rounds: dict | None = None, decoder: str = "exact", progress: bool = False
+    model,
+    stories: list[Story],
+    *,
+    chosen_rounds: dict | None = None,
+    decoder: str = "exact",
+    progress: bool = False,
+    capture_time: str = "auto",
+    capture_rounds: dict | None = None,
 ) -> list[dict]:
     """Order each story's images and sentences as given (the given order is ignored).
 
@@ -144,7 +204,16 @@ def order_stories(
     each modality is ordered alone and ``note`` says so. Each story runs
     through :meth:`iterwego.model.IterWeGO.forward` alone, which keeps memory
     flat for large albums (batching is for evaluation).
+
+    ``capture_time`` (``auto``, ``on``, ``off``; see :mod:`iterwego.capture_time`): with
+    ``auto``, when at least two photos carry an EXIF capture time, every pair of photos
+    with distinct times from the same camera is ordered by them in every image variant.
+    ``result["capture_time"]["photos"][k]["placed_by"]`` says whether photo k's place came
+    from its ``"capture time"`` or from the ``"model"``. ``capture_rounds`` (a run's
+    ``meta["capture_time"]["chosen_rounds"]``) replaces the guided image round when times are used.
     """
+    if capture_time not in MODES:
+        raise ValueError(f"capture_time must be one of {', '.join(MODES)}, got {capture_time!r}")
     for s in stories:
         if len(s.items) < 2:
             raise DataError(
@@ -153,7 +222,17 @@ def order_stories(
                 line=s.meta.get("line"),
                 story=s.id,
             )
-    return [order_story(model, s, chosen_rounds=chosen_rounds, decoder=decoder) for s in stories]
+    return [
+        order_story(
+            model,
+            s,
+            chosen_rounds=chosen_rounds,
+            decoder=decoder,
+            capture_time=capture_time,
+            capture_rounds=capture_rounds,
+        )
+        for s in stories
+    ]
 
 
 def stories_from_args(images: list[str] | None, sentences: list[str] | None) -> list[Story]:
@@ -170,3 +249,33 @@ def stories_from_args(images: list[str] | None, sentences: list[str] | None) -> 
         for k in range(n)
     ]
     return [Story("album", items)]
+
+
+def _when(photo: dict) -> str:
+    return photo["time"].replace("T", " ")
+
+
+def placed_tags(result: dict) -> list[str]:
+    """Per input photo of an :func:`order_stories` result, what placed it ("" when capture times were not used)."""
+    ct = result.get("capture_time") or {}
+    if not ct.get("used"):
+        return [""] * len(result.get("images") or [])
+    return [
+        f"placed by capture time {_when(p)}" if p["placed_by"] == "capture time" else "placed by the model"
+        for p in ct["photos"]
+    ]
+
+
+def capture_line(result: dict) -> str:
+    """One line for people: which photos their capture time placed, and which the model placed."""
+    ct, names = result["capture_time"], [Path(p).name for p in result["images"]]
+    timed = [k for k, p in enumerate(ct["photos"]) if p["placed_by"] == "capture time"]
+    if ct["mode"] == "off":
+        return "capture times: off; the model placed every photo"
+    if not timed:
+        n = sum(p["time"] is not None for p in ct["photos"])
+        return f"capture times: {n} of {len(names)} photos carry one; the model placed every photo"
+    rest = [names[k] for k in range(len(names)) if k not in timed]
+    by_time = ", ".join(f"{names[k]} ({_when(ct['photos'][k])})" for k in timed)
+    line = f"capture times: {len(timed)} of {len(names)} photos placed by their capture time: {by_time}"
+    return line + (f"; placed by the model: {', '.join(rest)}" if rest else "")

@@ -30,7 +30,8 @@ import numpy as np
 from ..data.readers import Story
 from ..errors import ImageError
 from ..images import load_image
-from ..training.evaluator import metric_rows
+from ..training.evaluator import capture_time_line, metric_rows
+from .order import capture_line, placed_tags
 
 if TYPE_CHECKING:  # evaluate pulls in torch; the report only needs the attributes
     from ..training.evaluator import EvalResult
@@ -260,6 +261,9 @@ def _order_story(r: dict, thumbs: _Thumbs, gold: bool) -> str:
     ]
     if r.get("note"):
         parts.append(f'<p class="note">{_esc(r["note"])}</p>')
+    if r.get("capture_time"):
+        parts.append(f'<p class="meta" data-key="capture-time">{_esc(capture_line(r))}</p>')
+    placed = placed_tags(r)
     if imgs and "image_only" not in v and mode != "fused":
         parts.append('<p class="note">the images were not ordered: this run has no image orderer</p>')
     if sents and "text_only" not in v and mode != "fused":
@@ -294,6 +298,7 @@ def _order_story(r: dict, thumbs: _Thumbs, gold: bool) -> str:
                 image=imgs[i],
                 sentence=sents[so[j]],
                 cls=("ok" if i == j and so[j] == j else "bad") if gold else "",
+                tag=placed[i],
             )
             for j, i in enumerate(io_)
         ]
@@ -308,6 +313,7 @@ def _order_story(r: dict, thumbs: _Thumbs, gold: bool) -> str:
                     image=imgs[i],
                     sentence=None,
                     cls=("ok" if i == j else "bad") if gold else "",
+                    tag=placed[i],
                 )
                 for j, i in enumerate(o)
             ]
@@ -445,6 +451,8 @@ def _metric_table(report: dict, ceilings: dict | None, fused_text: dict | None) 
             '<p class="meta" data-key="alignment">alignment accuracy (top-1 within story, image&#8594;sentence): '
             f"{100 * report['alignment_accuracy']:.1f}%</p>"
         )
+    if capture_time_line(report):
+        out.append(f'<p class="meta" data-key="capture-time">{_esc(capture_time_line(report))}</p>')
     if ceilings:
         names = {"image": "images alone", "text": "sentences alone", "fused": "item-level fusion"}
         vals = ", ".join(f"{_esc(names.get(k, k))} {100 * float(v):.1f}" for k, v in ceilings.items())

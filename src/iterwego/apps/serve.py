@@ -12,9 +12,10 @@ deletes the directory and answers with the same result dictionary that
 
 HTTP API (all bodies JSON)::
 
-    GET  /api/info   -> {"run", "modalities", "limits": {...}, "version"}
+    GET  /api/info   -> {"run", "modalities", "capture_time" (the default mode), "limits": {...}, "version"}
     POST /api/order  <- {"images": [{"name": "a.jpg", "data": "<base64 or data: URI>"}, ...],
-                         "sentences": ["...", ...], "decoder": "exact"}      (either list may be empty)
+                         "sentences": ["...", ...], "decoder": "exact",
+                         "capture_time": "auto"}      (either list may be empty; capture_time auto|on|off)
                      -> {"result": <iterwego order --json schema>, "thumbnails": [...],
                          "notes": [...], "elapsed_s": float}
     errors           -> {"error": "one line"} with 400 (bad input), 404, 411, 413 (too large), 415
@@ -23,6 +24,8 @@ HTTP API (all bodies JSON)::
 gone by the time the answer is sent). ``thumbnails`` lists one entry per image
 in ``result["image_order"]`` order: ``{"index", "name", "src"}`` with ``src`` a
 ``data:image/jpeg;base64,...`` URI (PNG for pictures of at most 96 pixels).
+The uploads are written byte for byte, so their EXIF capture times reach
+``order_stories``; ``result["capture_time"]`` says which photos they placed.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from .. import __version__
+from ..capture_time import MODES as CAPTURE_MODES
 from ..errors import ImageError, IterWeGOError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -90,6 +94,7 @@ def _limits() -> dict:
         "max_items": MAX_ITEMS,
         "max_exact": MAX_EXACT,
         "decoders": list(DECODERS),
+        "capture_time_modes": list(CAPTURE_MODES),
     }
 
 
@@ -126,9 +131,18 @@ class OrderService:
     shared and a 2-core machine gains nothing from running two at once.
     """
 
-    def __init__(self, model, meta: dict, *, run_name: str = "", tmp_root: str | Path | None = None):
+    def __init__(
+        self,
+        model,
+        meta: dict,
+        *,
+        run_name: str = "",
+        tmp_root: str | Path | None = None,
+        capture_time: str = "auto",
+    ):
         self.model, self.meta, self.run_name = model, meta, run_name
         self.tmp_root = str(tmp_root) if tmp_root is not None else None
+        self.capture_time = capture_time  # the page's default; each request may choose another
         self._lock = threading.Lock()
 
     @classmethod
@@ -153,6 +167,7 @@ class OrderService:
             "modalities": mods,
             "aligner": getattr(self.model, "aligner", None) is not None,
             "chosen_rounds": self.meta.get("chosen_rounds") or {},
+            "capture_time": self.capture_time,
             "limits": _limits(),
             "version": __version__,
         }
@@ -172,10 +187,13 @@ class OrderService:
             raise RequestError("the request body must be a JSON object")
         images, sentences = payload.get("images") or [], payload.get("sentences") or []
         decoder = payload.get("decoder", "exact")
+        capture_time = payload.get("capture_time", self.capture_time)
         if not isinstance(images, list) or not isinstance(sentences, list):
             raise RequestError("'images' and 'sentences' must be lists")
         if decoder not in DECODERS:
             raise RequestError(f"'decoder' must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        if capture_time not in CAPTURE_MODES:
+            raise RequestError(f"'capture_time' must be one of {', '.join(CAPTURE_MODES)}, got {capture_time!r}")
         for what, items in (("images", images), ("sentences", sentences)):
             if len(items) > MAX_ITEMS:
                 raise RequestError(
@@ -217,7 +235,12 @@ class OrderService:
             stories = stories_from_args(paths, sentences)
             with self._lock:
                 result = order_stories(
-                    self.model, stories, chosen_rounds=self.meta.get("chosen_rounds"), decoder=decoder
+                    self.model,
+                    stories,
+                    chosen_rounds=self.meta.get("chosen_rounds"),
+                    decoder=decoder,
+                    capture_time=capture_time,
+                    capture_rounds=(self.meta.get("capture_time") or {}).get("chosen_rounds"),
                 )[0]
         result["images"] = names
         notes = []
@@ -390,7 +413,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     t0 = time.time()
     from .commands import run_load_args
 
-    service = OrderService.load(a.run, load_kw=run_load_args(a))
+    service = OrderService.load(a.run, load_kw=run_load_args(a), capture_time=getattr(a, "capture_time", "auto"))
     print(f"loaded run {a.run} in {time.time() - t0:.1f}s", flush=True)
     server = make_server(service, a.host, a.port, log=None if a.quiet else sys.stderr)
     try:
@@ -410,5 +433,12 @@ def register(sub) -> None:
         "--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine only)"
     )
     s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
+    s.add_argument(
+        "--capture-time",
+        default="auto",
+        choices=list(CAPTURE_MODES),
+        help="the page's default for ordering photos by their EXIF capture times "
+        "(default auto: on when at least two photos carry one)",
+    )
     s.add_argument("--quiet", action="store_true", help="do not log requests on stderr")
     s.set_defaults(func=cmd_serve)

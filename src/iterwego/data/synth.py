@@ -27,6 +27,7 @@ import math
 import re
 import time
 from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -98,6 +99,8 @@ class SynthConfig:
     train_frac: float = 0.7  # share of stories in the train split
     val_frac: float = 0.15  # share of stories in the val split
     test_frac: float = 0.15  # share of stories in the test split (takes the rounding remainder)
+    exif_rate: float = 0.0  # share of photos whose PNG carries an EXIF capture time (DateTimeOriginal, hidden time)
+    clock_shift: float = 0.0  # hours; non-zero: a second camera, this far off, takes about half the timed photos
 
     def __post_init__(self) -> None:
         self.lengths = tuple(int(x) for x in self.lengths)  # type: ignore[assignment]  # JSON gives lists
@@ -114,7 +117,9 @@ class SynthConfig:
             )
         if hi > len(KINDS) * len(COLOURS):
             raise ValueError(f"HI={hi} exceeds the {len(KINDS) * len(COLOURS)} distinct identities")
-        for name in ("hide_image", "hide_text", "train_frac", "val_frac", "test_frac"):
+        if not math.isfinite(self.clock_shift):
+            raise ValueError(f"clock_shift must be a finite number of hours, got {self.clock_shift}")
+        for name in ("hide_image", "hide_text", "train_frac", "val_frac", "test_frac", "exif_rate"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
@@ -225,6 +230,37 @@ def _story_rngs(seed: int, k: int) -> tuple[np.random.Generator, np.random.Gener
     content = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(k, 0)))
     render = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(k, 1)))
     return content, render
+
+
+#: EXIF Model of the synthetic cameras; the second one (clock off by ``clock_shift`` hours) only with a shift.
+CAMERAS = ("iterwego synth camera A", "iterwego synth camera B")
+_FIRST_DAY = datetime(2024, 1, 1, 8, 0, 0)
+
+
+def _capture_times(cfg: SynthConfig, k: int, times: Sequence[int]) -> list[tuple[str, str] | None]:
+    """Per item in gold order: (EXIF DateTimeOriginal, camera Model) or None, from story k's own generator.
+
+    A separate generator keeps every story's content and pixels the same whatever ``exif_rate`` is.
+    Story k happens on day k, hidden time t at hour t (plus the shift on the second camera).
+    """
+    rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(k, 2)))
+    draws = rng.random((len(times), 2))
+    out: list[tuple[str, str] | None] = []
+    for t, (u_timed, u_camera) in zip(times, draws):
+        if u_timed >= cfg.exif_rate:
+            out.append(None)
+            continue
+        second = cfg.clock_shift != 0 and u_camera < 0.5
+        when = _FIRST_DAY + timedelta(days=k, hours=int(t) + (cfg.clock_shift if second else 0.0))
+        out.append((when.strftime("%Y:%m:%d %H:%M:%S"), CAMERAS[int(second)]))
+    return out
+
+
+def _exif(capture: tuple[str, str]) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0110] = capture[1]  # Model
+    exif.get_ifd(0x8769)[0x9003] = capture[0]  # Exif IFD: DateTimeOriginal
+    return exif
 
 
 def _sentence(template: str, colour: str, kind: str, hour: int | None) -> tuple[str, str]:
@@ -410,6 +446,7 @@ def synthesize(out: str | Path, cfg: SynthConfig | None = None, progress: bool =
         split = split_of[k]
         crng, rrng = _story_rngs(cfg.seed, k)
         st = _story_content(cfg, k, crng)
+        capture = _capture_times(cfg, k, st["times"]) if cfg.exif_rate > 0 else [None] * len(st["times"])
         sid = st["story_id"]
         album = f"album{sid}"
         # Render and write in the shuffled file order: nothing on disk follows the gold order.
@@ -420,7 +457,8 @@ def synthesize(out: str | Path, cfg: SynthConfig | None = None, progress: bool =
             )
             buf.seek(0)
             buf.truncate()
-            img.save(buf, format="PNG", compress_level=6)
+            extra = {"exif": _exif(capture[j])} if capture[j] else {}
+            img.save(buf, format="PNG", compress_level=6, **extra)
             (out / "images" / split / f"{pid}.png").write_bytes(buf.getvalue())
             files[split]["images"].append({"id": pid, "album_id": album, "title": "", "tags": ""})
             files[split]["annotations"].append(
@@ -440,6 +478,9 @@ def synthesize(out: str | Path, cfg: SynthConfig | None = None, progress: bool =
                 ]
             )
         truth = {k2: st[k2] for k2 in ("times", "image_visible", "text_visible", "kinds", "colours", "photo_ids")}
+        if cfg.exif_rate > 0:  # the EXIF written, in gold order (None: no capture time)
+            truth["capture_times"] = [c and c[0] for c in capture]
+            truth["cameras"] = [c and c[1] for c in capture]
         meta_stories[sid] = {"split": split, **truth}
         records[split].append(truth)
         if bar is not None:

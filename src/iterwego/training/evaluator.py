@@ -4,6 +4,10 @@ For each story it computes both orderers' pair logits, the aligner's
 scores, every inference round 0..R of the shared guidance step, decodes each
 round into an order per modality, and fused decoding (both modalities'
 evidence on one-to-one aligned pairs, decoded once and mapped back).
+
+Photos' EXIF capture times are read only when asked (``capture_time=True``):
+they can leak the gold order, so the time-bound orders are kept apart from
+the others and every table row that uses them says so.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import Tensor
 
 from ..aligner import alignment_hits
 from ..batch import Batch
+from ..capture_time import placed_by_time, precedence, read_capture_times
 from ..config import GuidanceConfig
 from ..data.features import StorySet, batches
 from ..decode import decode_stories, pair_logprobs
@@ -46,14 +51,16 @@ class EvalResult:
     decoder_fallbacks: int = 0
     decoder: str = ""  # the decoder the orders come from
     authors: dict | None = None  # the authors' evaluation protocol (authors_protocol), when asked for
+    # with capture times (only when asked): {"image": [metrics per round], "fused": {...}, "placed_by_time": share}
+    timed: dict | None = None
 
     def choose_rounds(self) -> dict[str, int]:
         """Best round per modality by PMR, then tau, then fewer rounds. Call this on validation results only."""
-        out = {}
-        for mod, rs in self.rounds.items():
-            keyed = [(m["pmr"], m["tau"] if not math.isnan(m["tau"]) else -2.0, -r) for r, m in enumerate(rs)]
-            out[mod] = -max(keyed)[2]
-        return out
+        return {mod: _best_round(rs) for mod, rs in self.rounds.items()}
+
+    def choose_capture_rounds(self) -> dict[str, int]:
+        """The best image round with capture times (same rule); empty without them. Validation results only."""
+        return {"image": _best_round(self.timed["image"])} if self.timed and self.timed.get("image") else {}
 
     def selection_score(self) -> float:
         """Validation score for model selection: mean PMR of each modality's best round."""
@@ -61,8 +68,8 @@ class EvalResult:
         vals = [self.rounds[m][r]["pmr"] for m, r in ch.items()]
         return float(np.mean(vals)) if vals else 0.0
 
-    def report(self, chosen: dict[str, int]) -> dict:
-        """The documented JSON shape; ``chosen`` must come from validation."""
+    def report(self, chosen: dict[str, int], capture_chosen: dict[str, int] | None = None) -> dict:
+        """The documented JSON shape; ``chosen`` (and ``capture_chosen``, with times) must come from validation."""
         out: dict = {}
         for mod in ("image", "text"):
             if mod not in self.rounds:
@@ -81,7 +88,29 @@ class EvalResult:
             out["alignment_accuracy"] = float(self.alignment_accuracy)
         if self.authors:
             out["authors_protocol"] = self.authors
+        if self.timed is not None:
+            out["capture_time"] = self._timed_report({**chosen, **(capture_chosen or {})})
         return out
+
+    def _timed_report(self, chosen: dict[str, int]) -> dict:
+        t = self.timed
+        out: dict = {"placed_by_time": float(t["placed_by_time"])}
+        if t.get("image"):
+            r = min(chosen.get("image", 0), len(t["image"]) - 1)
+            out["image"] = {"rounds": [pick(m) for m in t["image"]], "chosen_round": r, "guided": pick(t["image"][r])}
+        if t.get("fused") is not None:
+            out["fused"], out["fused_text"] = pick(t["fused"]), t["fused"]["text"]
+        return out
+
+
+def _best_round(rs: list[dict]) -> int:
+    keyed = [(m["pmr"], m["tau"] if not math.isnan(m["tau"]) else -2.0, -r) for r, m in enumerate(rs)]
+    return -max(keyed)[2]
+
+
+def capture_precedences(stories) -> list[np.ndarray]:
+    """Per story, the capture-time precedence of its photos in gold order (:func:`iterwego.capture_time.precedence`)."""
+    return [precedence(read_capture_times(s.images)) for s in stories]
 
 
 AUTHORS_ROUNDS = (1, 2, 3)  # the rounds the authors' eval.py runs (its loop index k applies k + 1 steps)
@@ -122,9 +151,15 @@ class Evaluator:
         device: str | torch.device = "cpu",
         amp: str = "auto",
         dist_ctx=None,
+        capture_time: bool = False,
     ):
-        """``guidance`` / ``mapping`` default to the evaluated model's config; ``rounds`` to ``guidance.max_rounds``."""
+        """``guidance`` / ``mapping`` default to the evaluated model's config; ``rounds`` to ``guidance.max_rounds``.
+
+        ``capture_time=True`` reads the photos' EXIF capture times and adds the orders bound by them
+        (``EvalResult.timed``); the other results are the same either way.
+        """
         self.ss, self.feats, self.g, self.mapping, self.decoder = ss, feats, guidance, mapping, decoder
+        self.capture = capture_precedences(ss.stories) if capture_time and ss.image_rows is not None else None
         self.rounds = rounds
         rng = np.random.default_rng(seed)
         self.batches: list[Batch] = list(batches(ss, batch_size, rng, feats, shuffle_stories=False))
@@ -168,6 +203,8 @@ class Evaluator:
                 for r, p in enumerate(rounds):
                     res.orders[f"{m}/round{r}"] = p
         res.decoder_fallbacks = sum(p["fallbacks"] for p in parts)
+        if self.capture is not None and "image" in mods:
+            res.timed = self._timed(cat, n_rounds, cross, keep_orders, res)
         if cross:
             fused_img, fused_txt = cat("fused/image"), cat("fused/text")
             gi, gt = cat("gold/image"), cat("gold/text")
@@ -180,6 +217,25 @@ class Evaluator:
         model.train(was)
         return res
 
+    def _timed(self, cat, n_rounds: int, cross: bool, keep_orders: bool, res: EvalResult) -> dict:
+        gold = cat("gold/image")
+        rounds = [cat(f"timed/image/round{r}") for r in range(n_rounds + 1)]
+        photos = sum(len(b) for b in self.capture)
+        out: dict = {
+            "image": [order_metrics(p, gold) for p in rounds],
+            "placed_by_time": sum(int(placed_by_time(b).sum()) for b in self.capture) / max(photos, 1),
+        }
+        if cross:
+            fi, ft = cat("timed/fused/image"), cat("timed/fused/text")
+            out["fused"] = order_metrics(fi, gold)
+            out["fused"]["text"] = pick(order_metrics(ft, cat("gold/text")))
+            if keep_orders:
+                res.orders["timed/fused/image"], res.orders["timed/fused/text"] = fi, ft
+        if keep_orders:
+            for r, p in enumerate(rounds):
+                res.orders[f"timed/image/round{r}"] = p
+        return out
+
     def _batch(self, model, batch: Batch, mods: list[str], cross: bool, n_rounds: int, keep_orders: bool) -> dict:
         """Predictions of one batch, as plain lists (so they can be gathered across processes)."""
         out: dict = {"fallbacks": 0, "align_hits": 0, "align_total": 0}
@@ -191,6 +247,10 @@ class Evaluator:
                 out[f"conf/{m}"] = _adjacent_conf(pair_logprobs(fw.logits(m, 0)).exp(), batch, m)
             for r, lg in enumerate(getattr(fw, m)):
                 out[f"{m}/round{r}"] = self._decode(lg, batch, m, out)[0]
+        before = self._slot_precedence(batch) if self.capture is not None and "image" in mods else None
+        if before is not None:
+            for r, lg in enumerate(fw.image):
+                out[f"timed/image/round{r}"] = self._decode(lg, batch, "image", out, before)[0]
         if cross:
             out["align_hits"], out["align_total"] = alignment_hits(fw.scores, batch)
             out["fused/image"], slots = self._decode(fw.fused, batch, "image", out)
@@ -199,18 +259,37 @@ class Evaluator:
                 batch.valid("text").sum(1).tolist(),
                 batch.pos["text"].cpu().numpy(),
             )
-            out["fused/text"] = [
+            to_text = lambda slots: [  # noqa: E731
                 [int(pos_t[b, s]) for s in sentence_order(o, pairing[b], n_txt[b])] for b, o in enumerate(slots)
             ]
+            out["fused/text"] = to_text(slots)
+            if before is not None:
+                out["timed/fused/image"], slots = self._decode(fw.fused, batch, "image", out, before)
+                out["timed/fused/text"] = to_text(slots)
         return out
 
-    def _decode(self, logits: Tensor, batch: Batch, m: str, out: dict) -> tuple[list[list[int]], list[list[int]]]:
-        """Decode each story: (orders as gold ids, orders as slots); counts beam fallbacks into ``out``."""
+    def _decode(
+        self, logits: Tensor, batch: Batch, m: str, out: dict, before: np.ndarray | None = None
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Decode each story: (orders as gold ids, orders as slots); counts beam fallbacks into ``out``.
+
+        ``before`` binds the decoder to capture-time precedence (slot order); those decodes repeat
+        ones already counted, so they add no fallbacks.
+        """
         lengths = batch.valid(m).sum(1).tolist()
-        slots, fb = decode_stories(pair_logprobs(logits).float().cpu().numpy(), lengths, self.decoder)
-        out["fallbacks"] += fb
+        slots, fb = decode_stories(pair_logprobs(logits).float().cpu().numpy(), lengths, self.decoder, before=before)
+        out["fallbacks"] += fb if before is None else 0
         pos = batch.pos[m].cpu().numpy()
         return [[int(pos[b, s]) for s in order] for b, order in enumerate(slots)], slots
+
+    def _slot_precedence(self, batch: Batch) -> np.ndarray:
+        """The stories' gold-order capture-time precedence, permuted into the batch's image slots."""
+        pos = batch.pos["image"].cpu().numpy()
+        out = np.zeros((len(pos), pos.shape[1], pos.shape[1]), dtype=bool)
+        for b, sid in enumerate(batch.ids):
+            p = pos[b][pos[b] >= 0]
+            out[b, : len(p), : len(p)] = self.capture[sid][np.ix_(p, p)]
+        return out
 
 
 def _adjacent_conf(p: Tensor, batch: Batch, m: str) -> list[list[float]]:
@@ -244,7 +323,30 @@ def metric_rows(report: dict, fused_text: dict | None = None) -> list[tuple[str,
         rows.append((f"guided (val-chosen: img {ci}, txt {ct})", img and img["guided"], txt and txt["guided"], True))
     if "fused" in report:
         rows.append(("fused decoding", report["fused"], fused_text or report["fused"], False))
+    ct = report.get("capture_time") or {}
+    if "image" in ct:
+        rows.append(
+            (
+                f"guided + capture times (val-chosen: img {ct['image']['chosen_round']})",
+                ct["image"]["guided"],
+                None,
+                False,
+            )
+        )
+    if "fused" in ct:
+        rows.append(("fused decoding + capture times", ct["fused"], ct.get("fused_text"), False))
     return rows
+
+
+def capture_time_line(report: dict) -> str | None:
+    """The table footer saying that (and how much) capture times were used, or None when they were not."""
+    ct = report.get("capture_time")
+    if ct is None:
+        return None
+    return (
+        "rows '+ capture times' order photos by their EXIF capture times where two can be compared "
+        f"({100 * ct['placed_by_time']:.1f}% of the photos placed by time); the other rows and the ceilings ignore them"
+    )
 
 
 def format_table(report: dict, ceilings: dict | None = None, title: str = "", fused_text: dict | None = None) -> str:
@@ -269,6 +371,8 @@ def format_table(report: dict, ceilings: dict | None = None, title: str = "", fu
         lines.append(
             f"alignment accuracy (top-1 within story, image->sentence): {100 * report['alignment_accuracy']:.1f}%"
         )
+    if capture_time_line(report):
+        lines.append(capture_time_line(report))
     if ceilings:
         lines.append(
             "ceilings (Bayes-optimal PMR of the synthetic split): "

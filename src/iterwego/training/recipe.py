@@ -67,8 +67,11 @@ class TrainRecipe:
         progress: bool = True,
         log=print,
         cache=None,
+        capture_time: bool = False,
     ):
         self.cfg, self.data, self.out, self.cache = cfg, Path(data), Path(out), cache
+        # validation also scores the orders bound by photo EXIF times; never used for the loss or model choice
+        self.capture_time = capture_time
         self.fmt, self.image_dir, self.text_field = fmt, image_dir, text_field
         self.progress, self.log = progress, log
         self.history: list[dict] = []
@@ -95,6 +98,7 @@ class TrainRecipe:
                     "format": self.fmt,
                     "image_dir": self.image_dir,
                     "text_field": self.text_field,
+                    "capture_time": self.capture_time,
                     "config": self.cfg.to_dict(),
                 },
             )
@@ -133,6 +137,7 @@ class TrainRecipe:
             amp=c.train.amp,
             dist_ctx=self.dist,
             batch_size=c.train.eval_batch_size,
+            capture_time=self.capture_time,
         )
         self.rng = np.random.default_rng(c.train.seed)
         return self
@@ -457,6 +462,11 @@ class TrainRecipe:
         }
         if res.fused is not None:
             out["fused_pmr"] = res.fused["pmr"]
+        if res.timed is not None:
+            r = res.choose_capture_rounds().get("image", 0)
+            out["capture_time"] = {"image_round": r, "image_pmr": res.timed["image"][r]["pmr"]}
+            if res.timed.get("fused") is not None:
+                out["capture_time"]["fused_pmr"] = res.timed["fused"]["pmr"]
         return out
 
     def fit_iterative(self) -> None:
@@ -503,6 +513,9 @@ class TrainRecipe:
         self.fit_unimodal("text")
         self.fit_aligner()
         self.fit_iterative()
+        if self.capture_time:  # the guided image round to use with times, chosen on validation with times
+            self.capture_chosen = self.val_eval(self.model).choose_capture_rounds()
+            self.log(f"with capture times, inference rounds chosen on validation: {self.capture_chosen}")
         self.train_seconds = time.time() - t0
         self.val_result = self.val_eval(self.model)  # the kept model on validation, for the model card
         return self
@@ -532,6 +545,7 @@ class TrainRecipe:
                         pmr_ceilings(self.data, "val"),
                     )
                 },
+                **({"capture_time": {"chosen_rounds": self.capture_chosen}} if self.capture_time else {}),
             },
         )
         self.model.card_text = write_card(self.out)
@@ -594,6 +608,7 @@ def resume_recipe(run: str | Path, *, progress: bool = True, log=print, cache=No
         progress=progress,
         log=log,
         cache=cache,
+        capture_time=bool(a.get("capture_time", False)),
     )
     r.setup()
     r.load_state()

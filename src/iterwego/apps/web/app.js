@@ -45,6 +45,7 @@ async function loadInfo() {
     const info = await r.json();
     state.limits = info.limits;
     state.modalities = info.modalities;
+    if (info.capture_time) $("capture-time").value = info.capture_time;
     const mods = info.modalities.map((m) => (m === "image" ? "images" : "sentences")).join(" and ");
     $("run-info").textContent = `Run ${info.run || "(unnamed)"}: orders ${mods}` +
       (info.aligner ? ", aligns images with sentences" : "") + ` (iterwego ${info.version}).`;
@@ -112,7 +113,7 @@ async function order() {
     const r = await fetch("api/order", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ images, sentences: sents, decoder: $("decoder").value }),
+      body: JSON.stringify({ images, sentences: sents, decoder: $("decoder").value, capture_time: $("capture-time").value }),
     });
     let answer;
     try { answer = await r.json(); } catch (e) { answer = { error: `the server answered ${r.status} without JSON` }; }
@@ -146,7 +147,7 @@ function render(answer) {
   state.thumbs = new Map(answer.thumbnails.map((t) => [t.index, t]));
   const notes = $("notes");
   notes.replaceChildren();
-  for (const n of [res.note, ...(answer.notes || [])]) if (n) notes.append(el("p", { text: n }));
+  for (const n of [res.note, captureNote(res), ...(answer.notes || [])]) if (n) notes.append(el("p", { text: n }));
 
   const fs = $("variants");
   fs.replaceChildren(el("legend", { text: "Show the order from" }));
@@ -160,6 +161,23 @@ function render(answer) {
   }
   $("result").hidden = false;
   drawVariant(pick);
+}
+
+// Which photos their capture time placed (EXIF DateTimeOriginal of photos from one camera), as iterwego order prints it.
+function captureNote(res) {
+  const ct = res.capture_time;
+  if (!ct || ct.mode === "off") return null;
+  const timed = ct.photos.map((p, k) => [p, k]).filter(([p]) => p.placed_by === "capture time");
+  if (!timed.length) {
+    const n = ct.photos.filter((p) => p.time).length;
+    return `Capture times: ${n} of ${ct.photos.length} photos carry one; the model placed every photo.`;
+  }
+  return `Capture times: ${timed.length} of ${ct.photos.length} photos placed by their capture time (` +
+    timed.map(([p, k]) => `${res.images[k]} ${when(p)}`).join(", ") + "); the model placed the others.";
+}
+
+function when(photo) {
+  return photo.time.replace("T", " ");
 }
 
 // sentence paired with each image by the aligner (one-to-one), when images and sentences were aligned
@@ -212,6 +230,14 @@ function card(row, k, textOnly) {
     const img = el("img", { src: t ? t.src : "", alt: res.images[row.image] });
     img.addEventListener("load", () => { if (img.naturalWidth < 96) img.classList.add("small"); });
     li.append(img, el("span", { class: "name", text: res.images[row.image] }));
+    // the sentence-only order is not bound by capture times, so its paired photos carry no mark
+    const photo = !textOnly && res.capture_time && res.capture_time.used ? res.capture_time.photos[row.image] : null;
+    if (photo) {
+      const byTime = photo.placed_by === "capture time";
+      data.placedBy = byTime ? "time" : "model";
+      li.append(el("span", { class: "placed" + (byTime ? " by-time" : ""),
+        text: byTime ? `taken ${when(photo)}, placed by capture time` : "placed by the model" }));
+    }
   }
   if (row.sentence !== undefined && row.sentence !== null && row.sentence >= 0) {
     data.sentenceIndex = String(row.sentence);
