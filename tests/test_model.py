@@ -554,7 +554,8 @@ def test_choose_rounds_prefers_pmr_then_tau_then_fewer_rounds():
     from iterwego.training.evaluator import EvalResult
 
     res = EvalResult(rounds={
-        "image": [_m(0.5, 0.2, 0.1), _m(0.6, 0.4, 0.2), _m(0.7, 0.4, 0.3), _m(0.1, 0.4, 0.3)],  # round 2: tau breaks the tie, 3 loses to fewer rounds
+        # round 2: tau breaks the tie, 3 loses to fewer rounds
+        "image": [_m(0.5, 0.2, 0.1), _m(0.6, 0.4, 0.2), _m(0.7, 0.4, 0.3), _m(0.1, 0.4, 0.3)],
         "text": [_m(0.5, 0.3, 0.5), _m(0.5, 0.3, 0.5)],  # a full tie keeps round 0
     })  # fmt: skip
     assert res.choose_rounds() == {"image": 2, "text": 0}

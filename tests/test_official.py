@@ -106,8 +106,8 @@ def authors_state(
     r = lambda *s, scale=1.0: torch.randn(*s, generator=g) * scale  # noqa: E731
     sd = {}
     for flow, backbone_name, backbone in (("img_flow", "clip", clip), ("txt_flow", "bert", bert)):
-        for l in range(LAYERS):
-            p = f"{flow}.encoder.layers.{l}."
+        for layer in range(LAYERS):
+            p = f"{flow}.encoder.layers.{layer}."
             for k in range(4):
                 sd[p + f"self_attn.linears.{k}.weight"] = r(D, D, scale=1 / math.sqrt(D))
                 sd[p + f"self_attn.linears.{k}.bias"] = r(D, scale=0.1)
@@ -201,8 +201,8 @@ def ref_set_transformer(x: torch.Tensor, w: dict, heads: int = 4) -> torch.Tenso
     """Post-norm layers: x = LN(x + MHA(x)); x = LN(x + FFN(x)); every item attends to every item."""
     n, d = x.shape
     dk = d // heads
-    for l in range(LAYERS):
-        p = f"encoder.layers.{l}."
+    for layer in range(LAYERS):
+        p = f"encoder.layers.{layer}."
         lin = lambda k, t: t @ w[p + f"self_attn.linears.{k}.weight"].T + w[p + f"self_attn.linears.{k}.bias"]  # noqa: E731
         q, k, v = lin(0, x), lin(1, x), lin(2, x)
         att = x.new_zeros(n, d)

@@ -31,7 +31,8 @@ from iterwego.data.synth import (
 from iterwego.errors import DataError
 
 REQUIRED_KEYS = {
-    "story_id", "photo_flickr_id", "worker_arranged_photo_order", "text", "original_text", "album_id", "storylet_id", "setting",
+    "story_id", "photo_flickr_id", "worker_arranged_photo_order", "text", "original_text",
+    "album_id", "storylet_id", "setting",
 }  # fmt: skip
 SIZE = 32  # the smallest size: if the cues read out here, they read out everywhere
 
@@ -84,7 +85,7 @@ def _pixels(out: Path, split: str, pid: str) -> np.ndarray:
 def _water_rows(px: np.ndarray) -> int:
     """Rows of the left part (where the tank is) holding water-blue pixels."""
     left = px[:, : int(0.45 * px.shape[1])]
-    r, g, b = left[..., 0], left[..., 1], left[..., 2]
+    r, b = left[..., 0], left[..., 2]
     water = (b > 170) & (r < 80) & (b - r > 100)
     return int(water.any(axis=1).sum())
 
@@ -295,7 +296,7 @@ def brute_force_ceiling(times, visible, T, p_show=Fraction(7, 10)):
             w = p_show ** sum(pattern) * (1 - p_show) ** (n - sum(pattern))
             hidden_times = [t for t, s in zip(S, pattern) if not s]
             for labels in itertools.permutations(range(h)):
-                order = sorted([(t, ("v", t)) for t in obs] + [(t, ("h", l)) for t, l in zip(hidden_times, labels)])
+                order = sorted([(t, ("v", t)) for t in obs] + [(t, ("h", lab)) for t, lab in zip(hidden_times, labels)])
                 weight[tuple(lab for _, lab in order)] += w
     total = sum(weight.values())
     return max(weight.values()) / total
