@@ -27,8 +27,10 @@ import pytest
 from PIL import Image
 
 from iterwego.apps.cli import main
+from iterwego.apps.commands import cmd_serve
+from iterwego.apps.commands import register_serve as register
 from iterwego.apps.order import order_stories, stories_from_args
-from iterwego.apps.serve import MAX_BODY_BYTES, MAX_ITEMS, OrderService, cmd_serve, make_server, register, run_server
+from iterwego.apps.serve import MAX_BODY_BYTES, MAX_ITEMS, OrderService, make_server, run_server
 from iterwego.data.readers import load_split
 from iterwego.errors import IterWeGOError, ModelLoadError
 

@@ -177,11 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed for the random pair directions")
     s.set_defaults(func=_cmd_prepare_pairs)
 
-    from . import commands, official_cmd, serve
+    from . import commands, official_cmd
 
     commands.register(sub, _add_data_args)
     official_cmd.register(sub)
-    serve.register(sub)
+    commands.register_serve(sub)
     return p
 
 

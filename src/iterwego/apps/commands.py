@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -493,3 +494,39 @@ def register_push(sub) -> None:
         help="upload RUN/README.md as it is (default: regenerate it from the run's files, naming REPO_ID)",
     )
     s.set_defaults(func=cmd_push)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    """``iterwego serve``: load the run once, then serve the page until Ctrl-C."""
+    from .serve import OrderService, make_server, run_server
+
+    t0 = time.time()
+    service = OrderService.load(a.run, load_kw=run_load_args(a), capture_time=getattr(a, "capture_time", "auto"))
+    print(f"loaded run {a.run} in {time.time() - t0:.1f}s", flush=True)
+    server = make_server(service, a.host, a.port, log=None if a.quiet else sys.stderr)
+    try:
+        run_server(server)
+    except KeyboardInterrupt:
+        print("stopped")
+    return 0
+
+
+def register_serve(sub) -> None:
+    """Add the ``serve`` sub-command (the web app in :mod:`iterwego.apps.serve`) to the CLI's sub-parsers."""
+    from .serve import CAPTURE_MODES, DEFAULT_HOST, DEFAULT_PORT
+
+    s = sub.add_parser("serve", help="local web page: upload images / paste sentences and see the recovered order")
+    add_run_args(s, "the run to serve")
+    s.add_argument(
+        "--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine only)"
+    )
+    s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
+    s.add_argument(
+        "--capture-time",
+        default="auto",
+        choices=list(CAPTURE_MODES),
+        help="the page's default for ordering photos by their EXIF capture times "
+        "(default auto: on when at least two photos carry one)",
+    )
+    s.add_argument("--quiet", action="store_true", help="do not log requests on stderr")
+    s.set_defaults(func=cmd_serve)

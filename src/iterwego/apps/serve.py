@@ -30,7 +30,6 @@ The uploads are written byte for byte, so their EXIF capture times reach
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import io
@@ -406,39 +405,3 @@ def run_server(
         server.serve_forever()
     finally:
         server.server_close()
-
-
-def cmd_serve(a: argparse.Namespace) -> int:
-    """``iterwego serve``: load the run once, then serve the page until Ctrl-C."""
-    t0 = time.time()
-    from .commands import run_load_args
-
-    service = OrderService.load(a.run, load_kw=run_load_args(a), capture_time=getattr(a, "capture_time", "auto"))
-    print(f"loaded run {a.run} in {time.time() - t0:.1f}s", flush=True)
-    server = make_server(service, a.host, a.port, log=None if a.quiet else sys.stderr)
-    try:
-        run_server(server)
-    except KeyboardInterrupt:
-        print("stopped")
-    return 0
-
-
-def register(sub) -> None:
-    """Add the ``serve`` sub-command to the CLI's sub-parsers."""
-    s = sub.add_parser("serve", help="local web page: upload images / paste sentences and see the recovered order")
-    from .commands import add_run_args
-
-    add_run_args(s, "the run to serve")
-    s.add_argument(
-        "--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST}: this machine only)"
-    )
-    s.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
-    s.add_argument(
-        "--capture-time",
-        default="auto",
-        choices=list(CAPTURE_MODES),
-        help="the page's default for ordering photos by their EXIF capture times "
-        "(default auto: on when at least two photos carry one)",
-    )
-    s.add_argument("--quiet", action="store_true", help="do not log requests on stderr")
-    s.set_defaults(func=cmd_serve)
