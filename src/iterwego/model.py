@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import ModelCard, ModelHubMixin
 from torch import Tensor, nn
 
 from .aligner import align, build_aligner
@@ -34,6 +33,7 @@ from .encoders import Encoder
 from .errors import ModelLoadError
 from .fusion import fuse_logits
 from .guidance import guide, iterate
+from .pretrained import RunDirectoryMixin
 
 
 class SelfAttention(nn.Module):
@@ -208,15 +208,15 @@ def _full_precision(x: Tensor) -> Tensor:
 
 class IterWeGO(
     nn.Module,
-    ModelHubMixin,
+    RunDirectoryMixin,
     library_name="iterwego",
     tags=["iterwego", "sentence-ordering", "image-ordering", "coherence-modelling", "visual-storytelling"],
 ):
     """Image orderer, text orderer and aligner; the encoders' frozen backbones live outside the state dict.
 
-    Shared like other Hugging Face models (``huggingface_hub.ModelHubMixin``): :meth:`from_pretrained` takes a
-    run directory or a Hub id, :meth:`save_pretrained` writes a run directory and ``push_to_hub(repo_id)``
-    saves one into a temporary directory and uploads it, model card included.
+    Shared like other Hugging Face models (:class:`iterwego.pretrained.RunDirectoryMixin`, a
+    ``huggingface_hub.ModelHubMixin``): ``from_pretrained`` takes a run directory or a Hub id,
+    ``save_pretrained`` writes a run directory and ``push_to_hub(repo_id)`` uploads one, model card included.
     """
 
     def __init__(
@@ -332,92 +332,8 @@ class IterWeGO(
         return o
 
     @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path,
-        device="cpu",
-        *,
-        modalities: tuple[str, ...] = ("image", "text"),
-        overrides: list[str] | None = None,
-        backbones: dict[str, str] | None = None,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir=None,
-        force_download: bool = False,
-        local_files_only: bool = False,
-    ) -> "IterWeGO":
-        """Rebuild a saved model (config, weights, backbones) from a run directory or a Hugging Face Hub id.
-
-        A name that is not a local directory is fetched with ``snapshot_download`` (``revision``, ``token``,
-        ``cache_dir``, ``HF_HUB_OFFLINE`` and the local cache apply; see :func:`iterwego.pretrained.resolve_run`).
-        Each backbone loads from the local path the run recorded if it exists here, else by its recorded Hub
-        name (which a run fetched from the Hub may download too, unless ``local_files_only``);
-        ``backbones={"image": DIR, "text": DIR, "aligner": DIR}`` or ``overrides=["encoder.image=clip:DIR"]``
-        point at local copies instead. ``model.meta`` holds the run's metadata, ``model.card_text`` its card.
-        """
-        from .pretrained import resolve_run
-
-        hub = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
-        run_dir = resolve_run(pretrained_model_name_or_path, force_download=force_download, **hub)
-        from_hub = not Path(pretrained_model_name_or_path).expanduser().is_dir()
-        return cls._load_run_dir(run_dir, device, modalities, overrides, backbones, from_hub and not local_files_only)
-
-    @classmethod
-    def _from_pretrained(cls, *, model_id: str, **kw) -> "IterWeGO":
-        """The ``ModelHubMixin`` hook, for callers that go through it: the same as :meth:`from_pretrained`."""
-        return cls.from_pretrained(model_id, **kw)
-
-    @classmethod
-    def _load_run_dir(cls, run_dir: Path, device, modalities, overrides, backbones, may_download) -> "IterWeGO":
-        from .pretrained import check_backbones, read_card, read_weights, run_config
-
-        cfg, meta = run_config(run_dir, overrides, backbones, may_download=may_download)
-        model = _create_for_run(cfg, run_dir, modalities)
-        check_backbones(run_dir, model.encoders(), meta)
-        model.load_state_dict(read_weights(run_dir, model.state_dict(), modalities), strict=False)
-        model.meta, model.run_dir, model.card_text = meta, run_dir, read_card(run_dir)
-        return model.to(device).eval()
-
-    def save_pretrained(
-        self,
-        save_directory,
-        meta: dict | None = None,
-        *,
-        config=None,
-        model_card_kwargs: dict | None = None,
-        push_to_hub: bool = False,
-        repo_id: str | None = None,
-        **push_to_hub_kwargs,
-    ):
-        """Write config, weights (safetensors), metadata and the model card into ``save_directory``.
-
-        ``meta`` is merged over ``model.meta``. The ``ModelHubMixin`` contract otherwise (``push_to_hub=True,
-        repo_id=...``), except that every file is replaced atomically (the mixin first deletes ``config.json``)
-        and ``config`` is ignored: the config is ``model.cfg``. A model without a card gets the mixin's.
-        """
-        from .io import atomic_write_bytes
-        from .pretrained import save_run
-
-        save_directory = Path(save_directory)
-        save_run(save_directory, self, {**self.meta, **(meta or {})}, self.card_text)
-        if not (save_directory / "README.md").exists():
-            card = self.generate_model_card(**(model_card_kwargs or {}))
-            atomic_write_bytes(save_directory / "README.md", str(card).encode())
-        if push_to_hub:
-            repo_id = repo_id or save_directory.name
-            return self.push_to_hub(repo_id, model_card_kwargs=model_card_kwargs, **push_to_hub_kwargs)
-        return None
-
-    def _save_pretrained(self, save_directory: Path) -> None:
-        from .pretrained import save_run
-
-        save_run(save_directory, self, self.meta, self.card_text)
-
-    def generate_model_card(self, *args, **kwargs) -> ModelCard:
-        """The run's own card when it has one (``iterwego train`` and ``import-official`` write it)."""
-        if self.card_text:
-            return ModelCard(self.card_text, ignore_metadata_errors=True)
-        return super().generate_model_card(*args, **kwargs)
+    def _build_for_run(cls, cfg: Config, run_dir: Path, modalities: tuple[str, ...]) -> "IterWeGO":
+        return _create_for_run(cfg, run_dir, modalities)
 
 
 def _create_for_run(cfg: Config, run_dir: Path, modalities: tuple[str, ...]) -> IterWeGO:
