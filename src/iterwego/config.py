@@ -28,6 +28,7 @@ class EncoderConfig:
     image_train_projection: bool = True  # CLIP: train the visual projection (the only trainable part by default)
     local_files_only: bool = True  # never reach the network for weights; point names at local dirs instead
     official_text_pooling: bool = False  # authors' numerics: mean over ALL token positions, padding included
+    feature_dtype: str = "float16"  # stored backbone features: "float16" | "bfloat16" | "float32" (pixels: uint8)
 
 
 @dataclass

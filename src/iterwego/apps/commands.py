@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -12,7 +13,8 @@ from ..errors import IterWeGOError
 
 
 def _cache(a: argparse.Namespace):
-    """The on-disk feature cache the user asked for (default: $ITERWEGO_CACHE or ~/.cache/iterwego), or None."""
+    """The shared feature cache the user asked for (default: $ITERWEGO_CACHE or ~/.cache/iterwego); None for a
+    private store (``--no-cache``)."""
     if getattr(a, "no_cache", False):
         return None
     from ..data.cache import FeatureCache
@@ -22,9 +24,16 @@ def _cache(a: argparse.Namespace):
 
 def _add_cache_args(s) -> None:
     s.add_argument(
-        "--cache-dir", default=None, help="feature cache directory (default: $ITERWEGO_CACHE or ~/.cache/iterwego)"
+        "--cache-dir",
+        default=None,
+        help="feature store shared across runs (default: $ITERWEGO_CACHE or ~/.cache/iterwego; "
+        "with --resume: the one the run started with)",
     )
-    s.add_argument("--no-cache", action="store_true", help="compute backbone features without the on-disk cache")
+    s.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="neither read nor fill the shared store: features go to a private one, removed when done",
+    )
 
 
 def _eval_run(
@@ -51,18 +60,35 @@ def _eval_run(
     cfg = model.cfg
     read = dict(fmt=fmt, image_dir=image_dir, text_field=text_field)
     splits = list(dict.fromkeys([split] + ([] if meta.get("chosen_rounds") else ["val"])))
-    sets, feats = build_features(
-        model.encoders(),
-        {sp: load_split(data, sp, **read) for sp in splits},
-        where=str(data),
-        progress=progress,
-        cache=cache,
-    )
-    device = next(model.parameters()).device
-    ev = lambda ss: Evaluator(ss, feats, decoder=decoder, seed=cfg.train.seed + 2, device=device)  # noqa: E731
-    chosen = meta.get("chosen_rounds") or ev(sets["val"])(model).choose_rounds()
-    result = ev(sets[split])(model, keep_orders=keep_orders)
+    stories = {sp: load_split(data, sp, **read) for sp in splits}
+    with _store(cache) as store:
+        sets, feats = build_features(
+            model.encoders(),
+            stories,
+            where=str(data),
+            progress=progress,
+            cache=store,
+            dtype=cfg.encoder.feature_dtype,
+        )
+        device = next(model.parameters()).device
+        ev = lambda ss: Evaluator(ss, feats, decoder=decoder, seed=cfg.train.seed + 2, device=device)  # noqa: E731
+        chosen = meta.get("chosen_rounds") or ev(sets["val"])(model).choose_rounds()
+        result = ev(sets[split])(model, keep_orders=keep_orders)
     return result, chosen, sets[split], meta
+
+
+@contextlib.contextmanager
+def _store(cache):
+    """The shared cache, or a private store in a temporary directory removed afterwards (``--no-cache``)."""
+    if cache is not None:
+        yield cache
+        return
+    import tempfile
+
+    from ..data.cache import FeatureCache
+
+    with tempfile.TemporaryDirectory(prefix="iterwego-features-") as d:
+        yield FeatureCache(d)
 
 
 def _ceilings(data: Path, split: str) -> dict | None:
@@ -82,7 +108,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     from ..training.recipe import TrainRecipe, resume_recipe
 
     if a.resume:
-        recipe = resume_recipe(a.resume, progress=not a.quiet, cache=_cache(a))
+        from ..training.recipe import RECORDED
+
+        cache = _cache(a) if a.cache_dir or a.no_cache else RECORDED
+        recipe = resume_recipe(a.resume, progress=not a.quiet, cache=cache)
         out = a.resume
     else:
         if not a.data or not a.out:
