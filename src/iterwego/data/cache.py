@@ -92,15 +92,22 @@ class FeatureCache:
         self._writable = True
 
     def _reset_memory(self) -> None:
-        self._index: dict[str, dict[str, tuple[str, int]]] = {}  # identity dir -> key -> (shard, row)
-        self._members: dict[str, dict[str, list[str]]] = {}  # identity dir -> shard -> its keys
+        # keys are held as fixed-size byte arrays, not Python strings: at SIND's size a dict of 200,000
+        # strings per bank costs about 100 MB and fragments the heap for the rest of the run
+        self._keys: dict[str, dict[str, np.ndarray]] = {}  # identity dir -> shard -> its keys (S64)
         self._shards: dict[str, dict[str, Shard]] = {}  # identity dir -> shard -> where its rows lie
         self._seen: dict[str, dict[str, tuple[int, int, int]]] = {}  # identity dir -> shard -> stat signature read
+        self._merged: dict[str, tuple] = {}  # identity dir -> (sorted keys, shard names, shard of each, row of each)
         self._verified: set[tuple[str, tuple[int, int, int]]] = set()  # shard paths whose checksum matched here
+
+    def _release(self, d: Path) -> None:
+        """Drop a directory's in-memory index (re-read from the headers when next needed)."""
+        for table in (self._keys, self._shards, self._seen, self._merged):
+            table.pop(d.name, None)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for k in ("_index", "_members", "_shards", "_seen", "_verified"):
+        for k in ("_keys", "_shards", "_seen", "_merged", "_verified"):
             state.pop(k)
         return state
 
@@ -120,13 +127,14 @@ class FeatureCache:
         return self.root / LAYOUT / f"{_slug(identity)}-{digest}"
 
     @staticmethod
-    def keys(encoder, items: Sequence[str]) -> list[str]:
-        """Cache key of each item (content hash + backbone identity); image files are read and hashed."""
+    def keys(encoder, items: Sequence[str]) -> np.ndarray:
+        """Cache key of each item (content hash + backbone identity, 64 hex digits as bytes); image files are
+        read and hashed. Filled in place: a list of 200,000 strings would cost ten times the memory."""
         is_file = encoder.modality == "image"
-        out = []
-        for it in items:
+        out = np.empty(len(items), "S64")
+        for i, it in enumerate(items):
             try:
-                out.append(content_key(it, encoder.identity, is_file=is_file))
+                out[i] = content_key(it, encoder.identity, is_file=is_file)
             except OSError as err:
                 raise ImageError(f"cannot read image ({err.strerror or err})", path=str(it)) from None
         return out
@@ -158,36 +166,44 @@ class FeatureCache:
         barrier = sync if world > 1 and sync is not None else (lambda: None)
         d = self.identity_dir(encoder.identity, dtype)
         keys = self.keys(encoder, items)
-        first: dict[str, int] = {}
-        for k in keys:
-            first.setdefault(k, len(first))
-        uniq = list(first)
-        item_of = dict(zip(reversed(keys), reversed(items)))  # first item of each key
+        # unique keys in order of first appearance: the chunking, hence every batch, is fixed by the items alone
+        uk, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")
+        uniq, first = uk[order], first[order]
+        slot = np.empty(len(order), np.int64)
+        slot[order] = np.arange(len(order))
+        slot = slot[inverse.reshape(-1)]  # item -> unique key
+        todo = (uniq, [items[i] for i in first])
 
-        index = self._refresh(d)
-        self._verify(d, sorted({index[k][0] for k in uniq if k in index}), rank, world)
+        self._refresh(d)
+        found, shard_of, _ = self._lookup(d, uniq)
+        names = self._merged[d.name][1]
+        self._verify(d, sorted({names[i] for i in np.unique(shard_of[found])}), rank, world)
         barrier()
-        index = self._refresh(d)
-        missing = np.array([u for u, k in enumerate(uniq) if k not in index], np.int64)
+        self._refresh(d)
+        missing = np.flatnonzero(~self._lookup(d, uniq)[0])
         self.stats["hits"] += len(uniq) - len(missing)
         self.stats["misses"] += len(missing)
         mine = [c for i, c in enumerate(self._chunks(missing)) if i % world == rank]
-        memory = self._fill(encoder, d, dtype, uniq, item_of, mine, progress)
+        memory = self._fill(encoder, d, dtype, todo, mine, progress)
         if world > 1:
             barrier()
-            index = self._refresh(d)
-            held = {int(u) for ids, _ in memory for u in ids}
-            left = np.array([u for u in missing if uniq[u] not in index and u not in held], np.int64)
-            memory += self._fill(encoder, d, dtype, uniq, item_of, self._chunks(left), progress)
-        view = self._view(d, uniq, index, memory)
-        slot = np.fromiter((first[k] for k in keys), np.int64, len(keys))  # item -> unique key
+            self._refresh(d)
+            held = np.zeros(len(uniq), bool)
+            for ids, _ in memory:
+                held[ids] = True
+            left = np.flatnonzero(~self._lookup(d, uniq)[0] & ~held)
+            memory += self._fill(encoder, d, dtype, todo, self._chunks(left), progress)
+        view = self._view(d, uniq, memory)
+        self._release(d)
         return view if len(uniq) == len(keys) else view.take(slot)
 
     def _chunks(self, ids: np.ndarray) -> list[np.ndarray]:
         return [ids[s : s + self.shard_size] for s in range(0, len(ids), self.shard_size)]
 
-    def _fill(self, encoder, d: Path, dtype: str, uniq, item_of, chunks, progress: bool) -> list:
-        """Encode ``chunks`` (unique-key ids) and store each as a shard; returns the chunks it could not store."""
+    def _fill(self, encoder, d: Path, dtype: str, todo, chunks, progress: bool) -> list:
+        """Encode ``chunks`` (unique-key ids into ``todo = (keys, items)``) and store each as a shard;
+        returns the chunks it could not store, with their features."""
         memory: list[tuple[np.ndarray, Tensor]] = []
         if not chunks:
             return memory
@@ -196,9 +212,10 @@ class FeatureCache:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=sum(len(c) for c in chunks), desc=f"encode {encoder.modality}", leave=False)
+        uniq, items = todo
         for ch in chunks:
-            ks = [uniq[u] for u in ch]
-            feats = compact(encoder.featurize([item_of[k] for k in ks], progress=progress and bar is None), dtype)
+            ks = [k.decode() for k in uniq[ch]]
+            feats = compact(encoder.featurize([items[u] for u in ch], progress=progress and bar is None), dtype)
             if not (self._writable and self._store(d, f"{encoder.identity} ({dtype})", ks, feats)):
                 memory.append((ch, feats))
             if bar is not None:
@@ -207,21 +224,14 @@ class FeatureCache:
             bar.close()
         return memory
 
-    def _view(self, d: Path, uniq: list[str], index: dict, memory: list) -> StoredFeatures:
-        shards = self._shards.get(d.name, {})
-        sources: list = []
-        where: dict[str, int] = {}
+    def _view(self, d: Path, uniq: np.ndarray, memory: list) -> StoredFeatures:
+        found, shard_of, rows = self._lookup(d, uniq)
+        names = self._merged[d.name][1]
+        used = np.unique(shard_of[found])
+        sources: list = [self._shards[d.name][names[i]] for i in used]
         src = np.full(len(uniq), -1, np.int32)
-        row = np.zeros(len(uniq), np.int64)
-        for u, k in enumerate(uniq):
-            hit = index.get(k)
-            if hit is None:
-                continue
-            s = where.get(hit[0])
-            if s is None:
-                s = where[hit[0]] = len(sources)
-                sources.append(shards[hit[0]])
-            src[u], row[u] = s, hit[1]
+        src[found] = np.searchsorted(used, shard_of[found])
+        row = np.where(found, rows, 0)
         for ids, t in memory:
             src[ids], row[ids] = len(sources), np.arange(len(ids))
             sources.append(t)
@@ -229,9 +239,26 @@ class FeatureCache:
         return StoredFeatures(sources, src, row)
 
     # ------------------------------------------------------------------ reading
-    def _refresh(self, d: Path) -> dict[str, tuple[str, int]]:
+    def _lookup(self, d: Path, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(found, shard number, row)`` of each key; shard numbers index ``self._merged[d.name][1]``."""
+        merged = self._merged.get(d.name)
+        if merged is None:
+            names = sorted(self._keys.get(d.name, {}))
+            parts = [self._keys[d.name][n] for n in names]
+            allkeys = np.concatenate(parts) if parts else np.empty(0, "S64")
+            shard = np.repeat(np.arange(len(names), dtype=np.int32), [len(p) for p in parts])
+            row = np.concatenate([np.arange(len(p), dtype=np.int32) for p in parts]) if parts else shard
+            srt = np.argsort(allkeys, kind="stable")  # a key in two shards: the first shard by name wins
+            merged = self._merged[d.name] = (allkeys[srt], names, shard[srt], row[srt])
+        allkeys, _, shard, row = merged
+        if not len(allkeys):
+            z = np.zeros(len(keys), np.int64)
+            return np.zeros(len(keys), bool), z, z
+        at = np.minimum(np.searchsorted(allkeys, keys), len(allkeys) - 1)
+        return allkeys[at] == keys, shard[at].astype(np.int64), row[at].astype(np.int64)
+
+    def _refresh(self, d: Path) -> None:
         """Bring the in-memory index up to date with the shards on disk (new, changed or removed files)."""
-        index = self._index.setdefault(d.name, {})
         seen = self._seen.setdefault(d.name, {})
         try:
             entries = list(os.scandir(d))
@@ -259,16 +286,13 @@ class FeatureCache:
                 self._add(d, e.name, *got)
         for name in [n for n in seen if n not in present]:  # removed by another process
             self._forget(d, name)
-        return index
 
-    def _add(self, d: Path, name: str, shard: Shard, keys: list[str]) -> None:
-        index = self._index.setdefault(d.name, {})
-        self._members.setdefault(d.name, {})[name] = keys
+    def _add(self, d: Path, name: str, shard: Shard, keys: np.ndarray) -> None:
+        self._keys.setdefault(d.name, {})[name] = keys
         self._shards.setdefault(d.name, {})[name] = shard
-        for r, k in enumerate(keys):
-            index.setdefault(k, (name, r))
+        self._merged.pop(d.name, None)
 
-    def _read_header(self, path: Path) -> tuple[Shard, list[str]] | None:
+    def _read_header(self, path: Path) -> tuple[Shard, np.ndarray] | None:
         try:
             shard, meta = read_shard(path)
             if meta.get("format") != FORMAT:
@@ -276,7 +300,7 @@ class FeatureCache:
             keys = json.loads(meta["keys"])
             if not isinstance(keys, list) or len(keys) != shard.shape[0] or "sha256" not in meta:
                 raise ValueError("index does not match the stored rows")
-            return shard, keys
+            return shard, np.array(keys, dtype="S64")
         except FileNotFoundError:  # removed by another process since the listing
             return None
         except Exception as err:  # any parse failure means a damaged file
@@ -303,12 +327,9 @@ class FeatureCache:
                 self._discard(path, _reason(err))
 
     def _forget(self, d: Path, shard: str) -> None:
-        index = self._index.get(d.name, {})
-        for k in self._members.get(d.name, {}).pop(shard, ()):
-            if index.get(k, ("",))[0] == shard:
-                del index[k]
-        self._shards.get(d.name, {}).pop(shard, None)
-        self._seen.get(d.name, {}).pop(shard, None)
+        for table in (self._keys, self._shards, self._seen):
+            table.get(d.name, {}).pop(shard, None)
+        self._merged.pop(d.name, None)
 
     def _discard(self, path: Path, reason: str) -> None:
         warnings.warn(
