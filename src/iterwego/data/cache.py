@@ -166,37 +166,37 @@ class FeatureCache:
         barrier = sync if world > 1 and sync is not None else (lambda: None)
         d = self.identity_dir(encoder.identity, dtype)
         keys = self.keys(encoder, items)
-        # unique keys in order of first appearance: the chunking, hence every batch, is fixed by the items alone
-        uk, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        order = np.argsort(first, kind="stable")
-        uniq, first = uk[order], first[order]
-        slot = np.empty(len(order), np.int64)
-        slot[order] = np.arange(len(order))
-        slot = slot[inverse.reshape(-1)]  # item -> unique key
+        uniq, first, slot = _first_occurrences(keys)
         todo = (uniq, [items[i] for i in first])
-
-        self._refresh(d)
-        found, shard_of, _ = self._lookup(d, uniq)
-        names = self._merged[d.name][1]
-        self._verify(d, sorted({names[i] for i in np.unique(shard_of[found])}), rank, world)
+        barrier()  # every process lists the same shards before any of them discards a corrupt one
+        self._verify_stored(d, uniq, rank, world)
         barrier()
-        self._refresh(d)
-        missing = np.flatnonzero(~self._lookup(d, uniq)[0])
+        missing = self._missing(d, uniq)
         self.stats["hits"] += len(uniq) - len(missing)
         self.stats["misses"] += len(missing)
         mine = [c for i, c in enumerate(self._chunks(missing)) if i % world == rank]
         memory = self._fill(encoder, d, dtype, todo, mine, progress)
-        if world > 1:
+        if world > 1:  # read the others' chunks; encode here any another process could not store
             barrier()
-            self._refresh(d)
-            held = np.zeros(len(uniq), bool)
-            for ids, _ in memory:
-                held[ids] = True
-            left = np.flatnonzero(~self._lookup(d, uniq)[0] & ~held)
-            memory += self._fill(encoder, d, dtype, todo, self._chunks(left), progress)
+            memory += self._fill(encoder, d, dtype, todo, self._chunks(self._missing(d, uniq, memory)), progress)
         view = self._view(d, uniq, memory)
         self._release(d)
         return view if len(uniq) == len(keys) else view.take(slot)
+
+    def _verify_stored(self, d: Path, uniq: np.ndarray, rank: int, world: int) -> None:
+        """Check the shards holding any of ``uniq`` (every ``world``-th, from ``rank``)."""
+        self._refresh(d)
+        found, shard_of, _ = self._lookup(d, uniq)
+        names = self._merged[d.name][1]
+        self._verify(d, sorted({names[i] for i in np.unique(shard_of[found])}), rank, world)
+
+    def _missing(self, d: Path, uniq: np.ndarray, memory: list = ()) -> np.ndarray:
+        """Ids of the keys in no shard on disk (and not in ``memory``), in order."""
+        self._refresh(d)
+        absent = ~self._lookup(d, uniq)[0]
+        for ids, _ in memory:
+            absent[ids] = False
+        return np.flatnonzero(absent)
 
     def _chunks(self, ids: np.ndarray) -> list[np.ndarray]:
         return [ids[s : s + self.shard_size] for s in range(0, len(ids), self.shard_size)]
@@ -399,6 +399,16 @@ class FeatureCache:
             return name in self._shards.get(d.name, {})
         self._verified.add((str(path), sig))  # these rows came from the backbone just now
         return True
+
+
+def _first_occurrences(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(unique keys, first item of each, unique key of each item)``, keys in order of first appearance:
+    the chunking, and with it every encoder batch, depends on the items alone."""
+    uk, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    slot = np.empty(len(order), np.int64)
+    slot[order] = np.arange(len(order))
+    return uk[order], first[order], slot[inverse.reshape(-1)]
 
 
 def _raw_bytes(t: Tensor) -> memoryview:

@@ -81,15 +81,17 @@ class FeatureBank:
 
 
 def _concat(old, new):
+    """The features of two successive builds of one bank, as one."""
     if isinstance(old, StoredFeatures) or isinstance(new, StoredFeatures):
-        as_view = lambda x: (
-            x if isinstance(x, StoredFeatures) else StoredFeatures([x], np.zeros(len(x)), np.arange(len(x)))
-        )  # noqa: E731
-        return StoredFeatures.concat([as_view(old), as_view(new)])
+        return StoredFeatures.concat([_as_view(old), _as_view(new)])
     if old.dim() == 3 and old.shape[1] != new.shape[1]:
         L = max(old.shape[1], new.shape[1])
         old, new = (torch.nn.functional.pad(x, (0, 0, 0, L - x.shape[1])) for x in (old, new))
     return torch.cat([old, new])
+
+
+def _as_view(x) -> StoredFeatures:
+    return x if isinstance(x, StoredFeatures) else StoredFeatures([x], np.zeros(len(x)), np.arange(len(x)))
 
 
 @dataclass

@@ -105,7 +105,7 @@ class TrainRecipe:
                     "format": self.fmt,
                     "image_dir": self.image_dir,
                     "text_field": self.text_field,
-                    "cache_dir": None if self.private_store else str(self.cache.root),
+                    "cache_dir": None if self.private_store else str(Path(self.cache.root).absolute()),
                     "config": self.cfg.to_dict(),
                 },
             )
