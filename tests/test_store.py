@@ -178,3 +178,17 @@ def test_dtypes_live_in_separate_directories(stories, tiny_bert_dir, tmp_path):
     a, b = c.ensure(enc, items, dtype="float16"), c.ensure(enc, items, dtype="float32")
     assert a.dtype == torch.float16 and b.dtype == torch.float32 and c.stats["misses"] == 2 * len(items)
     assert torch.equal(a.to_tensor(), b.to_tensor().half())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.uint8])
+def test_memory_blocks_and_token_padding(dtype):
+    """Rows held in memory (an unwritable store) read like stored ones; token features pad to the longest."""
+    a = (torch.arange(2 * 3 * 2) % 200).reshape(2, 3, 2).to(dtype)
+    b = (torch.arange(3 * 5 * 2) % 200).reshape(3, 5, 2).to(dtype)
+    view = StoredFeatures.concat(
+        [StoredFeatures([a], np.zeros(2), np.arange(2)), StoredFeatures([b], np.zeros(3), np.arange(3))]
+    )
+    assert view.shape == (5, 5, 2) and view.dtype == dtype
+    want = torch.cat([torch.nn.functional.pad(a.float(), (0, 0, 0, 2)), b.float()]).to(dtype)
+    assert torch.equal(view.to_tensor(), want)
+    assert torch.equal(view[[4, 0, 4]], want[[4, 0, 4]]) and torch.equal(view.take(np.array([1, 3]))[:], want[[1, 3]])

@@ -160,10 +160,7 @@ class StoredFeatures:
             at = np.flatnonzero(src == s)
             source = self.sources[s]
             if isinstance(source, Tensor):
-                block = source[torch.from_numpy(row[at])]
-                block = (
-                    block.view(torch.int16).numpy().view(np.uint16) if block.dtype == torch.bfloat16 else block.numpy()
-                )
+                block = _numpy(source[torch.from_numpy(row[at])])
             else:
                 block = _read_rows(source, row[at])
             if pad:
@@ -190,13 +187,13 @@ class StoredFeatures:
             sources += p.sources
         return StoredFeatures(sources, np.concatenate(src) if src else [], np.concatenate(row) if row else [])
 
-    def on_disk_bytes(self) -> int:
-        """Bytes of the distinct shard files this bank reads (what its store occupies on disk)."""
-        return sum(os.path.getsize(s.path) for s in {s for s in self.sources if isinstance(s, Shard)})
-
 
 def _shape(source: Shard | Tensor) -> tuple[int, ...]:
     return tuple(source.shape)
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def _np_dtype(dtype: torch.dtype) -> np.dtype:
