@@ -62,6 +62,7 @@ def _setup(tmp: Path) -> tuple[Path, list[str]]:
         f"encoder.text=bert:{bert}",
         "encoder.text_train_layers=1",
         "encoder.text_max_length=24",
+        "encoder.feature_dtype=float16",
         "encoder.image_size=32",
         "train.unimodal_epochs=1",
         "train.iterative_epochs=1",
