@@ -81,3 +81,29 @@ def test_presets_benchmark_prints_the_paper_against_paper_plus_table(tmp_path):
     for name in ("paper", "paper+"):
         cfg = json.loads((tmp_path / "w" / f"{name}-seed0" / "config.json").read_text())
         assert cfg["preset"] == name and cfg["encoder"]["image"] == "cnn" and cfg["aligner"]["kind"] == "learned"
+
+
+SCALE = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
+
+
+@pytest.mark.benchmark
+def test_scale_prints_the_table_and_writes_json(tmp_path):
+    out = tmp_path / "scale.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    cmd = [sys.executable, str(SCALE), "--sizes", "16", "32", "--val", "8", "--test", "4", "--threads", "1"]
+    proc = subprocess.run(
+        [*cmd, "--json", str(out), "--work", str(tmp_path / "w")], capture_output=True, text=True, timeout=900, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "store" in proc.stdout and "peak RSS" in proc.stdout
+    res = json.loads(out.read_text())
+    assert [r["stories"] for r in res["results"]] == [16, 32]
+    for r in res["results"]:
+        assert r["peak_rss_mib"] > 0 and r["store_bytes"] > 0 and r["features"]["wall_s"] > 0
+        assert set(r["stages"]) == {"unimodal-image", "unimodal-text", "aligner", "iterative"}
+    # every sentence and every image distinct: nothing for the store to deduplicate
+    doc = json.loads((tmp_path / "w" / "pool" / "train.story-in-sequence.json").read_text())
+    texts = [a[0]["text"] for a in doc["annotations"]]
+    assert len(set(texts)) == len(texts) == 32 * 5
+    pixels = {p.read_bytes() for p in (tmp_path / "w" / "pool" / "images" / "train").iterdir()}
+    assert len(pixels) == 32 * 5

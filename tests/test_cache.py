@@ -81,7 +81,7 @@ def logits(orderer: Orderer, feats: torch.Tensor) -> torch.Tensor:
 
 
 def shards(root: Path) -> list[Path]:
-    return sorted(root.glob("v1/*/*.safetensors"))
+    return sorted(root.glob("v2/*/*.safetensors"))
 
 
 # --------------------------------------------------------------------------- hits
@@ -127,7 +127,7 @@ def test_feature_bank_with_cache_matches_without(tmp_path):
         b.build()
         b.rows(paths[1:])
         out.append(b.build())
-    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+    assert torch.equal(out[0], out[1].to_tensor()) and torch.equal(out[0], out[2].to_tensor())
 
 
 # --------------------------------------------------------------------------- invalidation

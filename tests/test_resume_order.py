@@ -6,10 +6,18 @@ Resuming bit-identically after SIGKILL is tested in tests/test_reliability.py (t
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from conftest import TRAIN_ARGS
 from iterwego.apps.cli import main
 from test_report import check_html, sentences_in
 
@@ -22,6 +30,72 @@ def data(trained_run) -> Path:
 @pytest.fixture
 def reference(trained_run) -> Path:
     return trained_run.run
+
+
+def _train_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "iterwego", "train", *args]
+
+
+# A child `iterwego train` whose text backbone takes 0.3 s per 64 sentences, with 64-row shards: the store fills
+# shard by shard slowly enough to be killed half-way; with STEP_MARK it also marks its first optimiser step.
+CHILD = """
+import sys, time
+from pathlib import Path
+import iterwego.data.cache as cache
+import iterwego.encoders as enc
+import iterwego.training.recipe as recipe
+cache.SHARD_ROWS = 64
+featurize = enc.BertBackbone.featurize
+enc.BertBackbone.featurize = lambda self, items: (time.sleep(0.3), featurize(self, items))[1]
+mark, step = Path(sys.argv[1]), recipe.TrainRecipe._step
+def marked(self, *a, **k):
+    mark.touch()
+    time.sleep(0.2)
+    return step(self, *a, **k)
+recipe.TrainRecipe._step = marked
+from iterwego.apps.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _text_shards(run: Path) -> int:
+    for d in (run / "features").glob("v2/*"):
+        if (d / "identity.txt").is_file() and (d / "identity.txt").read_text().startswith("bert:"):
+            return len(list(d.glob("*.safetensors")))
+    return 0
+
+
+def _kill_when(p: subprocess.Popen, ready, what: str) -> None:
+    deadline = time.time() + 240
+    while not ready() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert p.poll() is None, f"training ended before {what}"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
+def test_killed_during_feature_extraction_and_first_epoch_resumes_identically(data, reference, tmp_path):
+    """SIGKILL while the store fills, then (resumed) during the first epoch: no checkpoint exists either time."""
+    run, mark = tmp_path / "run", tmp_path / "stepped"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
+    child = [sys.executable, "-c", CHILD, str(mark), "train"]
+    # --no-cache: the run keeps its features in its private store, RUN/features, which the kills interrupt
+    p = subprocess.Popen([*child, "--data", str(data), "--out", str(run), *TRAIN_ARGS, "--no-cache"], env=env)
+    _kill_when(p, lambda: _text_shards(run) >= 1, "its text features were half stored")
+    stored = _text_shards(run)
+    assert 1 <= stored and not mark.exists() and not (run / "train_state.pt").exists()
+    assert (run / "train_args.json").is_file()
+
+    p = subprocess.Popen([*child, "--resume", str(run), "--quiet"], env=env)
+    _kill_when(p, mark.exists, "its first optimiser step")
+    assert _text_shards(run) > stored and not (run / "train_state.pt").exists()
+
+    r = subprocess.run(_train_cmd("--resume", str(run), "--quiet"), env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a, b = load_file(str(reference / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (reference / "log.jsonl").read_text() == (run / "log.jsonl").read_text()
+    assert not (run / "features").exists()  # the private store goes once the run is saved
 
 
 def test_resume_without_state_is_a_clear_error(tmp_path, capsys):

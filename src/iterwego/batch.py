@@ -30,9 +30,11 @@ class Batch:
     feats: dict[str, Tensor]
 
     def to(self, device) -> "Batch":
+        """The batch on ``device``; features stored compact (float16/bfloat16) are widened to float32 there."""
         pin = torch.device(device).type == "cuda"  # pinned host memory lets the copy overlap with compute
-        mv = lambda d: {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
-        return Batch(self.ids, mv(self.index), mv(self.pos), mv(self.feats))
+        mv = lambda d: {k: (_pinned(v) if pin else v).to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
+        feats = {k: _widen(v) for k, v in mv(self.feats).items()}
+        return Batch(self.ids, mv(self.index), mv(self.pos), feats)
 
     def valid(self, modality: str) -> Tensor:
         return self.index[modality] >= 0
@@ -51,6 +53,15 @@ class Batch:
                 if name == m or name == "align_" + m:
                     feats[name] = f[sub[ok]]
         return Batch([self.ids[k] for k in keep], index, pos, feats)
+
+
+def _pinned(t: Tensor) -> Tensor:
+    return t.pin_memory() if t.device.type == "cpu" and not t.is_pinned() else t  # only host memory pins
+
+
+def _widen(t: Tensor) -> Tensor:
+    # the model computes in float32 (autocast narrows where it is on); pixels stay uint8 for the CNN to scale
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def scatter_items(feats: Tensor, index: Tensor) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -13,7 +14,8 @@ from ..errors import IterWeGOError
 
 
 def _cache(a: argparse.Namespace):
-    """The on-disk feature cache the user asked for (default: $ITERWEGO_CACHE or ~/.cache/iterwego), or None."""
+    """The shared feature cache the user asked for (default: $ITERWEGO_CACHE or ~/.cache/iterwego); None for a
+    private store (``--no-cache``)."""
     if getattr(a, "no_cache", False):
         return None
     from ..data.cache import FeatureCache
@@ -23,9 +25,16 @@ def _cache(a: argparse.Namespace):
 
 def _add_cache_args(s) -> None:
     s.add_argument(
-        "--cache-dir", default=None, help="feature cache directory (default: $ITERWEGO_CACHE or ~/.cache/iterwego)"
+        "--cache-dir",
+        default=None,
+        help="feature store shared across runs (default: $ITERWEGO_CACHE or ~/.cache/iterwego; "
+        "with --resume: the one the run started with)",
     )
-    s.add_argument("--no-cache", action="store_true", help="compute backbone features without the on-disk cache")
+    s.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="neither read nor fill the shared store: features go to a private one, removed when done",
+    )
 
 
 def add_run_args(s, what: str = "the run") -> None:
@@ -83,27 +92,44 @@ def _eval_run(
     capture_chosen = ((meta.get("capture_time") or {}).get("chosen_rounds") or None) if capture_time else None
     need_val = not meta.get("chosen_rounds") or (capture_time and not capture_chosen)
     splits = list(dict.fromkeys([split] + (["val"] if need_val else [])))
-    sets, feats = build_features(
-        model.encoders(),
-        {sp: load_split(data, sp, **read) for sp in splits},
-        where=str(data),
-        progress=progress,
-        cache=cache,
-    )
-    device = next(model.parameters()).device
-    ev = lambda ss, dec=decoder, rounds=None, times=capture_time: Evaluator(  # noqa: E731
-        ss, feats, decoder=dec, rounds=rounds, seed=cfg.train.seed + 2, device=device, capture_time=times
-    )
-    val = ev(sets["val"])(model) if need_val else None
-    chosen = meta.get("chosen_rounds") or val.choose_rounds()
-    if capture_time and not capture_chosen:
-        capture_chosen = val.choose_capture_rounds()
-    result = ev(sets[split])(model, keep_orders=keep_orders)
-    if authors:
-        rounds = max(cfg.guidance.max_rounds, max(AUTHORS_ROUNDS))
-        same = decoder == "tsort" and cfg.guidance.max_rounds >= rounds
-        result.authors = authors_protocol(result if same else ev(sets[split], "tsort", rounds, False)(model))
+    stories = {sp: load_split(data, sp, **read) for sp in splits}
+    with _store(cache) as store:
+        sets, feats = build_features(
+            model.encoders(),
+            stories,
+            where=str(data),
+            progress=progress,
+            cache=store,
+            dtype=cfg.encoder.feature_dtype,
+        )
+        device = next(model.parameters()).device
+        ev = lambda ss, dec=decoder, rounds=None, times=capture_time: Evaluator(  # noqa: E731
+            ss, feats, decoder=dec, rounds=rounds, seed=cfg.train.seed + 2, device=device, capture_time=times
+        )
+        val = ev(sets["val"])(model) if need_val else None
+        chosen = meta.get("chosen_rounds") or val.choose_rounds()
+        if capture_time and not capture_chosen:
+            capture_chosen = val.choose_capture_rounds()
+        result = ev(sets[split])(model, keep_orders=keep_orders)
+        if authors:
+            rounds = max(cfg.guidance.max_rounds, max(AUTHORS_ROUNDS))
+            same = decoder == "tsort" and cfg.guidance.max_rounds >= rounds
+            result.authors = authors_protocol(result if same else ev(sets[split], "tsort", rounds, False)(model))
     return result, chosen, sets[split], meta, capture_chosen
+
+
+@contextlib.contextmanager
+def _store(cache):
+    """The shared cache, or a private store in a temporary directory removed afterwards (``--no-cache``)."""
+    if cache is not None:
+        yield cache
+        return
+    import tempfile
+
+    from ..data.cache import FeatureCache
+
+    with tempfile.TemporaryDirectory(prefix="iterwego-features-") as d:
+        yield FeatureCache(d)
 
 
 def _ceilings(data: Path, split: str) -> dict | None:
@@ -118,7 +144,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     from ..training.recipe import TrainRecipe, resume_recipe
 
     if a.resume:
-        recipe = resume_recipe(a.resume, progress=not a.quiet, cache=_cache(a))
+        from ..training.recipe import RECORDED
+
+        cache = _cache(a) if a.cache_dir or a.no_cache else RECORDED
+        recipe = resume_recipe(a.resume, progress=not a.quiet, cache=cache)
         out = a.resume
     else:
         if not a.data or not a.out:

@@ -88,14 +88,15 @@ def _story_batch(model, story_id: str, imgs: list, sents: list):
     With both lists the items are paired by position for the feature index only; the model never reads that pairing.
     """
     encs = model.encoders()
+    dtype = model.cfg.encoder.feature_dtype  # the rounding the model was trained on
     if imgs and sents:
         sets, feats = build_features(
-            encs, {"x": [Story(story_id, [Item(image=i, sentence=t) for i, t in zip(imgs, sents)])]}
+            encs, {"x": [Story(story_id, [Item(image=i, sentence=t) for i, t in zip(imgs, sents)])]}, dtype=dtype
         )
     else:
         its = [Item(image=p) for p in imgs] if imgs else [Item(sentence=t) for t in sents]
         mod = "image" if imgs else "text"
-        sets, feats = build_features({mod: encs[mod]}, {"x": [Story(story_id, its)]}, cross_modal=False)
+        sets, feats = build_features({mod: encs[mod]}, {"x": [Story(story_id, its)]}, cross_modal=False, dtype=dtype)
     return make_batch(sets["x"], [0], np.random.default_rng(0), feats, shuffle=False).to(
         next(model.parameters()).device
     )

@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: SIND's train split holds 200,000 of them
 class Item:
     """One step of a story: an image, a sentence, or both."""
 
@@ -214,6 +214,24 @@ def _vist_record(ann: object, k: int, path: Path, text_field: str) -> tuple[str,
     return sid, pid, pos, sent, extras
 
 
+_VIST_KEEP = ("story_id", "photo_flickr_id", "worker_arranged_photo_order", "album_id", "storylet_id")
+
+
+def _slim_annotation(text_field: str):
+    """A ``json`` object hook that keeps only what the reader uses of each annotation (an object with a
+    ``photo_flickr_id``): at SIND's size the unused fields (the other text, worker ids, ...) would double
+    the memory of parsing."""
+    keep = frozenset((*_VIST_KEEP, text_field))
+
+    def hook(pairs: list[tuple[str, object]]) -> dict:
+        d = dict(pairs)
+        if "photo_flickr_id" in d and "story_id" in d:
+            return {k: v for k, v in d.items() if k in keep}
+        return d
+
+    return hook
+
+
 def _check_positions(positions: list[int], n: int, path: Path, sid: str, what: str) -> None:
     """Positions must be exactly 0..n-1 (raises DataError naming duplicates or gaps)."""
     if sorted(positions) == list(range(n)):
@@ -263,7 +281,7 @@ def read_vist(
     path = Path(json_path)
     text = _read_text(path)
     try:
-        doc = json.loads(text)
+        doc = json.loads(text, object_pairs_hook=_slim_annotation(text_field))
     except json.JSONDecodeError as err:
         raise DataError(f"malformed JSON: {err.msg} (column {err.colno})", path=str(path), line=err.lineno) from None
     if not isinstance(doc, dict):
@@ -286,6 +304,8 @@ def read_vist(
         first = next(iter(groups))
         raise ImageError(f"image directory {index.dir} not found", path=str(path), story=first)
 
+    del doc, anns, text  # free the parsed file before the stories are built
+    source = str(path)
     stories: list[Story] = []
     wanted: list[tuple[str, str, int | None]] = []
     for sid, recs in groups.items():
@@ -307,7 +327,7 @@ def read_vist(
                 elif check_images:
                     wanted.append((img, sid, None))
             items.append(Item(image=img, sentence=sent, key=pid))
-        meta: dict = {"source": str(path)}
+        meta: dict = {"source": source}
         if "album_id" in recs[0][4]:
             meta["album_id"] = recs[0][4]["album_id"]
         if all("storylet_id" in r[4] for r in recs):

@@ -23,7 +23,7 @@ from ..aligner import alignment_hits
 from ..batch import Batch
 from ..capture_time import placed_by_time, precedence, read_capture_times
 from ..config import GuidanceConfig
-from ..data.features import StorySet, batches
+from ..data.features import StorySet, gather, plan_batches, prefetch
 from ..decode import decode_stories, pair_logprobs
 from ..device import autocast
 from ..fusion import sentence_order
@@ -140,7 +140,7 @@ class Evaluator:
     def __init__(
         self,
         ss: StorySet,
-        feats: dict[str, Tensor],
+        feats: dict,
         guidance: GuidanceConfig | None = None,
         *,
         mapping: str | None = None,
@@ -155,6 +155,8 @@ class Evaluator:
     ):
         """``guidance`` / ``mapping`` default to the evaluated model's config; ``rounds`` to ``guidance.max_rounds``.
 
+        ``feats`` maps bank names to tensors or stored features; the presentation (story batches, item
+        shuffles) is fixed here from ``seed``, and features are read batch by batch at each evaluation.
         ``capture_time=True`` reads the photos' EXIF capture times and adds the orders bound by them
         (``EvalResult.timed``); the other results are the same either way.
         """
@@ -162,9 +164,17 @@ class Evaluator:
         self.capture = capture_precedences(ss.stories) if capture_time and ss.image_rows is not None else None
         self.rounds = rounds
         rng = np.random.default_rng(seed)
-        self.batches: list[Batch] = list(batches(ss, batch_size, rng, feats, shuffle_stories=False))
+        mods = tuple(m for m in ("image", "text") if m in feats)
+        self.plans = plan_batches(ss, batch_size, rng, mods, shuffle_stories=False)
         self.device, self.amp = torch.device(device), amp
         self.rank, self.world = (dist_ctx.rank, dist_ctx.world) if dist_ctx is not None and dist_ctx.enabled else (0, 1)
+
+    def loaded(self, *, mine: bool = True):
+        """``(batch number, batch on the device)``, read ahead of use; ``mine``: only this process's share."""
+        ids = [bi for bi in range(len(self.plans)) if not mine or bi % self.world == self.rank]
+        pin = self.device.type == "cuda"
+        for bi, b in prefetch(lambda bi: (bi, gather(self.plans[bi], self.feats, pin=pin)), ids):
+            yield bi, b.to(self.device)
 
     @torch.no_grad()
     def __call__(self, model, *, keep_orders: bool = False, only: str | None = None) -> EvalResult:
@@ -181,11 +191,7 @@ class Evaluator:
         cross = len(mods) == 2 and model.aligner is not None
         g = self.g or model.cfg.guidance
         n_rounds = (g.max_rounds if self.rounds is None else self.rounds) if cross else 0
-        parts = {
-            bi: self._batch(model, b.to(self.device), mods, cross, n_rounds, keep_orders)
-            for bi, b in enumerate(self.batches)
-            if bi % self.world == self.rank
-        }
+        parts = {bi: self._batch(model, b, mods, cross, n_rounds, keep_orders) for bi, b in self.loaded()}
         if self.world > 1:
             import torch.distributed as dist
 

@@ -19,7 +19,9 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,8 @@ from tqdm.auto import tqdm
 
 from ..aligner import alignment_hits
 from ..config import Config
-from ..data.features import batches, build_features
+from ..data.cache import FeatureCache
+from ..data.features import batches, build_features, gather, plan_batches, prefetch
 from ..data.readers import load_split
 from ..data.synth import pmr_ceilings
 from ..device import autocast, pick_device
@@ -46,6 +49,9 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+PRIVATE_STORE = "features"  # RUN/features: the feature store of a run that uses no shared cache
 
 
 class TrainingDiverged(IterWeGOError):
@@ -69,12 +75,20 @@ class TrainRecipe:
         cache=None,
         capture_time: bool = False,
     ):
-        self.cfg, self.data, self.out, self.cache = cfg, Path(data), Path(out), cache
+        """``cache``: the feature store to read and fill (a shared :class:`FeatureCache`); ``None`` keeps
+        the features in a private store, ``RUN/features``, removed once the run is saved."""
+        self.cfg, self.data, self.out = cfg, Path(data), Path(out)
+        self.private_store = cache is None
+        self.cache = FeatureCache(self.out / PRIVATE_STORE) if cache is None else cache
         # validation also scores the orders bound by photo EXIF times; never used for the loss or model choice
         self.capture_time = capture_time
         self.fmt, self.image_dir, self.text_field = fmt, image_dir, text_field
         self.progress, self.log = progress, log
         self.history: list[dict] = []
+        # wall and CPU seconds of feature building and of each epoch's training and validation (not logged:
+        # the log must not depend on the machine, so a resumed run's log equals an uninterrupted one's)
+        self.timings: dict = {"features": {}, "epochs": []}
+        self._tick: dict = {}
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "TrainRecipe":
@@ -99,6 +113,7 @@ class TrainRecipe:
                     "image_dir": self.image_dir,
                     "text_field": self.text_field,
                     "capture_time": self.capture_time,
+                    "cache_dir": None if self.private_store else str(Path(self.cache.root).absolute()),
                     "config": self.cfg.to_dict(),
                 },
             )
@@ -112,13 +127,18 @@ class TrainRecipe:
             for part in (self.model.image, self.model.text, self.model.aligner):
                 if part is not None:
                     part.compile()
-        sets, self.feats = build_features(
-            self.model.encoders(),
-            {"train": self.train_stories, "val": self.val_stories},
-            where=str(self.data),
-            progress=self.progress,
-            cache=self.cache,
-        )
+        with self._clock("features"):
+            sets, self.feats = build_features(
+                self.model.encoders(),
+                {"train": self.train_stories, "val": self.val_stories},
+                where=str(self.data),
+                progress=self.progress,
+                cache=self.cache,
+                dtype=c.encoder.feature_dtype,
+                share=(self.dist.rank, self.dist.world),
+                sync=self.dist.barrier,
+            )
+        self.timings["features"] = self._tick.pop("features")
         self.train_set, self.val_set = sets["train"], sets["val"]
         truncated = getattr(self.model.text_encoder.backbone, "truncated", 0)
         if truncated:
@@ -173,12 +193,42 @@ class TrainRecipe:
         opt.step()
         return v
 
-    def _local(self, b):
-        """This process's stories of a global batch (the whole batch with one process)."""
+    def _local(self, plan):
+        """This process's stories of a global batch plan (the whole plan with one process)."""
         if not self.dist.enabled:
-            return b
-        keep = self.dist.shard_rows(len(b.ids))
-        return b.rows(keep) if keep else None
+            return plan
+        keep = self.dist.shard_rows(len(plan.ids))
+        return plan.select(keep) if keep else None
+
+    def _train_batches(self, names: tuple[str, ...], *, shuffle_items: bool = True, shard: bool = True):
+        """``(global plan, this process's batch on the device or None)`` for one pass over the training set.
+
+        Plans come from the recipe's generator, all at once; each process reads only its own stories'
+        rows (``shard``), from the store, a couple of batches ahead of the compute.
+        """
+        feats = {k: self.feats[k] for k in names}
+        mods = tuple(m for m in ("image", "text") if m in feats)
+        plans = plan_batches(
+            self.train_set, self.cfg.train.batch_size, self.rng, mods, shuffle_stories=True, shuffle_items=shuffle_items
+        )
+        pin = self.device.type == "cuda"
+
+        def load(plan):
+            mine = self._local(plan) if shard else plan
+            return plan, None if mine is None else gather(mine, feats, pin=pin)
+
+        for plan, b in prefetch(load, plans):
+            yield plan, None if b is None else b.to(self.device)
+
+    @contextmanager
+    def _clock(self, part: str):
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            t = self._tick.setdefault(part, {"wall_s": 0.0, "cpu_s": 0.0})
+            t["wall_s"] += time.perf_counter() - w
+            t["cpu_s"] += time.process_time() - c
 
     def _pair_loss(self, logits, b, mod: str, global_units: int):
         reduction = "story_sum" if self.cfg.train.loss_average == "story" else "sum"
@@ -237,7 +287,12 @@ class TrainRecipe:
 
         path = self.out / "train_state.pt"
         if not path.is_file():
-            raise ModelLoadError(f"{path}: no training state to resume from (was the run started with this iterwego?)")
+            if (self.out / "model.safetensors").is_file():
+                raise ModelLoadError(f"{path}: missing, but the run holds a trained model: nothing to resume")
+            # killed before the first epoch ended (e.g. while extracting features): start over; setup() has
+            # already reused every stored feature, and nothing else had happened yet
+            self.log(f"{self.out}: no epoch had finished; training starts from the beginning with the stored features")
+            return
         try:
             st = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # corrupt or foreign file
@@ -285,7 +340,9 @@ class TrainRecipe:
         for epoch in tqdm(range(start, n), desc=stage, disable=not self.progress, initial=start, total=n):
             if t.early_stop and since >= t.early_stop:
                 break
+            self._tick = {}
             key, module, extra = select(epoch)
+            self.timings["epochs"].append({"stage": stage, "epoch": epoch, **self._tick})
             if best is None or key > best:
                 best, best_state, since, best_extra = key, copy.deepcopy(module.state_dict()), 0, extra
             else:
@@ -318,25 +375,18 @@ class TrainRecipe:
             self._set_lr(opt, epoch, t.unimodal_epochs)
             orderer.train()
             losses = []
-            for gb in batches(self.train_set, t.batch_size, self.rng, {mod: self.feats[mod]}, shuffle_stories=True):
-                global_units, b = loss_units(gb.valid(mod), t.loss_average), self._local(gb)
-                loss = None
-                if b is not None:
-                    b = b.to(self.device)
-                    with autocast(self.device, t.amp):
-                        logits = orderer(b.feats[mod], b.index[mod])
-                    loss = self._pair_loss(logits, b, mod, global_units)
-                losses.append(
-                    self._step(
-                        opt,
-                        loss,
-                        orderer.parameters(),
-                        f"unimodal {mod} epoch {epoch} step {len(losses)}",
-                        sharded=True,
-                    )
-                )
-            val = pick(self.val_eval(self.model, only=mod).rounds[mod][0])
-            val["loss"] = self.val_loss(mod)
+            with self._clock("train"):
+                for plan, b in self._train_batches((mod,)):
+                    global_units, loss = loss_units(plan.valid(mod), t.loss_average), None
+                    if b is not None:
+                        with autocast(self.device, t.amp):
+                            logits = orderer(b.feats[mod], b.index[mod])
+                        loss = self._pair_loss(logits, b, mod, global_units)
+                    where = f"unimodal {mod} epoch {epoch} step {len(losses)}"
+                    losses.append(self._step(opt, loss, orderer.parameters(), where, sharded=True))
+            with self._clock("val"):
+                val = pick(self.val_eval(self.model, only=mod).rounds[mod][0])
+                val["loss"] = self.val_loss(mod)
             self._record(
                 {
                     "stage": f"unimodal-{mod}",
@@ -362,13 +412,12 @@ class TrainRecipe:
             al.train()
             losses = []
             # unshuffled items: row k of the image features and of the text features is the same item
-            for b in batches(
-                self.train_set, t.batch_size, self.rng, self.feats, shuffle_stories=True, shuffle_items=False
-            ):
-                b = b.to(self.device)
-                loss = al.loss(b.feats["image"], b.feats["text"])
-                losses.append(self._step(opt, loss, al.parameters(), f"aligner epoch {epoch} step {len(losses)}"))
-            acc = self.alignment_accuracy(self.val_set)
+            with self._clock("train"):
+                for _, b in self._train_batches(tuple(self.feats), shuffle_items=False, shard=False):
+                    loss = al.loss(b.feats["image"], b.feats["text"])
+                    losses.append(self._step(opt, loss, al.parameters(), f"aligner epoch {epoch} step {len(losses)}"))
+            with self._clock("val"):
+                acc = self.alignment_accuracy(self.val_set)
             self._record(
                 {
                     "stage": "aligner",
@@ -396,8 +445,7 @@ class TrainRecipe:
         was = o.training
         o.eval()
         tot = cnt = 0.0
-        for b in self.val_eval.batches:
-            b = b.to(self.device)
+        for _, b in self.val_eval.loaded(mine=False):
             n_pairs = float((b.valid(mod).sum(1) * (b.valid(mod).sum(1) - 1)).sum())
             tot += float(pair_loss(o(b.feats[mod], b.index[mod]), b.pos[mod], b.valid(mod))) * n_pairs
             cnt += n_pairs
@@ -442,13 +490,12 @@ class TrainRecipe:
         """One pass updating the ``tgt`` orderer under guidance from the other modality (fixed)."""
         t, m = self.cfg.train, self.model
         losses = []
-        for gb in batches(self.train_set, t.batch_size, self.rng, self.feats, shuffle_stories=True):
-            global_units, b = loss_units(gb.valid(tgt), t.loss_average), self._local(gb)
-            loss = None
+        for plan, b in self._train_batches(tuple(self.feats)):
+            global_units, loss = loss_units(plan.valid(tgt), t.loss_average), None
             if b is not None:
                 m.orderer(tgt).train()
                 with autocast(self.device, t.amp):
-                    loss = m.guided_loss(b.to(self.device), tgt, normalizer=global_units)
+                    loss = m.guided_loss(b, tgt, normalizer=global_units)
             where = f"iterative epoch {epoch} {tgt} phase step {len(losses)}"
             losses.append(self._step(opt, loss, m.orderer(tgt).parameters(), where, sharded=True))
         return float(np.mean(losses))
@@ -495,11 +542,13 @@ class TrainRecipe:
             for o in opts.values():
                 self._set_lr(o, epoch, t.iterative_epochs)
             entry = {"stage": "iterative", "epoch": epoch}
-            for tgt in ("image", "text"):
-                entry[f"loss_{tgt}"] = self._guided_phase(tgt, opts[tgt], epoch)
+            with self._clock("train"):
+                for tgt in ("image", "text"):
+                    entry[f"loss_{tgt}"] = self._guided_phase(tgt, opts[tgt], epoch)
             entry["loss"] = (entry["loss_image"] + entry["loss_text"]) / 2
-            res = self.val_eval(m)
-            authors = self.authors_val_score() if pairwise else None
+            with self._clock("val"):
+                res = self.val_eval(m)
+                authors = self.authors_val_score() if pairwise else None
             entry["val"] = self._val_entry(res, authors)
             self._record(entry)
             return (res.selection_score() if authors is None else authors), m, res.choose_rounds()
@@ -522,6 +571,7 @@ class TrainRecipe:
 
     def save(self) -> Path:
         """Write the run: config, weights, metadata (with the validation evaluation) and the model card."""
+        self.dist.barrier()  # every process is done reading the store before a private one is removed
         if not self.main:
             return self.out
         val = self.val_result
@@ -549,6 +599,8 @@ class TrainRecipe:
             },
         )
         self.model.card_text = write_card(self.out)
+        if self.private_store:  # the run is complete: nothing will resume from these features
+            shutil.rmtree(self.out / PRIVATE_STORE, ignore_errors=True)
         return self.out
 
     def cleanup(self) -> None:
@@ -584,8 +636,16 @@ def _tensorboard(path: Path):
     return SummaryWriter(str(path))
 
 
-def resume_recipe(run: str | Path, *, progress: bool = True, log=print, cache=None) -> TrainRecipe:
-    """A recipe continuing the interrupted training in ``run`` (set up, state loaded)."""
+RECORDED = "recorded"  # resume_recipe(cache=RECORDED): the feature store the run was started with
+
+
+def resume_recipe(run: str | Path, *, progress: bool = True, log=print, cache=RECORDED) -> TrainRecipe:
+    """A recipe continuing the interrupted training in ``run`` (set up, state loaded).
+
+    ``cache``: the feature store to read, by default the one recorded in ``train_args.json`` (the shared
+    cache directory the run used, or its private ``RUN/features``), so no stored feature is computed twice.
+    A run killed before its first checkpoint starts over from the beginning, reusing the stored features.
+    """
     from ..errors import ModelLoadError
 
     args_path = Path(run) / "train_args.json"
@@ -598,6 +658,8 @@ def resume_recipe(run: str | Path, *, progress: bool = True, log=print, cache=No
         raise ModelLoadError(f"{args_path}: unusable ({type(err).__name__}: {err})") from None
     for tmp in Path(run).glob(".*.tmp"):  # atomic writes cut short by the kill that interrupted the run
         tmp.unlink(missing_ok=True)
+    if cache == RECORDED:
+        cache = FeatureCache(a["cache_dir"]) if a.get("cache_dir") else None
     r = TrainRecipe(
         cfg,
         a["data"],
