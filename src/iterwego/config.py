@@ -138,6 +138,8 @@ class Config:
                         f"config section {f.name!r} has unknown keys {sorted(unknown)}: "
                         "written by another iterwego version?"
                     )
+                if f.name == "encoder" and "feature_dtype" not in v:
+                    v = {**v, "feature_dtype": "float32"}  # written before the feature store: float32 features
                 v = sub(**v)
             kw[f.name] = v
         return cls(**kw)

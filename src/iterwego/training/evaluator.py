@@ -169,6 +169,11 @@ class Evaluator:
         self.device, self.amp = torch.device(device), amp
         self.rank, self.world = (dist_ctx.rank, dist_ctx.world) if dist_ctx is not None and dist_ctx.enabled else (0, 1)
 
+    @property
+    def batches(self) -> list[Batch]:
+        """Every batch of the fixed presentation, read into host memory at once (tests, one-off inspection)."""
+        return [gather(p, self.feats) for p in self.plans]
+
     def loaded(self, *, mine: bool = True):
         """``(batch number, batch on the device)``, read ahead of use; ``mine``: only this process's share."""
         ids = [bi for bi in range(len(self.plans)) if not mine or bi % self.world == self.rank]

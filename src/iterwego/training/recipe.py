@@ -476,8 +476,7 @@ class TrainRecipe:
         was = m.training
         m.eval()
         scores = []
-        for b in self.val_eval.batches:
-            b = b.to(self.device)
+        for _, b in self.val_eval.loaded(mine=False):
             with autocast(self.device, self.cfg.train.amp):
                 fw = m(b, 1, guidance=at_training, fuse=False)
             acc = [pairwise_accuracy(fw.logits(mod, 1), b.pos[mod], b.valid(mod)) for mod in ("image", "text")]
