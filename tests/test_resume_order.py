@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,30 +31,38 @@ def reference(trained_run) -> Path:
     return trained_run.run
 
 
-def _train_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "iterwego", "train", *args]
+def _fork_slow_train(argv: list[str], mark: Path) -> int:
+    """``iterwego ARGV`` in a forked child (no interpreter start-up) whose store fills slowly enough to be killed.
 
+    In the child only: 64-row shards, a text backbone that takes 0.1 s per chunk, and a file ``mark`` touched at
+    the first optimiser step. Returns the child's pid; the child never returns.
+    """
+    import iterwego.data.cache as cache
+    import iterwego.encoders as enc
+    import iterwego.training.recipe as recipe
 
-# A child `iterwego train` whose text backbone takes 0.3 s per 64 sentences, with 64-row shards: the store fills
-# shard by shard slowly enough to be killed half-way; with STEP_MARK it also marks its first optimiser step.
-CHILD = """
-import sys, time
-from pathlib import Path
-import iterwego.data.cache as cache
-import iterwego.encoders as enc
-import iterwego.training.recipe as recipe
-cache.SHARD_ROWS = 64
-featurize = enc.BertBackbone.featurize
-enc.BertBackbone.featurize = lambda self, items: (time.sleep(0.3), featurize(self, items))[1]
-mark, step = Path(sys.argv[1]), recipe.TrainRecipe._step
-def marked(self, *a, **k):
-    mark.touch()
-    time.sleep(0.2)
-    return step(self, *a, **k)
-recipe.TrainRecipe._step = marked
-from iterwego.apps.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child leaves through os._exit, past pytest and atexit handlers
+        rc = 70
+        try:
+            sink = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(sink, 1)
+            os.dup2(sink, 2)
+            sys.stdout = sys.stderr = open(os.devnull, "w")
+            cache.SHARD_ROWS = 64
+            featurize, step = enc.BertBackbone.featurize, recipe.TrainRecipe._step
+            enc.BertBackbone.featurize = lambda self, items: (time.sleep(0.1), featurize(self, items))[1]
+
+            def marked(self, *a, **k):
+                mark.touch()
+                time.sleep(0.2)
+                return step(self, *a, **k)
+
+            recipe.TrainRecipe._step = marked
+            rc = main(argv)
+        finally:
+            os._exit(rc)
+    return pid
 
 
 def _text_shards(run: Path) -> int:
@@ -65,33 +72,31 @@ def _text_shards(run: Path) -> int:
     return 0
 
 
-def _kill_when(p: subprocess.Popen, ready, what: str) -> None:
+def _kill_when(pid: int, ready, what: str) -> None:
     deadline = time.time() + 240
-    while not ready() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert p.poll() is None, f"training ended before {what}"
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    while not ready() and time.time() < deadline:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        assert not done, f"training ended before {what}"
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
 
 
-def test_killed_during_feature_extraction_and_first_epoch_resumes_identically(data, reference, tmp_path):
+def test_killed_during_feature_extraction_and_first_epoch_resumes_identically(data, reference, tmp_path, capsys):
     """SIGKILL while the store fills, then (resumed) during the first epoch: no checkpoint exists either time."""
     run, mark = tmp_path / "run", tmp_path / "stepped"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONHASHSEED": "0"}
-    child = [sys.executable, "-c", CHILD, str(mark), "train"]
     # --no-cache: the run keeps its features in its private store, RUN/features, which the kills interrupt
-    p = subprocess.Popen([*child, "--data", str(data), "--out", str(run), *TRAIN_ARGS, "--no-cache"], env=env)
-    _kill_when(p, lambda: _text_shards(run) >= 1, "its text features were half stored")
+    pid = _fork_slow_train(["train", "--data", str(data), "--out", str(run), *TRAIN_ARGS, "--no-cache"], mark)
+    _kill_when(pid, lambda: _text_shards(run) >= 1, "its text features were half stored")
     stored = _text_shards(run)
     assert 1 <= stored and not mark.exists() and not (run / "train_state.pt").exists()
     assert (run / "train_args.json").is_file()
 
-    p = subprocess.Popen([*child, "--resume", str(run), "--quiet"], env=env)
-    _kill_when(p, mark.exists, "its first optimiser step")
+    pid = _fork_slow_train(["train", "--resume", str(run), "--quiet"], mark)
+    _kill_when(pid, mark.exists, "its first optimiser step")
     assert _text_shards(run) > stored and not (run / "train_state.pt").exists()
 
-    r = subprocess.run(_train_cmd("--resume", str(run), "--quiet"), env=env, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0, capsys.readouterr().err
     a, b = load_file(str(reference / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (reference / "log.jsonl").read_text() == (run / "log.jsonl").read_text()
