@@ -257,3 +257,29 @@ def early_runs(request, tmp_path_factory):
     yield runs
     for r in runs.values():
         r.stop()
+
+
+def fork_cli(argv: list[str], before=None) -> int:
+    """Run ``iterwego ARGV`` in a forked child (no interpreter start-up; output discarded); returns its pid.
+
+    ``before()`` runs in the child first (patches that must not touch the test process). The child never returns.
+    """
+    import os
+    import sys
+
+    from iterwego.apps.cli import main
+
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child leaves through os._exit, past pytest and atexit handlers
+        rc = 70
+        try:
+            sink = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(sink, 1)
+            os.dup2(sink, 2)
+            sys.stdout = sys.stderr = open(os.devnull, "w")
+            if before is not None:
+                before()
+            rc = main(argv)
+        finally:
+            os._exit(rc)
+    return pid

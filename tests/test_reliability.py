@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import iterwego.training.recipe as train_mod
-from conftest import TRAIN_ARGS, assert_same_run, evaluate_json
+from conftest import TRAIN_ARGS, assert_same_run, evaluate_json, fork_cli
 from iterwego.apps.cli import main
 from iterwego.errors import WriteError
 from iterwego.io import atomic_write_bytes
@@ -61,22 +61,6 @@ def _log_lines(run: Path) -> int:
         return 0
 
 
-def _fork_cli(argv: list[str]) -> int:
-    """Run ``iterwego ARGV`` in a forked child (output discarded); returns its pid. The child never returns."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child leaves through os._exit, past pytest and atexit handlers
-        rc = 70
-        try:
-            sink = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(sink, 1)
-            os.dup2(sink, 2)
-            sys.stdout = sys.stderr = open(os.devnull, "w")
-            rc = main(argv)
-        finally:
-            os._exit(rc)
-    return pid
-
-
 def _kill_at_line(pid: int, run: Path, k: int, what: str) -> None:
     """SIGKILL the child once ``run``'s log has ``k`` lines; fail if it exited before."""
     deadline = time.time() + 180
@@ -101,7 +85,7 @@ def test_three_sigkills_then_resume_equal_an_uninterrupted_run(trained_run, data
     run = tmp_path / "run"
     argv = ["train", "--data", str(data), "--out", str(run), *train_args]
     for i, k in enumerate(points):
-        _kill_at_line(_fork_cli(argv), run, k, f"kill {i + 1} at log line {k} (points {points})")
+        _kill_at_line(fork_cli(argv), run, k, f"kill {i + 1} at log line {k} (points {points})")
         assert (run / "train_state.pt").is_file(), f"no checkpoint after the kill at line {k}"
         assert not (run / "model.safetensors").exists()
         argv = ["train", "--resume", str(run), "--quiet"]  # every restart after the first kill is a resume

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TRAIN_ARGS
+from conftest import TRAIN_ARGS, fork_cli
 from iterwego.apps.cli import main
 from test_report import check_html, sentences_in
 
@@ -32,37 +31,26 @@ def reference(trained_run) -> Path:
 
 
 def _fork_slow_train(argv: list[str], mark: Path) -> int:
-    """``iterwego ARGV`` in a forked child (no interpreter start-up) whose store fills slowly enough to be killed.
+    """``iterwego ARGV`` forked, its store filling slowly enough to be killed: in the child only, 64-row shards,
+    a text backbone that takes 0.1 s per chunk, and a file ``mark`` touched at the first optimiser step."""
 
-    In the child only: 64-row shards, a text backbone that takes 0.1 s per chunk, and a file ``mark`` touched at
-    the first optimiser step. Returns the child's pid; the child never returns.
-    """
-    import iterwego.data.cache as cache
-    import iterwego.encoders as enc
-    import iterwego.training.recipe as recipe
+    def slow() -> None:
+        import iterwego.data.cache as cache
+        import iterwego.encoders as enc
+        import iterwego.training.recipe as recipe
 
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child leaves through os._exit, past pytest and atexit handlers
-        rc = 70
-        try:
-            sink = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(sink, 1)
-            os.dup2(sink, 2)
-            sys.stdout = sys.stderr = open(os.devnull, "w")
-            cache.SHARD_ROWS = 64
-            featurize, step = enc.BertBackbone.featurize, recipe.TrainRecipe._step
-            enc.BertBackbone.featurize = lambda self, items: (time.sleep(0.1), featurize(self, items))[1]
+        cache.SHARD_ROWS = 64
+        featurize, step = enc.BertBackbone.featurize, recipe.TrainRecipe._step
+        enc.BertBackbone.featurize = lambda self, items: (time.sleep(0.1), featurize(self, items))[1]
 
-            def marked(self, *a, **k):
-                mark.touch()
-                time.sleep(0.2)
-                return step(self, *a, **k)
+        def marked(self, *a, **k):
+            mark.touch()
+            time.sleep(0.2)
+            return step(self, *a, **k)
 
-            recipe.TrainRecipe._step = marked
-            rc = main(argv)
-        finally:
-            os._exit(rc)
-    return pid
+        recipe.TrainRecipe._step = marked
+
+    return fork_cli(argv, slow)
 
 
 def _text_shards(run: Path) -> int:
