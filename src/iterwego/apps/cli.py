@@ -68,13 +68,17 @@ def _add_data_args(p: argparse.ArgumentParser, *, positional: bool = False, requ
 def _cmd_synth(a: argparse.Namespace) -> int:
     from ..data.synth import SynthConfig, synthesize
 
-    cfg = SynthConfig(
+    cfg = SynthConfig.for_family(
+        a.family,
         stories=a.stories,
         seed=a.seed,
         lengths=a.lengths,
         image_size=a.image_size,
         exif_rate=a.exif_rate,
         clock_shift=a.clock_shift,
+        hide_image=a.hide_image,
+        hide_text=a.hide_text,
+        time_steps=a.time_steps,
     )
     summary = synthesize(a.out, cfg, progress=not a.quiet)
     print(json.dumps(summary, indent=2))
@@ -124,12 +128,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    from .commands import SYNTH_FAMILIES
+
     s = sub.add_parser("synth", help="write a synthetic visual-story dataset (the embedded default data)")
     s.add_argument("out", help="output directory (SIND layout)")
     s.add_argument("--stories", type=int, default=600, help="total number of stories over train/val/test (default 600)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--lengths", type=_parse_lengths, default=(3, 8), help="story length range LO-HI (default 3-8)")
     s.add_argument("--image-size", type=int, default=64, help="image side in pixels (default 64)")
+    s.add_argument(
+        "--family",
+        default="tank",
+        choices=SYNTH_FAMILIES,
+        help="generator: tank (water level; 'at hour seven'; default) or sky (sun on an arc; 'after the seventh bell'; "
+        "other hide rates and 16 time steps). docs/synthetic.md describes both",
+    )
+    s.add_argument(
+        "--hide-image", type=_rate, default=None, metavar="P", help="share of images that hide their cue (family's)"
+    )
+    s.add_argument(
+        "--hide-text", type=_rate, default=None, metavar="P", help="share of sentences that hide their cue (family's)"
+    )
+    s.add_argument("--time-steps", type=int, default=None, metavar="T", help="hidden time steps (family's: 12 / 16)")
     s.add_argument(
         "--exif-rate",
         type=_rate,

@@ -12,6 +12,9 @@ from pathlib import Path
 from ..config import PRESETS
 from ..errors import IterWeGOError
 
+#: ``iterwego.data.synth.FAMILIES``'s names, kept here so building the parser does not import numpy and PIL
+SYNTH_FAMILIES = ("tank", "sky")
+
 
 def _cache(a: argparse.Namespace):
     """The shared feature cache the user asked for (default: $ITERWEGO_CACHE or ~/.cache/iterwego); None for a
@@ -269,8 +272,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
     t0 = time.time()
     out = Path(a.out)
     data, run = out / "data", out / "run"
-    print(f"[1/3] synthesising {a.stories} stories into {data}", flush=True)
-    synthesize(data, SynthConfig(stories=a.stories, seed=a.seed, exif_rate=DEMO_EXIF_RATE), progress=not a.quiet)
+    print(f"[1/3] synthesising {a.stories} stories of the {a.family} family into {data}", flush=True)
+    synth = SynthConfig.for_family(a.family, stories=a.stories, seed=a.seed, exif_rate=DEMO_EXIF_RATE)
+    synthesize(data, synth, progress=not a.quiet)
     print("[2/3] training the tiny preset (unimodal orderers, aligner, iterative guidance)", flush=True)
     cfg = preset("tiny").override([f"train.seed={a.seed}"] + (a.set or []))
     recipe = TrainRecipe(cfg, data, run, progress=not a.quiet, cache=_cache(a))
@@ -305,7 +309,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
         format_table(
             report,
             _ceilings(data, "test"),
-            title=f"iterwego demo: synthetic test split, {len(result.story_ids)} stories, exact decoder",
+            title=f"iterwego demo: synthetic test split ({a.family} family), {len(result.story_ids)} stories, "
+            "exact decoder",
             fused_text=(result.fused or {}).get("text"),
         )
     )
@@ -395,6 +400,12 @@ def register(sub, add_data_args) -> None:
     s.add_argument("--out", default="demo-out", help="working directory (default ./demo-out)")
     s.add_argument("--stories", type=int, default=2000, help="synthetic stories over train/val/test (default 2000)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--family",
+        default="tank",
+        choices=SYNTH_FAMILIES,
+        help="synthetic family (iterwego synth --family; default tank)",
+    )
     s.add_argument(
         "--set", action="append", metavar="SECTION.KEY=VALUE", help="override a tiny-preset config field (repeatable)"
     )

@@ -79,6 +79,34 @@ TEMPLATES = (
     "{pre}the {colour} {kind} looks at the water level.",
 )
 
+# ---- the "sky" family: another generator, built to test that recipes are not tuned to the tank alone.
+# Its image cue is the sun's place on an arc across the sky (a cloud bank hides it), its text cue an
+# ordinal bell ("after the ninth bell"), its hide rates are unequal and it has more time steps.
+ORDINAL_WORDS = (
+    "first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth",
+    "eleventh", "twelfth", "thirteenth", "fourteenth", "fifteenth", "sixteenth", "seventeenth",
+    "eighteenth", "nineteenth", "twentieth",
+)  # fmt: skip
+SKY_TEMPLATES = (
+    "{pre}the {colour} {kind} crosses the field.",
+    "the {colour} {kind} rests on the grass{post}.",
+    "{pre}a {colour} {kind} walks along the path under the sky.",
+    "the {colour} {kind} looks up at the sky{post}, then moves on.",
+    "our {colour} {kind} plays in the meadow{post}.",
+    "{pre}the {colour} {kind} waits near the old fence.",
+)
+SKY_TOP_RGB, SKY_BOTTOM_RGB = (120, 170, 235), (200, 225, 250)
+SUN_RGB, SUN_RIM_RGB = (255, 255, 240), (255, 150, 40)
+CLOUD_RGB = (205, 205, 210)
+GRASS_RGB = (110, 170, 90)
+BIRD_RGB = (60, 60, 70)
+
+#: The families ``iterwego synth --family`` knows, with the parameters a family changes by default.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "tank": {"hide_image": 0.3, "hide_text": 0.3, "time_steps": 12},
+    "sky": {"hide_image": 0.2, "hide_text": 0.45, "time_steps": 16},
+}
+
 _ID_BASE, _ID_BLOCK = (
     100_000,
     100,
@@ -101,8 +129,22 @@ class SynthConfig:
     test_frac: float = 0.15  # share of stories in the test split (takes the rounding remainder)
     exif_rate: float = 0.0  # share of photos whose PNG carries an EXIF capture time (DateTimeOriginal, hidden time)
     clock_shift: float = 0.0  # hours; non-zero: a second camera, this far off, takes about half the timed photos
+    family: str = "tank"  # generator: "tank" (water level, "hour seven") or "sky" (sun on an arc, "ninth bell")
+
+    @classmethod
+    def for_family(cls, family: str = "tank", **overrides: Any) -> "SynthConfig":
+        """A config with ``family``'s own hide rates and time steps (:data:`FAMILIES`), then ``overrides``.
+
+        ``None`` overrides are ignored, so CLI options left unset keep the family's value.
+        """
+        if family not in FAMILIES:
+            raise ValueError(f"unknown synth family {family!r}; choose one of {', '.join(FAMILIES)}")
+        kw = {**FAMILIES[family], **{k: v for k, v in overrides.items() if v is not None}}
+        return cls(family=family, **kw)
 
     def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown synth family {self.family!r}; choose one of {', '.join(FAMILIES)}")
         self.lengths = tuple(int(x) for x in self.lengths)  # type: ignore[assignment]  # JSON gives lists
         lo, hi = self.lengths if len(self.lengths) == 2 else (0, -1)
         if not 1 <= lo <= hi:
@@ -263,15 +305,15 @@ def _exif(capture: tuple[str, str]) -> Image.Exif:
     return exif
 
 
-def _sentence(template: str, colour: str, kind: str, hour: int | None) -> tuple[str, str]:
-    """(tokenised lower-case text, natural original text) of one item."""
+def _sentence(template: str, colour: str, kind: str, hour: int | None, family: str = "tank") -> tuple[str, str]:
+    """(tokenised lower-case text, natural original text) of one item; ``hour`` is ``t + 1``."""
     pre = post = ""
     if hour is not None:
-        word = HOUR_WORDS[hour - 1]
+        phrase = f"at hour {HOUR_WORDS[hour - 1]}" if family == "tank" else f"after the {ORDINAL_WORDS[hour - 1]} bell"
         if "{pre}" in template:
-            pre = f"at hour {word}, "
+            pre = f"{phrase}, "
         else:
-            post = f" at hour {word}"
+            post = f" {phrase}"
     original = template.format(pre=pre, post=post, colour=colour, kind=kind)
     original = original[0].upper() + original[1:]
     text = re.sub(r"\s*([.,!?;:])", r" \1", original.lower())
@@ -289,14 +331,15 @@ def _story_content(cfg: SynthConfig, k: int, rng: np.random.Generator) -> dict:
     colours = [list(COLOURS)[i % len(COLOURS)] for i in ident]
     image_visible = rng.random(n) >= cfg.hide_image
     text_visible = rng.random(n) >= cfg.hide_text
-    templates = rng.integers(0, len(TEMPLATES), size=n)
+    family_templates = TEMPLATES if cfg.family == "tank" else SKY_TEMPLATES
+    templates = rng.integers(0, len(family_templates), size=n)
     # Ids are random slots inside the story's block, so sorting by id says nothing about the order.
     slots = rng.permutation(_ID_BLOCK)[:n]
     file_order = rng.permutation(n)
     texts, originals = [], []
     for j in range(n):
         hour = int(times[j]) + 1 if text_visible[j] else None
-        t, o = _sentence(TEMPLATES[templates[j]], colours[j], kinds[j], hour)
+        t, o = _sentence(family_templates[templates[j]], colours[j], kinds[j], hour, cfg.family)
         texts.append(t)
         originals.append(o)
     return {
@@ -355,8 +398,13 @@ def _render(size: int, t: int, T: int, visible: bool, kind: str, colour: str, rn
         d.rectangle((x0 - m, y0 - m, x1 + m, y1 + m), fill=CLOTH_RGB)
     # Identity object on the right, with small jitter of position and size.
     jx, jy, js = rng.uniform(-1.0, 1.0, size=3)
-    cx, cy = size * (0.71 + 0.05 * jx), size * (0.5 + 0.05 * jy)
-    r = size * (0.16 + 0.03 * js)
+    _draw_identity(d, kind, colour, size * (0.71 + 0.05 * jx), size * (0.5 + 0.05 * jy), size * (0.16 + 0.03 * js))
+    noise = rng.integers(-6, 7, size=(size, size, 3), dtype=np.int16)
+    arr = np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def _draw_identity(d: ImageDraw.ImageDraw, kind: str, colour: str, cx: float, cy: float, r: float) -> None:
     fill = COLOURS[colour]
     poly = _shape_polygon(kind, cx, cy, r)
     if kind == "circle":
@@ -367,9 +415,48 @@ def _render(size: int, t: int, T: int, visible: bool, kind: str, colour: str, rn
     else:
         assert poly is not None, kind
         d.polygon(poly, fill=fill)
-    noise = rng.integers(-6, 7, size=(size, size, 3), dtype=np.int16)
-    arr = np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
-    return Image.fromarray(arr, "RGB")
+
+
+def sun_centre(size: int, t: int, T: int) -> tuple[float, float]:
+    """Where the sky family's sun stands at time ``t``: on a half circle from the left horizon to the right."""
+    angle = math.pi * (t + 0.5) / T
+    cx, cy, rx, ry = 0.5 * size, 0.62 * size, 0.38 * size, 0.48 * size
+    return cx - rx * math.cos(angle), cy - ry * math.sin(angle)
+
+
+def _render_sky(
+    size: int, t: int, T: int, visible: bool, kind: str, colour: str, rng: np.random.Generator
+) -> Image.Image:
+    """A sky-family image: the sun's place on its arc is the only pixel feature that depends on ``t``.
+
+    A hidden cue is a cloud bank over the whole arc, the same for every hidden item. Birds (0-3, drawn at
+    random places) and the tint are distractors independent of time; the identity stands on the grass.
+    """
+    tint = rng.integers(-15, 16, size=3)
+    top = np.clip(np.asarray(SKY_TOP_RGB) + tint, 0, 255)
+    bottom = np.clip(np.asarray(SKY_BOTTOM_RGB) + tint, 0, 255)
+    ground = round(0.66 * size)
+    rows = np.linspace(0.0, 1.0, ground)[:, None]
+    arr = np.empty((size, size, 3), dtype=np.float64)
+    arr[:ground] = ((1 - rows) * top + rows * bottom)[:, None, :]
+    arr[ground:] = GRASS_RGB
+    img = Image.fromarray(arr.astype(np.uint8), "RGB")
+    d = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(0, 4))):
+        bx, by = rng.uniform(0.1, 0.9) * size, rng.uniform(0.05, 0.55) * size
+        w = 0.05 * size
+        d.line([(bx - w, by - 0.5 * w), (bx, by), (bx + w, by - 0.5 * w)], fill=BIRD_RGB, width=max(1, size // 32))
+    if visible:
+        sx, sy = sun_centre(size, t, T)
+        r = 0.085 * size
+        d.ellipse((sx - r, sy - r, sx + r, sy + r), fill=SUN_RGB, outline=SUN_RIM_RGB, width=max(1, size // 21))
+    else:
+        d.rectangle((0, round(0.04 * size), size - 1, ground - 1), fill=CLOUD_RGB)
+    jx, js = rng.uniform(-1.0, 1.0, size=2)
+    _draw_identity(d, kind, colour, size * (0.5 + 0.25 * jx), size * 0.83, size * (0.12 + 0.02 * js))
+    noise = rng.integers(-5, 6, size=(size, size, 3), dtype=np.int16)
+    out = np.clip(np.asarray(img, dtype=np.int16) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(out, "RGB")
 
 
 def _looks_like_synth(out: Path) -> bool:
@@ -452,7 +539,7 @@ def synthesize(out: str | Path, cfg: SynthConfig | None = None, progress: bool =
         # Render and write in the shuffled file order: nothing on disk follows the gold order.
         for j in st["file_order"]:
             pid = st["photo_ids"][j]
-            img = _render(
+            img = (_render if cfg.family == "tank" else _render_sky)(
                 cfg.image_size, st["times"][j], T, st["image_visible"][j], st["kinds"][j], st["colours"][j], rrng
             )
             buf.seek(0)
