@@ -18,14 +18,21 @@ from PIL import Image
 
 from iterwego.data import readers as data_mod
 from iterwego.data.synth import (
+    CLOUD_RGB,
     COLOURS,
+    FAMILIES,
     HOUR_WORDS,
     KINDS,
+    ORDINAL_WORDS,
     SPLITS,
+    SUN_RGB,
+    SUN_RIM_RGB,
     SynthConfig,
     _render,
+    _render_sky,
     load_ceilings,
     story_ceiling,
+    sun_centre,
     synthesize,
 )
 from iterwego.errors import DataError
@@ -432,6 +439,219 @@ def test_load_split_reads_gold_order(ds):
             assert [Path(it.image).stem for it in story.items] == m["photo_ids"]
             assert all(Path(it.image).is_file() for it in story.items)
             assert story.sentences == [a["text"] for a in gold[story.id][1]]
+
+
+# ------------------------------------------------------------------ sky family
+# The second family must keep the first one's promises (determinism, one cue per modality that reveals the exact
+# time or nothing, exact ceilings) with other looks and rates, or recipe choices made on both families mean little.
+SKY_T = FAMILIES["sky"]["time_steps"]
+
+
+@pytest.fixture(scope="module")
+def sky(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sky") / "data"
+    cfg = SynthConfig.for_family("sky", stories=200, seed=4, image_size=SIZE)
+    summary = synthesize(out, cfg)
+    meta = json.loads((out / "synth_meta.json").read_text())
+    files = {s: json.loads((out / f"{s}.story-in-sequence.json").read_text()) for s in SPLITS}
+    return out, cfg, summary, meta, files
+
+
+def _sky_rows(size: int) -> int:
+    """Rows above the grass; the identity stands below them and may be orange, close to the sun's rim."""
+    return round(0.66 * size)
+
+
+def _sun_mask(px: np.ndarray) -> np.ndarray:
+    sky = px[: _sky_rows(px.shape[0])]
+    near = [(np.abs(sky - np.asarray(c)) <= 8).all(axis=2) for c in (SUN_RGB, SUN_RIM_RGB)]
+    return near[0] | near[1]
+
+
+def _is_cloud_bank(px: np.ndarray) -> bool:
+    s = px.shape[0]
+    return bool((np.abs(px[int(0.1 * s) : int(0.6 * s)] - np.asarray(CLOUD_RGB)) <= 6).all())
+
+
+def test_sky_same_seed_is_byte_identical_and_other_seed_differs(tmp_path):
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        synthesize(tmp_path / name, SynthConfig.for_family("sky", stories=8, seed=seed, image_size=SIZE))
+    assert _tree_hash(tmp_path / "a") == _tree_hash(tmp_path / "b")
+    assert _tree_hash(tmp_path / "a") != _tree_hash(tmp_path / "c")
+
+
+def test_sky_meta_records_the_family_and_its_defaults(sky):
+    out, cfg, summary, meta, files = sky
+    c = meta["config"]
+    assert (c["family"], c["hide_image"], c["hide_text"], c["time_steps"]) == ("sky", 0.2, 0.45, 16)
+    assert summary["time_steps"] == SKY_T == 16
+    assert SynthConfig(**c) == cfg, "synth_meta's config must rebuild the run's config"
+    lengths = Counter(len(m["times"]) for m in meta["stories"].values())
+    assert set(lengths) == set(range(cfg.lengths[0], cfg.lengths[1] + 1))
+    assert all(0 <= t < SKY_T for m in meta["stories"].values() for t in m["times"])
+
+
+def test_sky_text_cue_is_an_ordinal_bell(sky):
+    out, cfg, summary, meta, files = sky
+    ordinals = set(ORDINAL_WORDS)
+    for sid, (split, anns) in _gold_stories(files).items():
+        m = meta["stories"][sid]
+        for k, a in enumerate(anns):
+            tokens = a["text"].split()
+            assert "hour" not in tokens, "the tank's cue must not leak into the sky family"
+            assert m["kinds"][k] in tokens and m["colours"][k] in tokens
+            if m["text_visible"][k]:
+                phrase = f"after the {ORDINAL_WORDS[m['times'][k]]} bell"
+                assert phrase in a["original_text"].lower() and phrase in a["text"]
+                assert tokens.count("bell") == 1
+            else:
+                assert "bell" not in tokens and not ordinals & set(tokens)
+            assert a["text"] == re.sub(r"\s*([.,])", r" \1", a["original_text"].lower())
+            assert a["original_text"][0].isupper() and a["original_text"].endswith(".")
+
+
+def test_sky_image_cue_sun_moves_left_to_right_and_hidden_shows_cloud_bank(sky):
+    out, cfg, summary, meta, files = sky
+    centres = defaultdict(set)
+    n_hidden = 0
+    for m in meta["stories"].values():
+        for k, pid in enumerate(m["photo_ids"]):
+            px = _pixels(out, m["split"], pid)
+            sun = _sun_mask(px)
+            if m["image_visible"][k]:
+                assert not _is_cloud_bank(px)
+                ys, xs = np.nonzero(sun)
+                assert len(xs) >= 20, "the sun must be drawn whole, not clipped, even at 32 px"
+                centres[m["times"][k]].add((xs.mean() + 0.5, ys.mean() + 0.5))
+            else:
+                n_hidden += 1
+                assert _is_cloud_bank(px)
+                assert not sun.any()
+    assert n_hidden > 0
+    assert all(len(v) == 1 for v in centres.values()), "a time must map to one sun position"
+    ts = sorted(centres)
+    assert ts == list(range(SKY_T))
+    measured = [next(iter(centres[t])) for t in ts]
+    xs = [x for x, _ in measured]
+    assert all(a < b for a, b in zip(xs, xs[1:])), xs
+    for t, (x, y) in zip(ts, measured):
+        ex, ey = sun_centre(SIZE, t, SKY_T)
+        assert abs(x - ex) <= 1 and abs(y - ey) <= 1, (t, x, y, ex, ey)
+    ys = [y for _, y in measured]
+    assert min(ys) < ys[0] - 0.25 * SIZE and min(ys) < ys[-1] - 0.25 * SIZE, "an arc: rises, then sets"
+
+
+def test_sky_hidden_image_carries_no_time_and_visible_differs_only_near_the_sun():
+    size = 64
+    hidden = [
+        np.asarray(_render_sky(size, t, SKY_T, False, "star", "red", np.random.default_rng(9))) for t in range(SKY_T)
+    ]
+    assert all((h == hidden[0]).all() for h in hidden)
+    r = 0.085 * size + 1.5  # the sun's radius plus the outline's rounding
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    for seed in range(4):  # different bird counts and places: a bird under the sun must not count as a change
+        shown = [
+            np.asarray(_render_sky(size, t, SKY_T, True, "circle", "orange", np.random.default_rng(seed)))
+            for t in range(SKY_T)
+        ]
+        for t in range(1, SKY_T):
+            diff = (shown[t] != shown[0]).any(axis=2)
+            assert diff.any()
+            near = np.zeros_like(diff)
+            for tt in (0, t):
+                cx, cy = sun_centre(size, tt, SKY_T)
+                near |= (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2
+            assert not (diff & ~near).any(), f"seed {seed}, t {t}: pixels away from the sun depend on time"
+    # Different hidden items share the cloud bank's look: only per-pixel noise differs inside it.
+    a = np.asarray(_render_sky(size, 0, SKY_T, False, "circle", "green", np.random.default_rng(1)), dtype=int)
+    b = np.asarray(_render_sky(size, 9, SKY_T, False, "cross", "black", np.random.default_rng(2)), dtype=int)
+    assert np.abs(a[4:40] - b[4:40]).max() <= 10
+
+
+def test_sky_visibility_rates(sky):
+    out, cfg, summary, meta, files = sky
+    iv = np.concatenate([m["image_visible"] for m in meta["stories"].values()])
+    tv = np.concatenate([m["text_visible"] for m in meta["stories"].values()])
+    assert len(iv) > 900
+    assert abs(iv.mean() - 0.8) < 0.05
+    assert abs(tv.mean() - 0.55) < 0.06
+    assert abs((~iv & ~tv).mean() - 0.2 * 0.45) < 0.04, "image and text cues must hide independently"
+
+
+def test_sky_ceilings_file(sky):
+    out, cfg, summary, meta, files = sky
+    ceil = load_ceilings(out)
+    assert summary["ceilings"] == ceil["test"]
+    per_split = defaultdict(lambda: defaultdict(list))
+    for m in meta["stories"].values():
+        iv, tv = np.array(m["image_visible"]), np.array(m["text_visible"])
+        for key, vis in (("image_pmr", iv), ("text_pmr", tv), ("fused_pmr", iv | tv)):
+            per_split[m["split"]][key].append(story_ceiling(m["times"], vis, SKY_T))
+    for s in SPLITS:
+        c = ceil[s]
+        assert c["stories"] == summary["stories"][s] and c["items"] == summary["items"][s]
+        for key in ("image_pmr", "text_pmr", "fused_pmr"):
+            assert c[key] == pytest.approx(np.mean(per_split[s][key]))
+        # images hide less often than sentences here, so they are the stronger modality
+        assert c["chance_pmr"] < c["text_pmr"] < c["image_pmr"] <= c["fused_pmr"] <= 1.0
+
+
+def test_for_family_defaults_overrides_and_unknown_names():
+    assert SynthConfig.for_family("tank") == SynthConfig(), "the tank family's defaults are the dataclass defaults"
+    sky_cfg = SynthConfig.for_family("sky", stories=7, hide_text=None, time_steps=None)
+    assert (sky_cfg.family, sky_cfg.stories) == ("sky", 7)
+    assert (sky_cfg.hide_image, sky_cfg.hide_text, sky_cfg.time_steps) == (0.2, 0.45, 16)
+    mine = SynthConfig.for_family("sky", hide_image=0.0, hide_text=1.0, time_steps=10)
+    assert (mine.hide_image, mine.hide_text, mine.time_steps) == (0.0, 1.0, 10)
+    with pytest.raises(ValueError, match=r"'nope'.*tank, sky"):
+        SynthConfig.for_family("nope")
+    with pytest.raises(ValueError, match=r"'nope'.*tank, sky"):
+        SynthConfig(family="nope")
+    with pytest.raises(ValueError, match="time_steps"):
+        SynthConfig.for_family("sky", time_steps=7)  # fewer steps than the longest story
+
+
+def test_cli_synth_sky_family(tmp_path, capsys):
+    from iterwego.apps import commands
+    from iterwego.apps.cli import build_parser, main
+    from iterwego.data import synth
+
+    assert commands.SYNTH_FAMILIES == tuple(synth.FAMILIES), "the CLI's choices must list every family"
+    assert (
+        main(["synth", str(tmp_path / "sky"), "--family", "sky", "--stories", "20", "--image-size", "32", "--quiet"])
+        == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["time_steps"] == 16 and sum(summary["stories"].values()) == 20
+    meta = json.loads((tmp_path / "sky" / "synth_meta.json").read_text())
+    assert (meta["config"]["family"], meta["config"]["hide_image"], meta["config"]["hide_text"]) == ("sky", 0.2, 0.45)
+    texts = [
+        a[0]["text"] for a in json.loads((tmp_path / "sky" / "train.story-in-sequence.json").read_text())["annotations"]
+    ]
+    assert any(" bell" in t for t in texts) and not any("hour" in t for t in texts)
+    args = [
+        "--stories",
+        "5",
+        "--image-size",
+        "32",
+        "--quiet",
+        "--hide-image",
+        "0",
+        "--hide-text",
+        "1",
+        "--time-steps",
+        "9",
+    ]
+    assert main(["synth", str(tmp_path / "own"), "--family", "sky", *args]) == 0
+    capsys.readouterr()
+    c = json.loads((tmp_path / "own" / "synth_meta.json").read_text())["config"]
+    assert (c["family"], c["hide_image"], c["hide_text"], c["time_steps"]) == ("sky", 0.0, 1.0, 9)
+    assert main(["synth", str(tmp_path / "tank"), "--stories", "3", "--image-size", "32", "--quiet"]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "tank" / "synth_meta.json").read_text())["config"]["family"] == "tank"
+    assert build_parser().parse_args(["demo", "--family", "sky"]).family == "sky"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["synth", str(tmp_path / "x"), "--family", "nope"])
 
 
 @pytest.mark.benchmark
