@@ -609,6 +609,16 @@ def test_for_family_defaults_overrides_and_unknown_names():
         SynthConfig(family="nope")
     with pytest.raises(ValueError, match="time_steps"):
         SynthConfig.for_family("sky", time_steps=7)  # fewer steps than the longest story
+    plain = SynthConfig(family="sky", hide_image=0.5)  # unset fields take the family's value, set ones win
+    assert (plain.hide_image, plain.hide_text, plain.time_steps) == (0.5, 0.45, 16)
+
+
+def test_cli_synth_bad_option_is_one_line(tmp_path, capsys):
+    from iterwego.apps.cli import main
+
+    rc = main(["synth", str(tmp_path / "x"), "--family", "sky", "--time-steps", "7", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "time_steps" in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
 def test_cli_synth_sky_family(tmp_path, capsys):

@@ -67,8 +67,19 @@ def _add_data_args(p: argparse.ArgumentParser, *, positional: bool = False, requ
 # ----------------------------------------------------------------- foundation
 def _cmd_synth(a: argparse.Namespace) -> int:
     from ..data.synth import SynthConfig, synthesize
+    from ..errors import ConfigError
 
-    cfg = SynthConfig.for_family(
+    try:
+        cfg = _synth_config(SynthConfig, a)
+    except ValueError as err:  # a bad option value: one line, not a traceback
+        raise ConfigError(f"synth: {err}") from None
+    summary = synthesize(a.out, cfg, progress=not a.quiet)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _synth_config(SynthConfig, a: argparse.Namespace):
+    return SynthConfig.for_family(
         a.family,
         stories=a.stories,
         seed=a.seed,
@@ -80,9 +91,6 @@ def _cmd_synth(a: argparse.Namespace) -> int:
         hide_text=a.hide_text,
         time_steps=a.time_steps,
     )
-    summary = synthesize(a.out, cfg, progress=not a.quiet)
-    print(json.dumps(summary, indent=2))
-    return 0
 
 
 def _cmd_stats(a: argparse.Namespace) -> int:

@@ -121,9 +121,9 @@ class SynthConfig:
     seed: int = 0  # the only source of randomness: same seed -> byte-identical output
     lengths: tuple[int, int] = (3, 8)  # story length range (LO, HI), both inclusive
     image_size: int = 64  # side of the square RGB images in pixels, 32..256
-    time_steps: int = 12  # T: hidden times are drawn from 0..T-1; needs HI <= T <= 20 ("hour twenty")
-    hide_image: float = 0.3  # probability that an item's image covers the tank (no time information)
-    hide_text: float = 0.3  # probability that an item's sentence omits the time phrase
+    time_steps: int | None = None  # T: hidden times are drawn from 0..T-1; HI <= T <= 20; None: family's (12 / 16)
+    hide_image: float | None = None  # probability that an item's image hides its cue; None: family's (0.3 / 0.2)
+    hide_text: float | None = None  # probability that an item's sentence omits its cue; None: family's (0.3 / 0.45)
     train_frac: float = 0.7  # share of stories in the train split
     val_frac: float = 0.15  # share of stories in the val split
     test_frac: float = 0.15  # share of stories in the test split (takes the rounding remainder)
@@ -133,18 +133,18 @@ class SynthConfig:
 
     @classmethod
     def for_family(cls, family: str = "tank", **overrides: Any) -> "SynthConfig":
-        """A config with ``family``'s own hide rates and time steps (:data:`FAMILIES`), then ``overrides``.
+        """``SynthConfig(family=family, **overrides)`` without the ``None`` overrides (CLI options left unset).
 
-        ``None`` overrides are ignored, so CLI options left unset keep the family's value.
+        Fields a family sets (:data:`FAMILIES`) and that are not given take the family's value.
         """
-        if family not in FAMILIES:
-            raise ValueError(f"unknown synth family {family!r}; choose one of {', '.join(FAMILIES)}")
-        kw = {**FAMILIES[family], **{k: v for k, v in overrides.items() if v is not None}}
-        return cls(family=family, **kw)
+        return cls(family=family, **{k: v for k, v in overrides.items() if v is not None})
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"unknown synth family {self.family!r}; choose one of {', '.join(FAMILIES)}")
+        for name, default in FAMILIES[self.family].items():  # unset: the family's own value
+            if getattr(self, name) is None:
+                setattr(self, name, default)
         self.lengths = tuple(int(x) for x in self.lengths)  # type: ignore[assignment]  # JSON gives lists
         lo, hi = self.lengths if len(self.lengths) == 2 else (0, -1)
         if not 1 <= lo <= hi:
