@@ -40,6 +40,11 @@ class OrdererConfig:
     dropout: float = 0.1  # dropout in the set transformer's attention, FFN and residuals
     pair_dropout: float | None = None  # dropout in the pair classifier (authors: 0.1); None: the same as dropout
     input_dropout: float = 0.0  # dropout on the item features before the set transformer
+    # a rank head also predicts each item's position from its state; decoders add rank_weight times its
+    # log-probabilities (pair sums alone cannot spread items whose cue is hidden over the gaps); trained last
+    rank_head: bool = False
+    rank_weight: float = 1.0  # weight of the position terms in decoding
+    rank_positions: int = 16  # positions the rank head predicts; longer stories are decoded from pairs alone
 
 
 @dataclass
@@ -75,6 +80,18 @@ class GuidanceConfig:
 
 
 @dataclass
+class FusionConfig:
+    # "sum": each aligned pair's round-0 log-odds of both orderers summed (iterwego 0.1/0.2's fused decoding);
+    # "orderer": a set transformer over the aligned (image, sentence) items, trained after the iterative stage
+    method: str = "sum"
+    epochs: int = 30  # training epochs of the fused orderer (method "orderer"); early stopping as train.early_stop
+    lr: float = 1e-3  # its learning rate (Adam, cosine decay as train.cosine)
+
+
+FUSION_METHODS = ("sum", "orderer")
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0  # seeds python, numpy and torch; shuffles are drawn from it
     batch_size: int = 16  # stories per optimiser step
@@ -107,6 +124,7 @@ class Config:
     aligner: AlignerConfig = field(default_factory=AlignerConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)  # runs saved before it existed: "sum"
     version: int = CONFIG_VERSION  # format of this config; a run with another version refuses to load
 
     def to_dict(self) -> dict:
@@ -198,6 +216,7 @@ _SECTIONS = {
     "aligner": AlignerConfig,
     "guidance": GuidanceConfig,
     "train": TrainConfig,
+    "fusion": FusionConfig,
 }
 
 
@@ -238,10 +257,11 @@ def preset(name: str) -> Config:
             # float32 store: pooled 384-d sentence vectors are small (1.5 KB each), and the demo's table stays that
             # of float32 features (float16 moves its PMRs by 0.3 to 1.6 points, both ways)
             encoder=EncoderConfig(image="cnn", text="minilm", image_size=32, feature_dtype="float32"),
-            orderer=OrdererConfig(d_model=96, layers=2, heads=4, ffn=256, dropout=0.25),
+            orderer=OrdererConfig(d_model=96, layers=2, heads=4, ffn=256, dropout=0.25, rank_head=True),
             aligner=AlignerConfig(kind="learned", dim=64, mapping="hungarian", epochs=8),
             guidance=GuidanceConfig(threshold_t2i=0.8, threshold_i2t=0.8, weight_t2i=1.0, weight_i2t=1.0),
             train=TrainConfig(unimodal_epochs=15, iterative_epochs=3, early_stop=5),
+            fusion=FusionConfig(method="orderer"),
         )
     if name == "paper":
         return _paper()
@@ -252,6 +272,7 @@ def preset(name: str) -> Config:
         a.kind, a.mapping, a.dim, a.epochs, a.lr = "learned", "hungarian", 256, 5, 1e-3
         t = cfg.train
         t.cosine, t.grad_clip, t.early_stop, t.select, t.decoder = True, 1.0, 2, "pmr", "exact"
+        cfg.fusion.method, cfg.orderer.rank_head = "orderer", True
         return cfg
     raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
 

@@ -51,6 +51,15 @@ Decoders (``DECODERS``)
 ``"auto"``
     ``"exact"`` if ``n <= max_exact`` else ``"beam"``.
 
+Position terms (``unary``)
+--------------------------
+A rank head can also say where each item stands: ``unary[i, k]``, a log-probability
+of item i at position k (already weighted). ``"exact"`` and ``"beam"`` (with its local
+search) then maximise ``order_score`` plus the sum of ``unary[o_k, k]`` over the
+order's positions; the exact DP charges the term when it places an item. ``"tsort"``
+ignores it. Pairwise sums alone cannot express that two items whose cue is hidden
+should be spread over the gaps between the visible ones: a position term can.
+
 All decoders are deterministic.
 """
 
@@ -73,6 +82,7 @@ EXACT_HARD_LIMIT = 16  # 2^16 subsets x 16 items of float64 is ~8 MB; beyond tha
 _EPS = 1e-7
 _LOG_LO = float(np.log(_EPS))
 _LOG_HI = float(np.log1p(-_EPS))
+_UNARY_FLOOR = -1e4  # far below any real position term, far above float trouble
 _TIE_TOL = 1e-9  # well above float rounding of sums of <= 120 terms of size <= 17, far below any real difference
 
 
@@ -168,21 +178,36 @@ def combine(logprobs: Any) -> np.ndarray:
     return s
 
 
-def order_score(logprobs: Any, order: Sequence[int]) -> float:
+def order_score(logprobs: Any, order: Sequence[int], unary: Any = None) -> float:
     """The decoders' objective: sum of the combined ``S[i, j]`` over all pairs ``order`` puts i before j.
 
     Args:
         logprobs: ``(n, n)`` pair log-probabilities (see :func:`combine`).
         order: a permutation of ``range(n)``, first item first.
+        unary: optional ``(n, n)`` position terms, ``unary[i, k]`` for item i at position k (added).
 
     Returns:
         The log-probability of the order under independent combined pair
-        predictions (0 is best; always <= 0).
+        predictions (0 is best; always <= 0), plus its position terms.
     """
     a = _validated(logprobs, batched=False)
     _, s = _combined_scores(a)
-    pos = _positions(order, a.shape[0])
-    return float(s[pos[:, None] < pos[None, :]].sum())
+    n = a.shape[0]
+    pos = _positions(order, n)
+    u = _unary(unary, n)
+    return float(s[pos[:, None] < pos[None, :]].sum()) + (0.0 if u is None else float(u[np.arange(n), pos].sum()))
+
+
+def _unary(unary: Any, n: int) -> np.ndarray | None:
+    """Validated ``(n, n)`` float64 position terms (clipped below like the pair terms), or None."""
+    if unary is None:
+        return None
+    u = _to_numpy(unary, "unary")
+    if u.shape != (n, n):
+        raise ValueError(f"unary must be an (n, n) = ({n}, {n}) matrix of position terms, got shape {u.shape}")
+    if np.isnan(u).any() or np.isposinf(u).any():
+        raise ValueError("unary must not hold NaN or +inf")
+    return np.maximum(u, _UNARY_FLOOR)  # -inf (an impossible position) stays finite, so sums compare
 
 
 def _positions(order: Sequence[int], n: int) -> np.ndarray:
@@ -199,7 +224,13 @@ def _positions(order: Sequence[int], n: int) -> np.ndarray:
 
 
 def decode(
-    logprobs: Any, method: str = "exact", *, beam_size: int = 64, max_exact: int = 12, before: Any = None
+    logprobs: Any,
+    method: str = "exact",
+    *,
+    beam_size: int = 64,
+    max_exact: int = 12,
+    before: Any = None,
+    unary: Any = None,
 ) -> list[int]:
     """Predict a story's order from its pairwise log-probabilities.
 
@@ -214,6 +245,7 @@ def decode(
         before: optional ``(n, n)`` bool hard constraints, ``before[i, j]``: i must come
             before j (e.g. capture times, :mod:`iterwego.capture_time`); must be acyclic.
             Every decoder's order obeys them; ``"exact"`` returns the best order among those that do.
+        unary: optional ``(n, n)`` position terms added to the objective (see the module docstring).
 
     Returns:
         The item indices in predicted order, first item first (a permutation of ``range(n)``).
@@ -240,15 +272,16 @@ def decode(
     if n <= 1:
         return list(range(n))
     c, s = _combined_scores(a)
+    u = _unary(unary, n)
     must = _constraints(before, n)
     if must is not None:
-        c, s = _pinned(c, s, must)
+        c, s = _pinned(c, s, must, u)
     if method == "tsort":
         order = _tsort(c)
     elif method == "exact":
-        order = _exact(s)
+        order = _exact(s, u)
     else:
-        order = _local_search(s, _beam(s, int(beam_size)))
+        order = _local_search(s, _beam(s, int(beam_size), u), u=u)
     return order if must is None else _obey(order, must)
 
 
@@ -269,14 +302,16 @@ def _constraints(before: Any, n: int) -> np.ndarray | None:
     return b
 
 
-def _pinned(c: np.ndarray, s: np.ndarray, must: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scores where breaking one constraint costs more than every other pair can gain.
+def _pinned(
+    c: np.ndarray, s: np.ndarray, must: np.ndarray, u: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores where breaking one constraint costs more than every other pair (and position term) can gain.
 
-    Any order that obeys the constraints scores at least ``-sum|S|`` and any that
+    Any order that obeys the constraints scores at least ``-sum|S| - sum|U|`` and any that
     breaks one at most ``-big``, so the exact decoder, the beam's ranking and the
     local search's improving moves all prefer obeying orders.
     """
-    big = 1.0 + float(np.abs(s).sum())
+    big = 1.0 + float(np.abs(s).sum()) + (0.0 if u is None else float(np.abs(u).sum()))
     s = np.where(must, 0.0, np.where(must.T, -big, s))
     c = np.where(must, big, np.where(must.T, -big, c))
     return c, s
@@ -361,12 +396,13 @@ def _subset_layers(n: int) -> tuple[np.ndarray, ...]:
     return layers
 
 
-def _exact(s: np.ndarray) -> list[int]:
+def _exact(s: np.ndarray, u: np.ndarray | None = None) -> list[int]:
     """Subset DP over suffixes: best[m] = best score of ordering the items of mask m among themselves.
 
     Building suffixes (choose the *first* item of each remaining set) makes the
     lowest-index tie-break at reconstruction give the lexicographically smallest
-    optimal order.
+    optimal order. The first item of a k-item suffix stands at position n - k, where
+    its position term ``u[j, n - k]`` is charged.
     """
     n = s.shape[0]
     full = (1 << n) - 1
@@ -378,10 +414,11 @@ def _exact(s: np.ndarray) -> list[int]:
     best[0] = 0.0
     first = np.zeros(1 << n, dtype=np.int8)
     bits = np.int64(1) << np.arange(n, dtype=np.int64)
-    for layer in _subset_layers(n)[1:]:
+    for k, layer in enumerate(_subset_layers(n)[1:], start=1):
         inside = (layer[:, None] & bits) != 0
         rest = layer[:, None] ^ bits  # for j outside the mask this is a superset; masked out below
-        cand = np.where(inside, row[rest, np.arange(n)] + best[rest], -np.inf)
+        gain = row[rest, np.arange(n)] + best[rest] + (0.0 if u is None else u[:, n - k][None, :])
+        cand = np.where(inside, gain, -np.inf)
         top = cand.max(axis=1)
         best[layer] = top
         first[layer] = np.argmax(cand >= (top - _TIE_TOL)[:, None], axis=1)
@@ -396,8 +433,9 @@ def _exact(s: np.ndarray) -> list[int]:
 # --------------------------------------------------------------------------- beam
 
 
-def _beam(s: np.ndarray, beam_size: int) -> list[int]:
-    """Front-to-back beam search; partial score = sum of S over pairs with an item already placed."""
+def _beam(s: np.ndarray, beam_size: int, u: np.ndarray | None = None) -> list[int]:
+    """Front-to-back beam search; partial score = sum of S over pairs with an item already placed (and of
+    the placed items' position terms)."""
     n = s.shape[0]
     # Random 64-bit keys identify an item set by XOR; a collision (~2^-64 per pair of states)
     # could only drop a candidate, never produce an invalid order.
@@ -407,8 +445,9 @@ def _beam(s: np.ndarray, beam_size: int) -> list[int]:
     placed = np.zeros((1, n), dtype=bool)
     sets = np.zeros(1, dtype=np.uint64)
     orders = np.zeros((1, 0), dtype=np.int64)
-    for _ in range(n):
-        cand = np.where(placed, -np.inf, score[:, None] + todo).ravel()
+    for k in range(n):
+        here = score[:, None] + todo + (0.0 if u is None else u[:, k][None, :])
+        cand = np.where(placed, -np.inf, here).ravel()
         ranked = np.argsort(-cand, kind="stable")  # ties: earlier beam, then lower item index
         ranked = ranked[np.isfinite(cand[ranked])]
         b, j = np.divmod(ranked, n)
@@ -425,12 +464,16 @@ def _beam(s: np.ndarray, beam_size: int) -> list[int]:
     return orders[0].tolist()
 
 
-def _local_search(s: np.ndarray, order: list[int], max_rounds: int | None = None) -> list[int]:
+def _local_search(
+    s: np.ndarray, order: list[int], max_rounds: int | None = None, u: np.ndarray | None = None
+) -> list[int]:
     """Best-improvement hill climbing over "move one item to another position".
 
     With ``e[p, t] = S[o_t, o_p] - S[o_p, o_t]`` (order-permuted), moving the item at
     position p to q > p changes the score by ``sum_{t=p+1..q} e[p, t]`` and to q < p
     by ``-sum_{t=q..p-1} e[p, t]``; one cumulative sum gives all n^2 moves at once.
+    Position terms change for the moved item and for each item it jumps over (one
+    place left or right), again summed by cumulative sums.
     """
     n = len(order)
     o = np.asarray(order, dtype=np.int64)
@@ -442,6 +485,8 @@ def _local_search(s: np.ndarray, order: list[int], max_rounds: int | None = None
         cum = np.concatenate([np.zeros((n, 1)), np.cumsum(e, axis=1)], axis=1)  # cum[p, t] = sum_{u<t} e[p, u]
         target = cols[None, :] + (cols[None, :] > cols[:, None])
         gain = cum[cols[:, None], target] - cum[cols, cols + 1][:, None]
+        if u is not None:
+            gain = gain + _position_gain(u[o], cols)
         flat = int(np.argmax(gain))
         if gain.flat[flat] <= _TIE_TOL:
             break
@@ -451,35 +496,57 @@ def _local_search(s: np.ndarray, order: list[int], max_rounds: int | None = None
     return o.tolist()
 
 
+def _position_gain(uo: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``g[p, q]``: change of the position terms when the item at position p moves to q (``uo[t, k]``: the
+    term of the item now at t, at position k)."""
+    n = len(cols)
+    stay = uo[cols, cols]
+    left = np.concatenate([[0.0], uo[cols[1:], cols[1:] - 1] - stay[1:]])  # item at t shifted to t - 1
+    right = np.concatenate([uo[cols[:-1], cols[:-1] + 1] - stay[:-1], [0.0]])  # item at t shifted to t + 1
+    cl = np.concatenate([[0.0], np.cumsum(left)])
+    cr = np.concatenate([[0.0], np.cumsum(right)])
+    p, q = cols[:, None], cols[None, :]
+    jumped = np.where(q > p, cl[np.minimum(q + 1, n)] - cl[p + 1], np.where(q < p, cr[p] - cr[q], 0.0))
+    return jumped + uo[p, q] - stay[:, None]
+
+
 #: The exact decoder's default limit; longer stories fall back to beam search (and callers say so).
 MAX_EXACT = 12
 
 
 def decode_story(
-    logprobs: Any, method: str = "exact", *, max_exact: int = MAX_EXACT, before: Any = None
+    logprobs: Any, method: str = "exact", *, max_exact: int = MAX_EXACT, before: Any = None, unary: Any = None
 ) -> tuple[list[int], bool]:
     """:func:`decode` with the one fallback policy: ``exact`` above ``max_exact`` items becomes ``beam``.
 
     Returns ``(order, fell_back)`` so every caller can tell the user when the exact decoder was not used.
-    ``before`` (hard constraints) is passed on to :func:`decode`.
+    ``before`` (hard constraints) and ``unary`` (position terms) are passed on to :func:`decode`.
     """
     n = len(logprobs)
     if method == "exact" and n > max_exact:
-        return decode(logprobs, method="beam", before=before), True
-    return decode(logprobs, method=method, max_exact=max_exact, before=before), False
+        return decode(logprobs, method="beam", before=before, unary=unary), True
+    return decode(logprobs, method=method, max_exact=max_exact, before=before, unary=unary), False
 
 
 def decode_stories(
-    logprobs: Any, lengths: Sequence[int], method: str = "exact", *, before: Any = None
+    logprobs: Any, lengths: Sequence[int], method: str = "exact", *, before: Any = None, unary: Any = None
 ) -> tuple[list[list[int]], int]:
     """Decode each story of a padded ``(B, n, n)`` log-probability batch; returns slot orders and fallback count.
 
-    ``before``: optional padded ``(B, n, n)`` bool hard constraints, in the same slot order.
+    ``before``: optional padded ``(B, n, n)`` bool hard constraints, in the same slot order;
+    ``unary``: optional padded ``(B, n, P)`` position terms (slot, position); a story longer than ``P`` is
+    decoded without them.
     """
     lp = _to_numpy(logprobs, "logprobs") if not isinstance(logprobs, np.ndarray) else logprobs
+    un = None if unary is None else (_to_numpy(unary, "unary") if not isinstance(unary, np.ndarray) else unary)
     orders, fallbacks = [], 0
     for b, n in enumerate(lengths):
-        order, fb = decode_story(lp[b, :n, :n], method, before=None if before is None else before[b][:n, :n])
+        order, fb = decode_story(
+            lp[b, :n, :n],
+            method,
+            before=None if before is None else before[b][:n, :n],
+            unary=None if un is None or un.shape[-1] < n else un[b, :n, :n],
+        )
         orders.append(order)
         fallbacks += fb
     return orders, fallbacks

@@ -4,7 +4,9 @@
 ordered pair of its items, the aligner scores every image against every
 sentence, and R rounds of weak cross-modal guidance carry each modality's
 confident pairs onto the other's; the fused logits (beyond the paper) sum
-both modalities' evidence on one-to-one aligned items. Evaluation, ``order``,
+both modalities' evidence on one-to-one aligned items, by a fused orderer
+over the aligned (image, sentence) items or as a sum of pair log-odds
+(``fusion.method``). Evaluation, ``order``,
 the web app, the official import and the benchmark all call it, and only
 decode, score or optimise what it returns. :meth:`IterWeGO.guided_loss` is
 one phase of the paper's iterative learning.
@@ -31,7 +33,7 @@ from .batch import Batch, scatter_items
 from .config import Config, GuidanceConfig, OrdererConfig
 from .encoders import Encoder
 from .errors import ModelLoadError
-from .fusion import fuse_logits
+from .fusion import fuse_logits, gather_items, gold_pairing
 from .guidance import guide, iterate
 from .pretrained import RunDirectoryMixin
 
@@ -115,10 +117,35 @@ class PairHead(nn.Module):
         return self.classifier(torch.tanh(self.drop(left[:, :, None, :] + right[:, None, :, :])))
 
 
-class Orderer(nn.Module):
-    """One modality's orderer: head -> (projection) -> set transformer -> pair head."""
+class RankHead(nn.Module):
+    """Log-probabilities ``(B, n, P)`` of each item's position from its state and the story's length.
 
-    def __init__(self, encoder: Encoder, cfg: OrdererConfig):
+    Positions at or past the story's length get a large negative (finite) value, so padding never wins.
+    """
+
+    def __init__(self, d: int, positions: int, dropout: float):
+        super().__init__()
+        self.positions = positions
+        self.length = nn.Embedding(positions + 1, d)
+        self.mlp = nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.Dropout(dropout), nn.Linear(d, positions))
+
+    def forward(self, h: Tensor, valid: Tensor) -> Tensor:
+        n = valid.sum(1)
+        z = self.mlp(h + self.length(n.clamp(max=self.positions))[:, None, :]).float()
+        beyond = torch.arange(self.positions, device=h.device)[None, None, :] >= n[:, None, None]
+        return z.masked_fill(beyond, -1e4).log_softmax(-1)
+
+
+def rank_loss(logp: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
+    """Summed negative log-likelihood of the gold positions (stories longer than the head's range skipped)."""
+    keep = valid & (valid.sum(1, keepdim=True) <= logp.shape[-1])
+    return -logp[keep].gather(-1, positions[keep][:, None]).sum()
+
+
+class Orderer(nn.Module):
+    """One modality's orderer: head -> (projection) -> set transformer -> pair head (and rank head)."""
+
+    def __init__(self, encoder: Encoder, cfg: OrdererConfig, salt: int = 1):
         super().__init__()
         self.head = encoder.new_head()
         d = cfg.d_model
@@ -126,15 +153,55 @@ class Orderer(nn.Module):
         self.input_drop = nn.Dropout(cfg.input_dropout)
         self.encoder = SetTransformer(cfg)
         self.classifier = PairHead(d, cfg.dropout if cfg.pair_dropout is None else cfg.pair_dropout)
+        self.ranker = _rank_head(cfg, salt)
 
     def item_vectors(self, feats: Tensor) -> Tensor:
         return self.proj(self.head(feats))
 
+    def states(self, feats: Tensor, index: Tensor) -> Tensor:
+        """Each item's state ``(B, n, d)`` after the set transformer: what the pair head (and fusion) reads."""
+        return self.encoder(self.input_drop(scatter_items(self.item_vectors(feats), index)), index >= 0)
+
     def forward(self, feats: Tensor, index: Tensor) -> Tensor:
         """Pair logits ``(B, n, n, 2)`` (class 1: i before j) for the items ``index`` points at."""
-        valid = index >= 0
-        h = self.encoder(self.input_drop(scatter_items(self.item_vectors(feats), index)), valid)
-        return self.classifier(h)
+        return self.classifier(self.states(feats, index))
+
+
+class FusedOrderer(nn.Module):
+    """An orderer over aligned (image, sentence) items: [image state; sentence state] -> set transformer -> pairs.
+
+    Summing two orderers' pair log-odds counts the story-level prior twice and cannot tell which modality
+    shows an item's cue; reading both items' states at once can (docs/fusion.md has the measurements).
+    """
+
+    def __init__(self, cfg: OrdererConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.proj, self.drop = nn.Linear(2 * d, d), nn.Dropout(cfg.dropout)
+        self.encoder = SetTransformer(cfg)
+        self.classifier = PairHead(d, cfg.dropout if cfg.pair_dropout is None else cfg.pair_dropout)
+        self.ranker = _rank_head(cfg, 3)
+
+    def states(self, h_image: Tensor, h_text: Tensor, i2t: Tensor, image_valid: Tensor) -> Tensor:
+        x = torch.cat([h_image, gather_items(h_text, i2t)], -1)
+        return self.encoder(self.drop(self.proj(x)), image_valid)
+
+    def forward(self, h_image: Tensor, h_text: Tensor, i2t: Tensor, image_valid: Tensor) -> Tensor:
+        """Pair logits ``(B, n_img, n_img, 2)`` on the image slots; ``i2t`` pairs each image with a sentence slot
+        (-1: none, its sentence half is zero)."""
+        return self.classifier(self.states(h_image, h_text, i2t, image_valid))
+
+
+def _off_stream(build, salt: int):
+    """``build()`` initialised from a seed drawn from (and salted off) the global stream, which is then restored:
+    the modules built after it initialise exactly as in a model without it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**62, ())) ^ salt)
+        return build()
+
+
+def _rank_head(cfg: OrdererConfig, salt: int) -> RankHead | None:
+    return _off_stream(lambda: RankHead(cfg.d_model, cfg.rank_positions, cfg.dropout), salt) if cfg.rank_head else None
 
 
 def pair_loss(logits: Tensor, positions: Tensor, valid: Tensor, reduction: str = "mean") -> Tensor:
@@ -194,6 +261,14 @@ class ForwardOutput:
     t2i: Tensor | None = None  # (B, n_txt) image slot guiding each sentence
     pairing: Tensor | None = None  # (B, n_img) one-to-one image -> sentence pairing used by fusion
     fused: Tensor | None = None  # (B, n_img, n_img, 2) fused pair logits on the image slots
+    # rank heads' position log-probabilities (B, n, P) per "image" / "text" / "fused" (image slots); with
+    # ``positions=False`` or without rank heads, empty
+    ranks: dict[str, Tensor] = field(default_factory=dict)
+
+    def unary(self, key: str, weight: float) -> Tensor | None:
+        """Position terms for the decoders (``weight`` times the rank log-probabilities), or None."""
+        r = self.ranks.get(key)
+        return None if r is None else weight * r
 
     def logits(self, modality: str, rounds: int) -> Tensor:
         """A modality's logits after ``rounds`` rounds (clamped to the rounds computed)."""
@@ -229,13 +304,16 @@ class IterWeGO(
         super().__init__()
         self.cfg = cfg
         self.image_encoder, self.text_encoder = image_encoder, text_encoder
-        self.image = Orderer(image_encoder, cfg.orderer) if image_encoder is not None else None
-        self.text = Orderer(text_encoder, cfg.orderer) if text_encoder is not None else None
+        self.image = Orderer(image_encoder, cfg.orderer, 1) if image_encoder is not None else None
+        self.text = Orderer(text_encoder, cfg.orderer, 2) if text_encoder is not None else None
         self.align_encoders = align_encoders
         both = image_encoder is not None and text_encoder is not None
         self.aligner = (
             build_aligner(cfg.aligner, image_encoder, text_encoder, align_encoders is not None) if both else None
         )
+        self.fuser = None
+        if both and cfg.fusion.method == "orderer":
+            self.fuser = _off_stream(lambda: FusedOrderer(cfg.orderer), 4)
         self.meta: dict = {}
         self.run_dir: Path | None = None  # the run directory this model was loaded from
         self.card_text: str | None = None  # its model card (README.md), saved and pushed along
@@ -250,17 +328,24 @@ class IterWeGO(
         mapping: str | None = None,
         modalities: tuple[str, ...] = ("image", "text"),
         fuse: bool = True,
+        positions: bool = True,
     ) -> ForwardOutput:
         """Orderers -> aligner -> ``rounds`` guidance rounds -> fused logits, for one padded batch.
 
         ``guidance`` and ``mapping`` default to the model's config (inference
-        thresholds, ``eval_rule``); ``modalities`` restricts the orderers run.
+        thresholds, ``eval_rule``); ``modalities`` restricts the orderers run;
+        ``positions`` adds the rank heads' outputs (training leaves them out until they have learned).
         Logits are float32 whatever the autocast the caller runs under.
         """
         g = self.cfg.guidance if guidance is None else guidance
         mods = [m for m in modalities if getattr(self, m) is not None and m in batch.index]
-        logits = {m: _full_precision(self.orderer(m)(batch.feats[m], batch.index[m])) for m in mods}
+        states = {m: self.orderer(m).states(batch.feats[m], batch.index[m]) for m in mods}
+        logits = {m: _full_precision(self.orderer(m).classifier(h)) for m, h in states.items()}
         out = ForwardOutput(**{m: [lg] for m, lg in logits.items()})
+        if positions:
+            out.ranks = {
+                m: self.orderer(m).ranker(h, batch.valid(m)) for m, h in states.items() if self.orderer(m).ranker
+            }
         if len(mods) < 2 or self.aligner is None:
             return out
         iv, tv = batch.valid("image"), batch.valid("text")
@@ -270,8 +355,51 @@ class IterWeGO(
         out.image, out.text = [s[0] for s in steps], [s[1] for s in steps]
         if fuse:
             out.pairing = align(out.scores, "hungarian", iv, tv)
-            out.fused = fuse_logits(logits["image"], logits["text"], out.pairing)
+            if self.fuser is not None:
+                h = self.fuser.states(states["image"], states["text"], out.pairing, iv)
+                out.fused = _full_precision(self.fuser.classifier(h))
+                if positions and self.fuser.ranker is not None:
+                    out.ranks["fused"] = self.fuser.ranker(h, iv)
+            else:
+                out.fused = fuse_logits(logits["image"], logits["text"], out.pairing)
         return out
+
+    @torch.no_grad()
+    def frozen_states(self, batch: Batch) -> dict[str, Tensor]:
+        """Both orderers' item states in eval mode: what the last stage's heads learn to read."""
+        out = {}
+        for m in ("image", "text"):
+            o = self.orderer(m)
+            was = o.training
+            o.eval()
+            out[m] = o.states(batch.feats[m], batch.index[m])
+            o.train(was)
+        return out
+
+    def heads_loss(self, states: dict[str, Tensor], pos: dict[str, Tensor], valid: dict[str, Tensor]) -> Tensor:
+        """The last stage's summed loss over the heads that read frozen states (``frozen_states``): each rank
+        head's position NLL and the fused orderer's pair and position losses on the split's own pairs.
+
+        Summed over items and pairs; the caller divides (by the global item count under data parallelism).
+        """
+        total = torch.zeros((), device=pos["image"].device)
+        for m in ("image", "text"):
+            if self.orderer(m).ranker is not None:
+                total = total + rank_loss(self.orderer(m).ranker(states[m], valid[m]), pos[m], valid[m])
+        if self.fuser is not None:
+            iv = valid["image"]
+            h = self.fuser.states(
+                states["image"], states["text"], gold_pairing(pos["image"], pos["text"], iv, valid["text"]), iv
+            )
+            total = total + pair_loss(self.fuser.classifier(h), pos["image"], iv, "sum")
+            if self.fuser.ranker is not None:
+                total = total + rank_loss(self.fuser.ranker(h, iv), pos["image"], iv)
+        return total
+
+    def heads(self) -> nn.ModuleDict:
+        """The modules of the last training stage (rank heads, the fused orderer), shared, not copied."""
+        parts = {"image_ranker": self.image and self.image.ranker, "text_ranker": self.text and self.text.ranker}
+        return nn.ModuleDict({k: v for k, v in {**parts, "fuser": self.fuser}.items() if v is not None})
 
     def alignment_scores(self, batch: Batch) -> Tensor:
         """Within-story image x sentence scores ``(B, n_img, n_txt)``; CLIP aligners read their own features."""
@@ -309,13 +437,16 @@ class IterWeGO(
         guided = guide(
             logits, src_logits, src_to_tgt, threshold=thr, weight=lam, rule=g.train_rule, valid=batch.valid(src)
         )
-        valid = batch.valid(target)
+        return self._averaged_loss(guided, batch.pos[target], batch.valid(target), normalizer)
+
+    def _averaged_loss(self, logits: Tensor, positions: Tensor, valid: Tensor, normalizer: int | None) -> Tensor:
+        """:func:`pair_loss` averaged as ``train.loss_average`` says, or summed and divided by ``normalizer``."""
         per_story = self.cfg.train.loss_average == "story"
         if normalizer is None:
             if per_story:
-                return pair_loss(guided, batch.pos[target], valid, "story_sum") / valid.shape[0]
-            return pair_loss(guided, batch.pos[target], valid)
-        return pair_loss(guided, batch.pos[target], valid, "story_sum" if per_story else "sum") / max(normalizer, 1)
+                return pair_loss(logits, positions, valid, "story_sum") / valid.shape[0]
+            return pair_loss(logits, positions, valid)
+        return pair_loss(logits, positions, valid, "story_sum" if per_story else "sum") / max(normalizer, 1)
 
     # ------------------------------------------------------------------ parts and persistence
     def encoders(self) -> dict:

@@ -250,11 +250,16 @@ def read_weights(run_dir: Path, own: dict, modalities: tuple[str, ...]) -> dict:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise ModelLoadError(f"{path}: corrupt or unreadable weights ({err})") from None
-    state = {k: v for k, v in state.items() if k in own or not k.startswith(("image.", "text.", "aligner."))}
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(("image.", "text.", "aligner.", "fuser."))}
     missing = [k for k in own if k not in state]
+    if any(k.startswith("fuser.") for k in missing) and len(modalities) == 2:
+        raise ModelLoadError(
+            f"{path}: this run has no fused orderer (it was trained with fusion.method=sum); "
+            "load it with --set fusion.method=sum"
+        )
     unexpected = [k for k in state if k not in own]
     skip = tuple(f"{m}." for m in ("image", "text") if m not in modalities) + (
-        ("aligner.",) if len(modalities) < 2 else ()
+        ("aligner.", "fuser.") if len(modalities) < 2 else ()
     )
     missing = [k for k in missing if not k.startswith(skip)]
     if missing or unexpected:

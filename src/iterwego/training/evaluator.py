@@ -167,6 +167,7 @@ class Evaluator:
         mods = tuple(m for m in ("image", "text") if m in feats)
         self.plans = plan_batches(ss, batch_size, rng, mods, shuffle_stories=False)
         self.device, self.amp = torch.device(device), amp
+        self.positions = True  # decode with the rank heads' position terms (training: only once they have learned)
         self.rank, self.world = (dist_ctx.rank, dist_ctx.world) if dist_ctx is not None and dist_ctx.enabled else (0, 1)
 
     @property
@@ -251,20 +252,29 @@ class Evaluator:
         """Predictions of one batch, as plain lists (so they can be gathered across processes)."""
         out: dict = {"fallbacks": 0, "align_hits": 0, "align_total": 0}
         with autocast(self.device, self.amp):
-            fw = model(batch, n_rounds, guidance=self.g, mapping=self.mapping, modalities=tuple(mods), fuse=cross)
+            fw = model(
+                batch,
+                n_rounds,
+                guidance=self.g,
+                mapping=self.mapping,
+                modalities=tuple(mods),
+                fuse=cross,
+                positions=self.positions,
+            )
+        w = model.cfg.orderer.rank_weight
         for m in mods:
             out[f"gold/{m}"] = [list(range(int(n))) for n in batch.valid(m).sum(1).tolist()]
             if keep_orders:
                 out[f"conf/{m}"] = _adjacent_conf(pair_logprobs(fw.logits(m, 0)).exp(), batch, m)
             for r, lg in enumerate(getattr(fw, m)):
-                out[f"{m}/round{r}"] = self._decode(lg, batch, m, out)[0]
+                out[f"{m}/round{r}"] = self._decode(lg, batch, m, out, unary=fw.unary(m, w))[0]
         before = self._slot_precedence(batch) if self.capture is not None and "image" in mods else None
         if before is not None:
             for r, lg in enumerate(fw.image):
-                out[f"timed/image/round{r}"] = self._decode(lg, batch, "image", out, before)[0]
+                out[f"timed/image/round{r}"] = self._decode(lg, batch, "image", out, before, fw.unary("image", w))[0]
         if cross:
             out["align_hits"], out["align_total"] = alignment_hits(fw.scores, batch)
-            out["fused/image"], slots = self._decode(fw.fused, batch, "image", out)
+            out["fused/image"], slots = self._decode(fw.fused, batch, "image", out, unary=fw.unary("fused", w))
             pairing, n_txt, pos_t = (
                 fw.pairing.cpu().numpy(),
                 batch.valid("text").sum(1).tolist(),
@@ -275,20 +285,34 @@ class Evaluator:
             ]
             out["fused/text"] = to_text(slots)
             if before is not None:
-                out["timed/fused/image"], slots = self._decode(fw.fused, batch, "image", out, before)
+                out["timed/fused/image"], slots = self._decode(
+                    fw.fused, batch, "image", out, before, fw.unary("fused", w)
+                )
                 out["timed/fused/text"] = to_text(slots)
         return out
 
     def _decode(
-        self, logits: Tensor, batch: Batch, m: str, out: dict, before: np.ndarray | None = None
+        self,
+        logits: Tensor,
+        batch: Batch,
+        m: str,
+        out: dict,
+        before: np.ndarray | None = None,
+        unary: Tensor | None = None,
     ) -> tuple[list[list[int]], list[list[int]]]:
         """Decode each story: (orders as gold ids, orders as slots); counts beam fallbacks into ``out``.
 
         ``before`` binds the decoder to capture-time precedence (slot order); those decodes repeat
-        ones already counted, so they add no fallbacks.
+        ones already counted, so they add no fallbacks. ``unary``: position terms (rank heads).
         """
         lengths = batch.valid(m).sum(1).tolist()
-        slots, fb = decode_stories(pair_logprobs(logits).float().cpu().numpy(), lengths, self.decoder, before=before)
+        slots, fb = decode_stories(
+            pair_logprobs(logits).float().cpu().numpy(),
+            lengths,
+            self.decoder,
+            before=before,
+            unary=None if unary is None else unary.double().cpu().numpy(),
+        )
         out["fallbacks"] += fb if before is None else 0
         pos = batch.pos[m].cpu().numpy()
         return [[int(pos[b, s]) for s in order] for b, order in enumerate(slots)], slots

@@ -23,6 +23,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -124,7 +125,7 @@ class TrainRecipe:
         self.val_stories = load_split(self.data, "val", **read)
         self.model = create_model(c).to(self.device)
         if c.train.compile:
-            for part in (self.model.image, self.model.text, self.model.aligner):
+            for part in (self.model.image, self.model.text, self.model.aligner, self.model.fuser):
                 if part is not None:
                     part.compile()
         with self._clock("features"):
@@ -200,16 +201,21 @@ class TrainRecipe:
         keep = self.dist.shard_rows(len(plan.ids))
         return plan.select(keep) if keep else None
 
-    def _train_batches(self, names: tuple[str, ...], *, shuffle_items: bool = True, shard: bool = True):
+    def _train_batches(self, names: tuple[str, ...], *, shuffle_items: bool = True, shard: bool = True, rng=None):
         """``(global plan, this process's batch on the device or None)`` for one pass over the training set.
 
-        Plans come from the recipe's generator, all at once; each process reads only its own stories'
-        rows (``shard``), from the store, a couple of batches ahead of the compute.
+        Plans come from the recipe's generator (or ``rng``), all at once; each process reads only its own
+        stories' rows (``shard``), from the store, a couple of batches ahead of the compute.
         """
         feats = {k: self.feats[k] for k in names}
         mods = tuple(m for m in ("image", "text") if m in feats)
         plans = plan_batches(
-            self.train_set, self.cfg.train.batch_size, self.rng, mods, shuffle_stories=True, shuffle_items=shuffle_items
+            self.train_set,
+            self.cfg.train.batch_size,
+            self.rng if rng is None else rng,
+            mods,
+            shuffle_stories=True,
+            shuffle_items=shuffle_items,
         )
         pin = self.device.type == "cuda"
 
@@ -250,7 +256,7 @@ class TrainRecipe:
                     self._tb.add_scalar(f"{entry['stage']}/val_{k}", v, step)
 
     # ------------------------------------------------------------------ checkpoints
-    STAGES = ("unimodal-image", "unimodal-text", "aligner", "iterative")
+    STAGES = ("unimodal-image", "unimodal-text", "aligner", "iterative", "heads")
 
     def _save_state(self, stage: str, epoch: int | str, opts: dict, best, best_state, since: int, extra=None) -> None:
         """Everything needed to continue bit-identically after this epoch, written atomically."""
@@ -360,6 +366,7 @@ class TrainRecipe:
             "unimodal-text": self.model.text,
             "aligner": self.model.aligner,
             "iterative": self.model,
+            "heads": self.model.heads(),
         }[stage]
 
     # ------------------------------------------------------------------ stages
@@ -555,17 +562,72 @@ class TrainRecipe:
         self.chosen = self._epochs("iterative", t.iterative_epochs, opts, epoch_fn)
         self.log(f"inference rounds chosen on validation: {self.chosen}")
 
+    def _frozen(self, batches) -> list:
+        """``(global story count, states, positions, valid)`` per batch, states read once from the fixed orderers
+        (``None`` in place of the rest for a batch with none of this process's stories)."""
+        out = []
+        for plan, b in batches:
+            if b is None:
+                out.append((len(plan.ids), None, None, None))
+                continue
+            with autocast(self.device, self.cfg.train.amp):
+                states = {k: v.float() for k, v in self.model.frozen_states(b).items()}
+            out.append((len(plan.ids), states, b.pos, {m: b.valid(m) for m in ("image", "text")}))
+        return out
+
+    def fit_heads(self) -> None:
+        """The last stage: the rank heads and the fused orderer learn to read the orderers' item states.
+
+        Everything before is fixed, so the states are read once per split; batches and their order come
+        from generators of their own (seed, stage, epoch), so a resumed stage repeats exactly.
+        """
+        m, t, f = self.model, self.cfg.train, self.cfg.fusion
+        heads = m.heads()
+        if not len(heads):
+            return
+        opt = torch.optim.Adam(heads.parameters(), lr=f.lr, weight_decay=t.weight_decay)
+        stage_rng = np.random.default_rng([t.seed, 5])
+        train = self._frozen(self._train_batches(tuple(self.feats), rng=stage_rng))
+        val = self._frozen((SimpleNamespace(ids=b.ids), b) for _, b in self.val_eval.loaded(mine=False))
+
+        def epoch_fn(epoch):
+            self._set_lr(opt, epoch, f.epochs)
+            heads.train()
+            losses = []
+            with self._clock("train"):
+                for k in np.random.default_rng([t.seed, 5, epoch]).permutation(len(train)):
+                    stories, states, pos, valid = train[k]
+                    loss = None if states is None else m.heads_loss(states, pos, valid) / max(stories, 1)
+                    losses.append(self._step(opt, loss, heads.parameters(), f"heads epoch {epoch}", sharded=True))
+            heads.eval()
+            with self._clock("val"), torch.no_grad():
+                vl = sum(float(m.heads_loss(s, p, v)) for _, s, p, v in val) / max(sum(n for n, *_ in val), 1)
+            self._record(
+                {"stage": "heads", "epoch": epoch, "loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
+                 "val": {"loss": vl}}
+            )  # fmt: skip
+            return -vl, heads, None
+
+        self._epochs("heads", f.epochs, {"opt": opt}, epoch_fn)
+
     def train(self) -> "TrainRecipe":
         t0 = time.time()
+        self.val_eval.positions = False  # untrained rank heads must not steer validation decoding
         self.fit_unimodal("image")
         self.fit_unimodal("text")
         self.fit_aligner()
         self.fit_iterative()
+        self.fit_heads()
+        self.val_eval.positions = True
+        res = self.val_eval(self.model)  # the kept model on validation, for the model card
+        if len(self.model.heads()):  # decoding now reads the heads: the inference rounds are chosen again
+            self.chosen = res.choose_rounds()
+            self.log(f"with the rank heads and fusion, inference rounds chosen on validation: {self.chosen}")
         if self.capture_time:  # the guided image round to use with times, chosen on validation with times
-            self.capture_chosen = self.val_eval(self.model).choose_capture_rounds()
+            self.capture_chosen = res.choose_capture_rounds()
             self.log(f"with capture times, inference rounds chosen on validation: {self.capture_chosen}")
         self.train_seconds = time.time() - t0
-        self.val_result = self.val_eval(self.model)  # the kept model on validation, for the model card
+        self.val_result = res
         return self
 
     def save(self) -> Path:
