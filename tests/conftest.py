@@ -108,12 +108,14 @@ def one_thread():
 # Tests that must train themselves (resume after SIGKILL, determinism, data parallel, NaN loss, disk full) train
 # with the same arguments on the same data, so the shared run is their uninterrupted reference.
 # log.jsonl of a run with these arguments: lines 1-2 unimodal-image, 3-4 unimodal-text, 5-6 aligner,
-# 7 iterative epoch -1 (validation before guided training), 8-9 iterative epochs 0 and 1.
+# 7 iterative epoch -1 (validation before guided training), 8-9 iterative epochs 0 and 1, 10-11 heads (rank
+# heads and fused orderer) epochs 0 and 1.
 TRAIN_ARGS = [
     "--quiet",
     "--set", "train.unimodal_epochs=2",
     "--set", "train.iterative_epochs=2",
     "--set", "aligner.epochs=2",
+    "--set", "fusion.epochs=2",
     "--set", "train.early_stop=0",
     "--set", "train.num_threads=1",
     "--set", "encoder.image_size=32",

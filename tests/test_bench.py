@@ -69,7 +69,7 @@ def test_presets_benchmark_prints_the_paper_against_paper_plus_table(tmp_path):
     """benchmarks/presets.py end to end on a small dataset with one short training per preset."""
     out = tmp_path / "presets.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    short = ["train.unimodal_epochs=1", "train.iterative_epochs=2", "aligner.epochs=1"]
+    short = ["train.unimodal_epochs=1", "train.iterative_epochs=2", "aligner.epochs=1", "fusion.epochs=1"]
     argv = [str(BENCH.with_name("presets.py")), "--work", str(tmp_path / "w"), "--stories", "60", "--seeds", "0"]
     argv += [x for s in short for x in ("--set", s)] + ["--json", str(out)]
     proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=600, env=env)

@@ -420,3 +420,95 @@ def test_beam_merges_partial_orders_over_the_same_items():
     lp = np.log(p)
     assert _beam(combine(lp), 2) == [0, 1, 2, 3]
     assert order_score(lp, [0, 1, 2, 3]) == pytest.approx(math.log(0.5 * 0.5 * 0.8 * 0.6 * 0.5 * 0.8))
+
+
+# ------------------------------------------------------------------ position terms (rank heads)
+
+
+def random_unary(rng: np.random.Generator, n: int, scale: float = 2.0) -> np.ndarray:
+    """Position log-probabilities per item (rows sum to one in probability), scaled as a rank weight would."""
+    return scale * np.log(rng.dirichlet(np.ones(n), size=n))
+
+
+def brute_force_unary(lp: np.ndarray, u: np.ndarray) -> tuple[list[int], float]:
+    perms = list(itertools.permutations(range(lp.shape[0])))
+    scores = [order_score(lp, p, u) for p in perms]
+    top = max(scores)
+    return list(next(p for p, s in zip(perms, scores) if s >= top - 1e-9)), top
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 7), seed=st.integers(0, 2**32 - 1), scale=st.floats(0.0, 5.0))
+def test_exact_with_position_terms_matches_brute_force(n, seed, scale):
+    rng = np.random.default_rng(seed)
+    lp, u = random_logprobs(rng, n), random_unary(rng, n, scale)
+    want, best = brute_force_unary(lp, u)
+    assert decode(lp, "exact", unary=u) == want  # the lexicographically first optimum, as without terms
+    assert order_score(lp, decode(lp, "beam", unary=u), u) == pytest.approx(best, abs=1e-9)  # beam 64 >= 7! layers
+
+
+def test_position_terms_are_charged_per_position_in_order_score():
+    lp = from_order([0, 1, 2])
+    u = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]))
+    assert order_score(lp, [2, 0, 1], u) == pytest.approx(order_score(lp, [2, 0, 1]) + u[2, 0] + u[0, 1] + u[1, 2])
+
+
+def test_position_terms_spread_items_that_pairs_cannot_tell_apart():
+    # items 0 and 1 are undecided against each other and both prefer going before item 2 a little: pairs alone
+    # put both first; position terms that say "one of them goes last" move one after item 2
+    p = np.array([[0.5, 0.5, 0.6], [0.5, 0.5, 0.6], [0.4, 0.4, 0.5]])
+    lp = consistent(p)
+    assert decode(lp, "exact")[-1] == 2
+    u = np.log(np.array([[0.45, 0.1, 0.45], [0.45, 0.1, 0.45], [0.05, 0.9, 0.05]]))
+    for method in ("exact", "beam"):
+        assert decode(lp, method, unary=u)[1] == 2, method
+
+
+def test_local_search_with_position_terms_cannot_be_improved_by_one_move():
+    from iterwego.decode import _local_search
+
+    rng = np.random.default_rng(5)
+    for n in (6, 9, 14):
+        lp, u = random_logprobs(rng, n), random_unary(rng, n)
+        _, s = _combined(lp)
+        order = _local_search(s, list(rng.permutation(n)), u=u)
+        score = order_score(lp, order, u)
+        for p in range(n):
+            for q in range(n):
+                o = list(order)
+                o.insert(q, o.pop(p))
+                assert order_score(lp, o, u) <= score + 1e-9
+
+
+def _combined(lp):
+    from iterwego.decode import _combined_scores
+
+    return _combined_scores(lp)
+
+
+def test_position_terms_obey_constraints_and_are_validated():
+    rng = np.random.default_rng(8)
+    lp, u = random_logprobs(rng, 5), random_unary(rng, 5, 50.0)  # terms far stronger than the pairs
+    before = np.zeros((5, 5), dtype=bool)
+    before[4, 0] = True
+    for method in ("exact", "beam"):
+        o = decode(lp, method, unary=u, before=before)
+        assert o.index(4) < o.index(0), method
+    u_inf = np.where(np.eye(5, dtype=bool), -np.inf, 0.0)  # "never at your own index": still decodes
+    assert all(o != k for k, o in enumerate(decode(lp, "exact", unary=u_inf)))
+    with pytest.raises(ValueError, match="unary must be an"):
+        decode(lp, "exact", unary=np.zeros((5, 4)))
+    with pytest.raises(ValueError, match="NaN"):
+        decode(lp, "exact", unary=np.full((5, 5), np.nan))
+
+
+def test_decode_stories_uses_position_terms_per_story_and_skips_stories_past_their_range():
+    from iterwego.decode import decode_stories
+
+    rng = np.random.default_rng(9)
+    lp = np.stack([random_logprobs(rng, 4) for _ in range(2)])
+    u = np.stack([random_unary(rng, 4, 20.0) for _ in range(2)])
+    orders, _ = decode_stories(lp, [4, 3], unary=u)
+    assert orders == [decode(lp[0], unary=u[0]), decode(lp[1, :3, :3], unary=u[1, :3, :3])]
+    short = u[:, :, :2]  # a rank head that knows 2 positions: these stories decode from pairs alone
+    assert decode_stories(lp, [4, 3], unary=short)[0] == decode_stories(lp, [4, 3])[0]

@@ -17,6 +17,8 @@ FAST = [
     "aligner.epochs=1",
     "--set",
     "train.num_threads=1",
+    "--set",
+    "fusion.epochs=1",
 ]
 
 
@@ -29,11 +31,13 @@ def test_demo_runs_end_to_end_small_and_fills_the_feature_cache(tmp_path, capsys
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--stories", "20", "--quiet", "--cache-dir", str(cache), *FAST]) == 0
     printed = capsys.readouterr().out
-    assert "unimodal (round 0)" in printed and "fused decoding" in printed and "ceilings" in printed
+    assert "unimodal (round 0)" in printed and "fused orderer" in printed and "ceilings" in printed
+    assert "PMR / ceiling (%)" in printed and "decoded from pair and position terms" in printed
     # half the demo's photos carry EXIF times: labelled rows use them, the rows above ignore them
-    assert "guided + capture times (val-chosen: img" in printed and "fused decoding + capture times" in printed
+    assert "guided + capture times (val-chosen: img" in printed and "fused orderer + capture times" in printed
     rep = json.loads((out / "test_metrics.json").read_text())
-    assert set(rep) == {"image", "text", "fused", "alignment_accuracy", "capture_time"}
+    assert set(rep) == {"image", "text", "fused", "fusion", "position_terms", "alignment_accuracy", "capture_time"}
+    assert rep["fusion"] == "orderer" and rep["position_terms"] is True
     assert 0.2 < rep["capture_time"]["placed_by_time"] < 0.6
     assert (out / "report.html").is_file() and (out / "run" / "model.safetensors").is_file()
     assert any(cache.rglob("*.safetensors"))
@@ -47,7 +51,7 @@ def test_demo_runs_end_to_end_small_and_fills_the_feature_cache(tmp_path, capsys
     assert card.data.library_name == "iterwego" and card.data.base_model == ["sentence-transformers/all-MiniLM-L6-v2"]
     test = card.text[card.text.index("**test** split") : card.text.index("**val** split")]
     fused = rep["fused"]
-    assert f"| fused decoding | {100 * fused['acc']:.1f} | {100 * fused['pmr']:.1f} | {fused['tau']:+.3f} |" in test
+    assert f"| fused orderer | {100 * fused['acc']:.1f} | {100 * fused['pmr']:.1f} | {fused['tau']:+.3f} |" in test
     assert "| **guided (val-chosen:" in test and "| round 3 |" in test
     ceil = pmr_ceilings(out / "data", "test")
     assert f"images alone {100 * ceil['image']:.1f}, sentences alone {100 * ceil['text']:.1f}" in test

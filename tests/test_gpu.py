@@ -67,6 +67,7 @@ def _setup(tmp: Path) -> tuple[Path, list[str]]:
         "train.unimodal_epochs=1",
         "train.iterative_epochs=1",
         "aligner.epochs=1",
+        "fusion.epochs=1",
         "train.device=cuda",
     ]
     return data, sets

@@ -574,7 +574,7 @@ def test_report_uses_the_given_rounds_and_the_documented_shape():
         alignment_accuracy=0.75,
     )
     rep = res.report({"image": 1, "text": 1})
-    assert set(rep) == {"image", "text", "fused", "alignment_accuracy"}
+    assert set(rep) == {"image", "text", "fused", "fusion", "alignment_accuracy"} and rep["fusion"] == "sum"
     assert rep["image"] == {
         "unimodal": {"acc": 0.1, "pmr": 0.0, "tau": 0.1},
         "rounds": [

@@ -95,8 +95,8 @@ def test_evaluate_on_imported_run(imported, tmp_path):
         == 0
     )
     rep = json.loads(js.read_text())
-    assert set(rep) == {"image", "text", "fused", "alignment_accuracy"}
-    assert len(rep["image"]["rounds"]) == 4
+    assert set(rep) == {"image", "text", "fused", "fusion", "alignment_accuracy"}
+    assert rep["fusion"] == "sum" and len(rep["image"]["rounds"]) == 4  # the authors' model: no iterwego heads
 
 
 # words per sentence, story by story: BERT sees words + 2 tokens, so 3 to 40 tokens, and one sentence cut at 40

@@ -1,7 +1,7 @@
 """Reliability: crash safety, divergence, disk-full checkpoints, determinism across processes, atomic writes.
 
-One training is killed three times in a row (SIGKILL at seeded-random log lines, one in each stage group:
-unimodal, aligner, iterative), every restart after the first is itself a `--resume`, and the end result must
+One training is killed four times in a row (SIGKILL at seeded-random log lines, one in each stage group:
+unimodal, aligner, iterative, heads), every restart after the first is itself a `--resume`, and the end result must
 equal the uninterrupted shared run (tests/conftest.py) bit for bit. The killed attempts are forked from this
 process: a SIGKILL leaves no chance to clean up either way, and a fork skips a 3-5 s interpreter start. A whole
 run in a fresh interpreter with another hash seed must equal the shared run too.
@@ -30,9 +30,9 @@ from iterwego.errors import WriteError
 from iterwego.io import atomic_write_bytes
 
 # log.jsonl lines of the shared run (conftest.TRAIN_ARGS): 1-2 unimodal-image, 3-4 unimodal-text, 5-6 aligner,
-# 7 iterative epoch -1 (before guided training), 8-9 iterative epochs 0 and 1.
-STAGE_LINES = {"unimodal": (2, 4), "aligner": (5, 6), "iterative": (7, 8)}  # from 2: a checkpoint exists by then
-KILL_SEED = 7  # gives kill points [3, 5, 8]: unimodal-text epoch 0, aligner epoch 0, iterative epoch 0
+# 7 iterative epoch -1 (before guided training), 8-9 iterative epochs 0 and 1, 10-11 heads epochs 0 and 1.
+STAGE_LINES = {"unimodal": (2, 4), "aligner": (5, 6), "iterative": (7, 8), "heads": (10, 10)}  # from 2: a checkpoint
+KILL_SEED = 7  # gives kill points [3, 5, 8, 10]: unimodal-text epoch 0, aligner epoch 0, iterative and heads epoch 0
 
 
 @pytest.fixture
@@ -78,10 +78,10 @@ def _kill_at_line(pid: int, run: Path, k: int, what: str) -> None:
     assert exited == -signal.SIGKILL, f"{what} came too late: the training exited with {exited}"
 
 
-def test_three_sigkills_then_resume_equal_an_uninterrupted_run(trained_run, data, train_args, tmp_path, capsys):
+def test_four_sigkills_then_resume_equal_an_uninterrupted_run(trained_run, data, train_args, tmp_path, capsys):
     rng = random.Random(KILL_SEED)
     points = [rng.randint(lo, hi) for lo, hi in STAGE_LINES.values()]
-    assert points == [3, 5, 8]  # one kill in each stage group (a new seed must keep that)
+    assert points == [3, 5, 8, 10]  # one kill in each stage group (a new seed must keep that)
     run = tmp_path / "run"
     argv = ["train", "--data", str(data), "--out", str(run), *train_args]
     for i, k in enumerate(points):

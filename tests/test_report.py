@@ -384,7 +384,11 @@ def test_evaluation_report_table_plots_and_samples(tmp_path):
     # and the text table shows the same rows
     text = format_table(report, ceilings, fused_text=res.fused["text"]).splitlines()
     rows = [line.split("|") for line in text if "|" in line][2:]  # below the two header lines
-    assert [[name.strip(), *a.split(), *b.split()] for name, a, b in rows] == got
+    assert [[name.strip(), *a.split(), *b.split()] for name, a, b, _ in rows] == got
+    # and each row's PMR as a share of its ceiling: the unimodal row against its own modality's
+    shares = [share.split() for *_, share in rows]
+    assert shares[0] == [f"{100 * 0.2 / 0.41:.0f}", f"{100 * 0.1 / 0.22:.0f}"]  # 49, 45
+    assert shares[-1] == [f"{100 * 0.5 / 0.83:.0f}", f"{100 * 0.45 / 0.83:.0f}"]  # 60, 54: against fusion
     assert "87.5%" in raw and "item-level fusion 83.0" in raw
 
     # the plots exist, are PNGs and are what the page links to

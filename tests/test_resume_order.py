@@ -1,6 +1,6 @@
 """`iterwego order` and `iterwego evaluate --html` on the session's trained run; `--resume` without a state.
 
-Resuming bit-identically after SIGKILL is tested in tests/test_reliability.py (three kills, one per stage group).
+Resuming bit-identically after SIGKILL is tested in tests/test_reliability.py (four kills, one per stage group).
 """
 
 from __future__ import annotations

@@ -38,7 +38,8 @@ def test_metrics_json_is_the_metrics_of_the_predicted_test_orders(trained_run):
 
     report = trained_run.metrics
     meta = json.loads((trained_run.run / "meta.json").read_text())
-    assert set(report) == {"image", "text", "fused", "alignment_accuracy"}
+    assert set(report) == {"image", "text", "fused", "fusion", "position_terms", "alignment_accuracy"}
+    assert report["fusion"] == "orderer" and report["position_terms"] is True
     model, _ = load_run(trained_run.run)
     stories = load_split(trained_run.data, "test")
     sets, feats = build_features(model.encoders(), {"test": stories})
@@ -73,7 +74,8 @@ def test_log_has_entries_for_every_stage(trained_run):
     assert [e["epoch"] for e in by_stage["unimodal-text"]] == [0, 1]
     assert [e["epoch"] for e in by_stage["aligner"]] == [0, 1]
     assert [e["epoch"] for e in by_stage["iterative"]] == [-1, 0, 1]  # -1: validation before guided training
-    assert set(by_stage) == {"unimodal-image", "unimodal-text", "aligner", "iterative"}
+    assert [e["epoch"] for e in by_stage["heads"]] == [0, 1]  # rank heads and fused orderer, on frozen states
+    assert set(by_stage) == {"unimodal-image", "unimodal-text", "aligner", "iterative", "heads"}
     for e in entries:
         if e["epoch"] >= 0:
             assert math.isfinite(e["loss"]) and e["loss"] > 0
@@ -133,6 +135,8 @@ def test_compile_and_bf16_autocast_train_and_reload(tmp_path):
         "train.iterative_epochs=1",
         "--set",
         "aligner.epochs=1",
+        "--set",
+        "fusion.epochs=1",
     ]
     assert main(args) == 0
     model, _ = load_run(tmp_path / "r")

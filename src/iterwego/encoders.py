@@ -337,13 +337,13 @@ class BertBackbone:
         """Whether a sentence's feature depends on the padding of its story (all-position pooling)."""
         return self.official_pooling
 
-    def _token_lengths(self, sentences: Sequence[str]) -> list[int]:
+    def token_lengths(self, sentences: Sequence[str]) -> list[int]:
         return [
             len(ids) for ids in self.tokenizer(list(sentences), add_special_tokens=True, truncation=False)["input_ids"]
         ]
 
     def tokenize(self, sentences: Sequence[str]) -> dict:
-        self.truncated += sum(n > self.max_length for n in self._token_lengths(sentences))
+        self.truncated += sum(n > self.max_length for n in self.token_lengths(sentences))
         return tokenize(self.tokenizer, sentences, self.max_length, "longest" if self.skip_top == 0 else "max_length")
 
     def story_items(self, sentences: Sequence[str]) -> list[str]:
@@ -352,7 +352,7 @@ class BertBackbone:
         sentences = list(sentences)
         if not self.per_story or not sentences:
             return sentences
-        length = min(max(self._token_lengths(sentences)), self.max_length)
+        length = min(max(self.token_lengths(sentences)), self.max_length)
         return [with_padding(s, length) for s in sentences]
 
     def prepare(self, items: Sequence[str]) -> list[str]:
@@ -379,7 +379,7 @@ class BertBackbone:
         rows: list[Tensor | None] = [None] * len(parsed)
         for length, ks in groups.items():
             sentences = [parsed[k][0] for k in ks]
-            self.truncated += sum(n > self.max_length for n in self._token_lengths(sentences))
+            self.truncated += sum(n > self.max_length for n in self.token_lengths(sentences))
             # the story's length is at least each of its sentences' (or max_length): truncation stays at max_length
             for k, row in zip(ks, self._forward(tokenize(self.tokenizer, sentences, length, "max_length"))):
                 rows[k] = row

@@ -33,15 +33,18 @@ def _adjacent(p: np.ndarray, order: list[int]) -> list[float]:
     return [float(p[a, b]) for a, b in zip(order, order[1:])]
 
 
-def _decoded(logits, decoder: str, before: np.ndarray | None = None) -> tuple[list[int], list[float], bool]:
+def _decoded(logits, decoder: str, before: np.ndarray | None = None, unary=None) -> tuple[list[int], list[float], bool]:
     """(order, confidence of each adjacent step, fell back to beam) of one story's ``(1, n, n, 2)`` logits.
 
-    ``before`` (capture-time precedence on these slots) pins those pairs to probability 1/0 and binds the decoder.
+    ``before`` (capture-time precedence on these slots) pins those pairs to probability 1/0 and binds the decoder;
+    ``unary``: the story's ``(1, n, P)`` position terms (rank heads), or None.
     """
     if before is not None:
         logits = pin_logits(logits, before[None])
     lp = pair_logprobs(logits)[0].float().cpu().numpy()
-    order, fell_back = decode_story(lp, decoder, before=before)
+    n = lp.shape[0]
+    u = None if unary is None or unary.shape[-1] < n else unary[0, :n, :n].double().cpu().numpy()
+    order, fell_back = decode_story(lp, decoder, before=before, unary=u)
     return order, _adjacent(np.exp(combine(lp)), order), fell_back
 
 
@@ -140,18 +143,21 @@ def order_story(
                 out[mod] = model(b, modalities=(mod,))
     cut = getattr(text_bb, "truncated", 0) - cut_before
     fell_back = False
+    w = model.cfg.orderer.rank_weight
     for m in ("image", "text"):
         fw = out.get("both", out.get(m))
         if fw is None or not getattr(fw, m):
             continue
-        o, conf, fb = _decoded(fw.logits(m, 0), decoder, before if m == "image" else None)
+        o, conf, fb = _decoded(fw.logits(m, 0), decoder, before if m == "image" else None, fw.unary(m, w))
         fell_back |= fb
         res["variants"][f"{m}_only"] = {"order": o, "confidence": conf}
     if cross:
         fw = out["both"]
-        oi, ci, fbi = _decoded(fw.logits("image", chosen["image"]), decoder, before)
-        ot, ct, fbt = _decoded(fw.logits("text", chosen["text"]), decoder)
-        of, cf, fbf = _decoded(fw.fused, decoder, before)
+        # position terms go with round 0 only (the rank heads read the orderers' own states): Evaluator's rule
+        ui, ut = (fw.unary(m, w) if chosen[m] == 0 else None for m in ("image", "text"))
+        oi, ci, fbi = _decoded(fw.logits("image", chosen["image"]), decoder, before, ui)
+        ot, ct, fbt = _decoded(fw.logits("text", chosen["text"]), decoder, None, ut)
+        of, cf, fbf = _decoded(fw.fused, decoder, before, fw.unary("fused", w))
         fell_back |= fbi or fbt or fbf
         a = fw.pairing[0].cpu().numpy()
         res["variants"]["guided"] = {

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config import Config, preset
 from ..io import atomic_write_bytes, atomic_write_json
 from ..pretrained import read_config
-from .evaluator import metric_rows
+from .evaluator import FUSED_LABELS, metric_rows
 
 CITATION = """@inproceedings{bin2024iterwego,
   title     = {Leveraging Weak Cross-Modal Guidance for Coherence Modelling via Iterative Learning},
@@ -182,14 +182,21 @@ def _ceiling_lines(report: dict, ceilings: dict) -> list[str]:
         f"{100 * ceilings['image']:.1f}, sentences alone {100 * ceilings['text']:.1f}, "
         f"item-level fusion {100 * ceilings['fused']:.1f}."
     ]
-    reached = [
-        (label, report[key]["guided"]["pmr"] if key != "fused" else report[key]["pmr"], ceilings[key])
-        for label, key in (("guided images", "image"), ("guided sentences", "text"), ("fused decoding", "fused"))
-        if key in report
+    rows = [
+        ("unimodal images", report.get("image", {}).get("unimodal"), "image"),
+        ("unimodal sentences", report.get("text", {}).get("unimodal"), "text"),
+        ("guided images", report.get("image", {}).get("guided"), "fused"),
+        ("guided sentences", report.get("text", {}).get("guided"), "fused"),
+        (FUSED_LABELS[report.get("fusion", "sum")], report.get("fused"), "fused"),
     ]
+    reached = [(label, m["pmr"], ceilings[key]) for label, m, key in rows if m]
     parts = [f"{label} {100 * pmr / c:.0f} %" for label, pmr, c in reached if c > 0]
     if parts:
-        out.append("Share of its ceiling reached: " + ", ".join(parts) + ".")
+        out.append(
+            "Share of its ceiling reached (unimodal rows: their own modality's; the others: item-level fusion): "
+            + ", ".join(parts)
+            + "."
+        )
     return out
 
 

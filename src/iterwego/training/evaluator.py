@@ -53,6 +53,8 @@ class EvalResult:
     authors: dict | None = None  # the authors' evaluation protocol (authors_protocol), when asked for
     # with capture times (only when asked): {"image": [metrics per round], "fused": {...}, "placed_by_time": share}
     timed: dict | None = None
+    fusion: str = "sum"  # how the fused order was made: "sum" of pair log-odds | "orderer" (the fused orderer)
+    positions: bool = False  # whether the decoders read position terms (rank heads)
 
     def choose_rounds(self) -> dict[str, int]:
         """Best round per modality by PMR, then tau, then fewer rounds. Call this on validation results only."""
@@ -84,6 +86,9 @@ class EvalResult:
             }
         if self.fused is not None:
             out["fused"] = pick(self.fused)
+            out["fusion"] = self.fusion
+        if self.positions:
+            out["position_terms"] = True
         if self.alignment_accuracy is not None:
             out["alignment_accuracy"] = float(self.alignment_accuracy)
         if self.authors:
@@ -101,6 +106,12 @@ class EvalResult:
         if t.get("fused") is not None:
             out["fused"], out["fused_text"] = pick(t["fused"]), t["fused"]["text"]
         return out
+
+
+def _positions(fw, modality: str, rounds: int, weight: float):
+    """Position terms for a modality's round: the rank head reads the orderer's own states, so its terms go with
+    round 0 only; guided rounds are decoded from their pair logits alone, as in the paper."""
+    return fw.unary(modality, weight) if rounds == 0 else None
 
 
 def _best_round(rs: list[dict]) -> int:
@@ -193,6 +204,10 @@ class Evaluator:
         was = model.training
         model.eval()
         res = EvalResult(story_ids=[s.id for s in self.ss.stories], decoder=self.decoder)
+        res.fusion = "orderer" if getattr(model, "fuser", None) is not None else "sum"
+        res.positions = self.positions and any(
+            getattr(getattr(model, m), "ranker", None) is not None for m in ("image", "text")
+        )
         mods = [m for m in ("image", "text") if getattr(model, m) is not None and m in self.feats and only in (None, m)]
         cross = len(mods) == 2 and model.aligner is not None
         g = self.g or model.cfg.guidance
@@ -267,11 +282,13 @@ class Evaluator:
             if keep_orders:
                 out[f"conf/{m}"] = _adjacent_conf(pair_logprobs(fw.logits(m, 0)).exp(), batch, m)
             for r, lg in enumerate(getattr(fw, m)):
-                out[f"{m}/round{r}"] = self._decode(lg, batch, m, out, unary=fw.unary(m, w))[0]
+                out[f"{m}/round{r}"] = self._decode(lg, batch, m, out, unary=_positions(fw, m, r, w))[0]
         before = self._slot_precedence(batch) if self.capture is not None and "image" in mods else None
         if before is not None:
             for r, lg in enumerate(fw.image):
-                out[f"timed/image/round{r}"] = self._decode(lg, batch, "image", out, before, fw.unary("image", w))[0]
+                out[f"timed/image/round{r}"] = self._decode(
+                    lg, batch, "image", out, before, _positions(fw, "image", r, w)
+                )[0]
         if cross:
             out["align_hits"], out["align_total"] = alignment_hits(fw.scores, batch)
             out["fused/image"], slots = self._decode(fw.fused, batch, "image", out, unary=fw.unary("fused", w))
@@ -340,6 +357,16 @@ def _adjacent_conf(p: Tensor, batch: Batch, m: str) -> list[list[float]]:
     return out
 
 
+#: The fused row's label per ``fusion.method``; "fused decoding" is 0.1/0.2's sum of pair log-odds.
+FUSED_LABELS = {"sum": "fused decoding", "orderer": "fused orderer"}
+
+
+def ceiling_of(name: str, modality: str) -> str:
+    """Which ceiling a table row is measured against: its own modality's for the unimodal row, else the
+    item-level fusion ceiling (guided and fused orders use both modalities)."""
+    return modality if name.startswith("unimodal") else "fused"
+
+
 def metric_rows(report: dict, fused_text: dict | None = None) -> list[tuple[str, dict | None, dict | None, bool]]:
     """The rows of every metric table (text and HTML): (variant, image metrics, text metrics, val-chosen row?)."""
     img, txt = report.get("image"), report.get("text")
@@ -357,7 +384,7 @@ def metric_rows(report: dict, fused_text: dict | None = None) -> list[tuple[str,
         ct = f"{txt['chosen_round']}" if txt else "-"
         rows.append((f"guided (val-chosen: img {ci}, txt {ct})", img and img["guided"], txt and txt["guided"], True))
     if "fused" in report:
-        rows.append(("fused decoding", report["fused"], fused_text or report["fused"], False))
+        rows.append((FUSED_LABELS[report.get("fusion", "sum")], report["fused"], fused_text or report["fused"], False))
     ct = report.get("capture_time") or {}
     if "image" in ct:
         rows.append(
@@ -369,7 +396,9 @@ def metric_rows(report: dict, fused_text: dict | None = None) -> list[tuple[str,
             )
         )
     if "fused" in ct:
-        rows.append(("fused decoding + capture times", ct["fused"], ct.get("fused_text"), False))
+        rows.append(
+            (f"{FUSED_LABELS[report.get('fusion', 'sum')]} + capture times", ct["fused"], ct.get("fused_text"), False)
+        )
     return rows
 
 
@@ -385,21 +414,30 @@ def capture_time_line(report: dict) -> str | None:
 
 
 def format_table(report: dict, ceilings: dict | None = None, title: str = "", fused_text: dict | None = None) -> str:
-    """One table: Acc / PMR / tau for images and sentences, one row per variant."""
+    """One table: Acc / PMR / tau for images and sentences, one row per variant; with ``ceilings``, each row's
+    PMR as a share of its ceiling (:func:`ceiling_of`)."""
     rows = metric_rows(report, fused_text)
     fmt = lambda m: (
         "   -      -      -  " if m is None else f"{100 * m['acc']:5.1f}  {100 * m['pmr']:5.1f}  {m['tau']:+.3f}"
     )  # noqa: E731
+
+    def share(name: str, m: dict | None, modality: str) -> str:
+        c = ceilings and ceilings.get(ceiling_of(name, modality))
+        beyond = "capture times" in name  # information the ceilings do not count
+        return "   -" if m is None or not c or beyond else f"{100 * m['pmr'] / c:4.0f}"
+
     authors = report.get("authors_protocol")
     w = max([len(r[0]) for r in rows] + [len(_authors_name(authors)) if authors else 0]) + 2
     lines = []
     if title:
         lines.append(title)
-    lines.append(" " * w + "|      images (%)       |     sentences (%)")
-    lines.append("variant".ljust(w) + "|  Acc    PMR    tau    |  Acc    PMR    tau")
-    lines.append("-" * w + "+" + "-" * 23 + "+" + "-" * 22)
+    extra = ("  | PMR / ceiling (%)", "  |   img    txt") if ceilings else ("", "")
+    lines.append((" " * w + "|      images (%)       |     sentences (%)   " + extra[0]).rstrip())
+    lines.append(("variant".ljust(w) + "|  Acc    PMR    tau    |  Acc    PMR    tau  " + extra[1]).rstrip())
+    lines.append("-" * w + "+" + "-" * 23 + "+" + "-" * 22 + ("-+" + "-" * 15 if ceilings else ""))
     for name, a, b, _ in rows:
-        lines.append(name.ljust(w) + "| " + fmt(a) + "  | " + fmt(b))
+        cells = f"  |  {share(name, a, 'image')}   {share(name, b, 'text')}" if ceilings else ""
+        lines.append((name.ljust(w) + "| " + fmt(a) + "  | " + fmt(b) + cells).rstrip())
     if authors:
         lines.append(_authors_line(authors, w, fmt))
     if "alignment_accuracy" in report:
@@ -408,11 +446,17 @@ def format_table(report: dict, ceilings: dict | None = None, title: str = "", fu
         )
     if capture_time_line(report):
         lines.append(capture_time_line(report))
+    if report.get("position_terms"):
+        lines.append(
+            "round-0 and fused orders are decoded from pair and position terms (rank heads); guided rounds from "
+            "their pair logits alone, as in the paper"
+        )
     if ceilings:
         lines.append(
             "ceilings (Bayes-optimal PMR of the synthetic split): "
             f"images alone {100 * ceilings['image']:.1f}, sentences alone {100 * ceilings['text']:.1f}, "
-            f"item-level fusion {100 * ceilings['fused']:.1f}"
+            f"item-level fusion {100 * ceilings['fused']:.1f}; the unimodal row is measured against its own "
+            "modality's, every other row against item-level fusion"
         )
     return "\n".join(lines)
 

@@ -141,7 +141,7 @@ class TrainRecipe:
             )
         self.timings["features"] = self._tick.pop("features")
         self.train_set, self.val_set = sets["train"], sets["val"]
-        truncated = getattr(self.model.text_encoder.backbone, "truncated", 0)
+        truncated = _truncated(self.model.text_encoder, self.train_stories + self.val_stories)
         if truncated:
             self.log(f"note: {truncated} sentence(s) longer than {c.encoder.text_max_length} tokens were truncated")
         self.truncated = truncated
@@ -166,8 +166,12 @@ class TrainRecipe:
     def _optimizer(self, module: torch.nn.Module, pretrained_head: torch.nn.Module | None) -> torch.optim.Optimizer:
         t = self.cfg.train
         head_ids = {id(p) for p in pretrained_head.parameters()} if pretrained_head is not None else set()
-        slow = [p for p in module.parameters() if id(p) in head_ids and p.requires_grad]
-        fast = [p for p in module.parameters() if id(p) not in head_ids and p.requires_grad]
+        # the rank heads learn in the last stage only: an optimiser that holds them would decay them meanwhile
+        # under data parallelism, where gradients are synchronised as zeros rather than left unset
+        last = {id(p) for p in self.model.heads().parameters()}
+        own = [p for p in module.parameters() if p.requires_grad and id(p) not in last]
+        slow = [p for p in own if id(p) in head_ids]
+        fast = [p for p in own if id(p) not in head_ids]
         groups = [{"params": fast, "lr": t.lr * t.head_lr_mult}]
         if slow:
             groups.append({"params": slow, "lr": t.lr * t.backbone_lr_mult})
@@ -528,7 +532,8 @@ class TrainRecipe:
             mod: self._optimizer(m.orderer(mod), self._pretrained_head(m.orderer(mod))) for mod in ("image", "text")
         }
         pairwise = t.select == "pairwise"
-        if getattr(self, "_resume", None) is None or self._resume["stage"] != "iterative":
+        st = getattr(self, "_resume", None)
+        if st is None or self.STAGES.index(st["stage"]) < self.STAGES.index("iterative"):
             # epoch -1: the models before any guided update are a candidate too, except under the
             # authors' selection, whose first guided epoch always becomes the best so far
             res = self.val_eval(m)
@@ -682,6 +687,16 @@ def _check_recipe(cfg: Config) -> None:
         raise ConfigError(f"train.select must be one of {sorted(SELECTIONS)}, got {t.select!r}")
     if t.loss_average not in LOSS_AVERAGES:
         raise ConfigError(f"train.loss_average must be one of {list(LOSS_AVERAGES)}, got {t.loss_average!r}")
+
+
+def _truncated(text_encoder, stories) -> int:
+    """Distinct sentences longer than the text backbone keeps; counted from the tokenizer, so the note is the
+    same whether the features came from the cache or were computed now."""
+    bb = getattr(text_encoder, "backbone", None)
+    if text_encoder is None or not hasattr(bb, "token_lengths"):
+        return 0
+    sentences = sorted({it.sentence for s in stories for it in s.items if it.sentence is not None})
+    return sum(n > bb.max_length for n in bb.token_lengths(sentences)) if sentences else 0
 
 
 def _extra(state: dict):
