@@ -11,6 +11,7 @@ PKG = Path(iterwego.__file__).parent
 CORE = {
     "config",
     "model",
+    "layers",
     "aligner",
     "guidance",
     "fusion",

@@ -30,7 +30,7 @@ import numpy as np
 from ..data.readers import Story
 from ..errors import ImageError
 from ..images import load_image
-from ..training.evaluator import capture_time_line, metric_rows
+from ..training.evaluator import capture_time_line, ceiling_share, metric_rows
 from .order import capture_line, placed_tags
 
 if TYPE_CHECKING:  # evaluate pulls in torch; the report only needs the attributes
@@ -435,14 +435,21 @@ def order_report(
 
 # ----------------------------------------------------------------- evaluation report
 def _metric_table(report: dict, ceilings: dict | None, fused_text: dict | None) -> str:
+    share_head = (
+        ('<th colspan="2">PMR / ceiling</th>', "<th>images %</th><th>sentences %</th>") if ceilings else ("", "")
+    )
     out = [
         '<table class="metrics"><thead>',
-        '<tr><th rowspan="2">variant</th><th colspan="3">images</th><th colspan="3">sentences</th></tr>',
-        "<tr><th>Acc %</th><th>PMR %</th><th>&#964;</th><th>Acc %</th><th>PMR %</th><th>&#964;</th></tr>",
+        '<tr><th rowspan="2">variant</th><th colspan="3">images</th><th colspan="3">sentences</th>'
+        f"{share_head[0]}</tr>",
+        "<tr><th>Acc %</th><th>PMR %</th><th>&#964;</th><th>Acc %</th><th>PMR %</th><th>&#964;</th>"
+        f"{share_head[1]}</tr>",
         "</thead><tbody>",
     ]
     for name, a, b, chosen in metric_rows(report, fused_text):
-        cells = "".join(f"<td>{_esc(x)}</td>" for x in _fmt_metric(a) + _fmt_metric(b))
+        shares = [ceiling_share(name, m, mod, ceilings) for m, mod in ((a, "image"), (b, "text"))] if ceilings else []
+        extra = ["-" if v is None else f"{100 * v:.0f}" for v in shares]
+        cells = "".join(f"<td>{_esc(x)}</td>" for x in _fmt_metric(a) + _fmt_metric(b) + extra)
         tr = '<tr class="chosen">' if chosen else "<tr>"
         out.append(f"{tr}<td>{_esc(name)}</td>{cells}</tr>")
     out.append("</tbody></table>")

@@ -367,6 +367,13 @@ def ceiling_of(name: str, modality: str) -> str:
     return modality if name.startswith("unimodal") else "fused"
 
 
+def ceiling_share(name: str, m: dict | None, modality: str, ceilings: dict | None) -> float | None:
+    """A table row's PMR over its ceiling (:func:`ceiling_of`); None without a ceiling or metrics, and for rows
+    with capture times, which use information the ceilings do not count."""
+    c = (ceilings or {}).get(ceiling_of(name, modality))
+    return None if m is None or not c or "capture times" in name else m["pmr"] / c
+
+
 def metric_rows(report: dict, fused_text: dict | None = None) -> list[tuple[str, dict | None, dict | None, bool]]:
     """The rows of every metric table (text and HTML): (variant, image metrics, text metrics, val-chosen row?)."""
     img, txt = report.get("image"), report.get("text")
@@ -422,9 +429,8 @@ def format_table(report: dict, ceilings: dict | None = None, title: str = "", fu
     )  # noqa: E731
 
     def share(name: str, m: dict | None, modality: str) -> str:
-        c = ceilings and ceilings.get(ceiling_of(name, modality))
-        beyond = "capture times" in name  # information the ceilings do not count
-        return "   -" if m is None or not c or beyond else f"{100 * m['pmr'] / c:4.0f}"
+        v = ceiling_share(name, m, modality, ceilings)
+        return "   -" if v is None else f"{100 * v:4.0f}"
 
     authors = report.get("authors_protocol")
     w = max([len(r[0]) for r in rows] + [len(_authors_name(authors)) if authors else 0]) + 2
