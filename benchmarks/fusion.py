@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, ov in VARIANTS.items():
             per_seed = [shares(r / "run", r / "data", a.split, ov) for r in runs]
             table[name] = {k: float(np.mean([x[k] for x in per_seed])) for k in COLUMNS}
-            table[name]["per_seed_fused"] = [x["fused"] for x in per_seed]
+            table[name]["per_seed"] = per_seed
         out["families"][fam] = table
         print(f"\n{fam} family, {a.split} split, mean of seeds {a.seeds}: PMR as % of its ceiling")
         print(f"{'variant':15s}" + "".join(f"{c:>14s}" for c in COLUMNS))

@@ -107,3 +107,35 @@ def test_scale_prints_the_table_and_writes_json(tmp_path):
     assert len(set(texts)) == len(texts) == 32 * 5
     pixels = {p.read_bytes() for p in (tmp_path / "w" / "pool" / "images" / "train").iterdir()}
     assert len(pixels) == 32 * 5
+
+
+def test_fusion_benchmark_evaluates_every_variant_of_a_trained_run(trained_run, tmp_path):
+    """benchmarks/fusion.py on the session's run (as one family's seed): every variant, shares of the ceilings."""
+    work = tmp_path / "work" / "tank-0"
+    work.mkdir(parents=True)
+    (work / "run").symlink_to(trained_run.run)
+    (work / "data").symlink_to(trained_run.data)
+    out = tmp_path / "fusion.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    argv = [str(BENCH.with_name("fusion.py")), "--work", str(work.parent), "--families", "tank", "--seeds", "0"]
+    proc = subprocess.run(
+        [sys.executable, *argv, "--json", str(out)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tank family, val split" in proc.stdout
+    table = json.loads(out.read_text())["families"]["tank"]
+    assert set(table) == {
+        "0.2",
+        "positions",
+        "fused orderer",
+        "default",
+        "weight 0.5",
+        "weight 2",
+        "weight 3",
+        "weight 4",
+    }
+    for row in table.values():
+        assert all(0.0 <= row[c] <= 6.0 for c in ("unimodal img", "unimodal txt", "guided img", "guided txt", "fused"))
+    # the variants share the trained orderers: guided rows never change, and 0.2 has no position terms
+    assert len({(r["guided img"], r["guided txt"]) for r in table.values()}) == 1
+    assert table["0.2"]["unimodal img"] == table["fused orderer"]["unimodal img"]

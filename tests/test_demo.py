@@ -93,3 +93,16 @@ def test_demo_meets_the_targets(tmp_path):
         rep["image"]["unimodal"]["pmr"] >= 0.8 * ceil["image_pmr"]
         and rep["text"]["unimodal"]["pmr"] >= 0.8 * ceil["text_pmr"]
     )
+
+
+def test_demo_on_the_sky_family_prints_its_table_with_ceilings(tmp_path, capsys):
+    """`iterwego demo --family sky`: the second synthetic family end to end, its ceilings and shares in the table."""
+    out = tmp_path / "sky"
+    assert main(["demo", "--out", str(out), "--family", "sky", "--stories", "20", "--quiet", *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "synthetic test split (sky family)" in printed and "PMR / ceiling (%)" in printed
+    meta = json.loads((out / "data" / "synth_meta.json").read_text())
+    assert meta["config"]["family"] == "sky" and meta["config"]["hide_text"] == 0.45
+    ceil = json.loads((out / "data" / "ceilings.json").read_text())["test"]
+    assert f"images alone {100 * ceil['image_pmr']:.1f}, sentences alone {100 * ceil['text_pmr']:.1f}" in printed
+    assert "fused orderer" in printed

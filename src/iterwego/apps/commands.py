@@ -275,7 +275,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     print(f"[1/3] synthesising {a.stories} stories of the {a.family} family into {data}", flush=True)
     synth = SynthConfig.for_family(a.family, stories=a.stories, seed=a.seed, exif_rate=DEMO_EXIF_RATE)
     synthesize(data, synth, progress=not a.quiet)
-    print("[2/3] training the tiny preset (unimodal orderers, aligner, iterative guidance)", flush=True)
+    print("[2/3] training the tiny preset (unimodal orderers, aligner, iterative guidance, heads)", flush=True)
     cfg = preset("tiny").override([f"train.seed={a.seed}"] + (a.set or []))
     recipe = TrainRecipe(cfg, data, run, progress=not a.quiet, cache=_cache(a))
     try:
