@@ -29,7 +29,7 @@ from iterwego.data.synth import pmr_ceilings
 from iterwego.decode import decode_stories, pair_logprobs
 from iterwego.fusion import fuse_logits
 from iterwego.metrics import order_metrics
-from iterwego.model import PairHead, SetTransformer, load_run, pair_loss
+from iterwego.model import FusedOrderer, load_run, pair_loss
 
 torch.set_num_threads(1)
 out = Path(sys.argv[1])
@@ -48,10 +48,6 @@ sets, feats = build_features(
 )
 chosen = meta["chosen_rounds"]
 R = max(chosen.values())
-
-
-def hidden(orderer, f, index):
-    return orderer.states(f, index)
 
 
 @torch.no_grad()
@@ -79,8 +75,8 @@ def collect(split, seed=7):
                 iv=iv,
                 tv=tv,
                 pos=b.pos["image"],
-                h_img=hidden(model.image, b.feats["image"], b.index["image"]),
-                h_txt=hidden(model.text, b.feats["text"], b.index["text"]),
+                h_img=model.image.states(b.feats["image"], b.index["image"]),
+                h_txt=model.text.states(b.feats["text"], b.index["text"]),
             )
         )
     return recs
@@ -207,23 +203,16 @@ crossfit(f_ctx, "calibrated + per-item conf")
 
 
 # ---- fused orderer on frozen contextual states
-def fused_orderer(use="h", epochs=30, seed=0, lr=1e-3):
+def fused_orderer(epochs=30, seed=0, lr=1e-3):
+    """The product's FusedOrderer (pair terms only), trained here on the run's frozen states."""
     torch.manual_seed(seed)
-    d = cfg.orderer.d_model
     oc = copy.deepcopy(cfg.orderer)
-    net = nn.ModuleDict(
-        dict(
-            proj=nn.Linear(2 * d, d), drop=nn.Dropout(oc.dropout), enc=SetTransformer(oc), head=PairHead(d, oc.dropout)
-        )
-    )
+    oc.rank_head = False
+    net = FusedOrderer(oc)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
 
     def run(r, pairing):
-        ac = r[pairing].clamp(min=0)
-        B = ac.shape[0]
-        ht = r["h_txt"][torch.arange(B)[:, None], ac]
-        x = torch.cat([r["h_img"], ht], -1)
-        return net["head"](net["enc"](net["drop"](net["proj"](x)), r["iv"]))
+        return net.classifier(net.states(r["h_img"], r["h_txt"], r[pairing], r["iv"]))
 
     best, best_state = -1, None
     for ep in range(epochs):

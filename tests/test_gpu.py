@@ -46,7 +46,7 @@ def _setup(tmp: Path) -> tuple[Path, list[str]]:
     bert = tmp / "bert"
     bert.mkdir()
     (bert / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]) + "\n")
-    tok = BertTokenizer(str(bert / "vocab.txt"))
+    tok = BertTokenizer.from_pretrained(bert)  # from the directory: transformers 5 may ignore a bare vocab_file
     tok.save_pretrained(bert)
     torch.manual_seed(0)
     cfg = BertConfig(

@@ -44,14 +44,17 @@ REQUIRED_KEYS = {
 SIZE = 32  # the smallest size: if the cues read out here, they read out everywhere
 
 
-@pytest.fixture(scope="module")
-def ds(tmp_path_factory):
-    out = tmp_path_factory.mktemp("synth") / "data"
-    cfg = SynthConfig(stories=160, seed=3, image_size=SIZE)
+def _generated(out: Path, cfg: SynthConfig):
+    """(out, cfg, summary, synth_meta, split files) of a freshly synthesised dataset."""
     summary = synthesize(out, cfg)
     meta = json.loads((out / "synth_meta.json").read_text())
     files = {s: json.loads((out / f"{s}.story-in-sequence.json").read_text()) for s in SPLITS}
     return out, cfg, summary, meta, files
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    return _generated(tmp_path_factory.mktemp("synth") / "data", SynthConfig(stories=160, seed=3, image_size=SIZE))
 
 
 def _annotations(files):
@@ -449,12 +452,8 @@ SKY_T = FAMILIES["sky"]["time_steps"]
 
 @pytest.fixture(scope="module")
 def sky(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sky") / "data"
     cfg = SynthConfig.for_family("sky", stories=200, seed=4, image_size=SIZE)
-    summary = synthesize(out, cfg)
-    meta = json.loads((out / "synth_meta.json").read_text())
-    files = {s: json.loads((out / f"{s}.story-in-sequence.json").read_text()) for s in SPLITS}
-    return out, cfg, summary, meta, files
+    return _generated(tmp_path_factory.mktemp("sky") / "data", cfg)
 
 
 def _sky_rows(size: int) -> int:

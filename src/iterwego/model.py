@@ -88,13 +88,10 @@ class FusedOrderer(nn.Module):
         self.ranker = _rank_head(cfg, 3)
 
     def states(self, h_image: Tensor, h_text: Tensor, i2t: Tensor, image_valid: Tensor) -> Tensor:
+        """Each image slot's fused state ``(B, n_img, d)``, read by ``classifier`` (pairs) and ``ranker``;
+        ``i2t`` pairs each image with a sentence slot (-1: none, its sentence half is zero)."""
         x = torch.cat([h_image, gather_items(h_text, i2t)], -1)
         return self.encoder(self.drop(self.proj(x)), image_valid)
-
-    def forward(self, h_image: Tensor, h_text: Tensor, i2t: Tensor, image_valid: Tensor) -> Tensor:
-        """Pair logits ``(B, n_img, n_img, 2)`` on the image slots; ``i2t`` pairs each image with a sentence slot
-        (-1: none, its sentence half is zero)."""
-        return self.classifier(self.states(h_image, h_text, i2t, image_valid))
 
 
 def _off_stream(build, salt: int):
@@ -130,10 +127,14 @@ class ForwardOutput:
     # ``positions=False`` or without rank heads, empty
     ranks: dict[str, Tensor] = field(default_factory=dict)
 
-    def unary(self, key: str, weight: float) -> Tensor | None:
-        """Position terms for the decoders (``weight`` times the rank log-probabilities), or None."""
+    def unary(self, key: str, weight: float, rounds: int = 0) -> Tensor | None:
+        """Position terms for the decoders (``weight`` times the rank log-probabilities), or None.
+
+        A rank head reads its orderer's own states, so its terms go with round 0 (and the fused order) only:
+        guided rounds (``rounds > 0``) are decoded from their pair logits alone, as in the paper.
+        """
         r = self.ranks.get(key)
-        return None if r is None else weight * r
+        return None if r is None or rounds > 0 else weight * r
 
     def logits(self, modality: str, rounds: int) -> Tensor:
         """A modality's logits after ``rounds`` rounds (clamped to the rounds computed)."""

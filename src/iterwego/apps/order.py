@@ -153,10 +153,9 @@ def order_story(
         res["variants"][f"{m}_only"] = {"order": o, "confidence": conf}
     if cross:
         fw = out["both"]
-        # position terms go with round 0 only (the rank heads read the orderers' own states): Evaluator's rule
-        ui, ut = (fw.unary(m, w) if chosen[m] == 0 else None for m in ("image", "text"))
-        oi, ci, fbi = _decoded(fw.logits("image", chosen["image"]), decoder, before, ui)
-        ot, ct, fbt = _decoded(fw.logits("text", chosen["text"]), decoder, None, ut)
+        ri, rt = chosen["image"], chosen["text"]
+        oi, ci, fbi = _decoded(fw.logits("image", ri), decoder, before, fw.unary("image", w, ri))
+        ot, ct, fbt = _decoded(fw.logits("text", rt), decoder, None, fw.unary("text", w, rt))
         of, cf, fbf = _decoded(fw.fused, decoder, before, fw.unary("fused", w))
         fell_back |= fbi or fbt or fbf
         a = fw.pairing[0].cpu().numpy()

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..config import Config, preset
 from ..io import atomic_write_bytes, atomic_write_json
 from ..pretrained import read_config
-from .evaluator import FUSED_LABELS, metric_rows
+from .evaluator import FUSED_LABELS, ceiling_share, metric_rows
 
 CITATION = """@inproceedings{bin2024iterwego,
   title     = {Leveraging Weak Cross-Modal Guidance for Coherence Modelling via Iterative Learning},
@@ -185,12 +185,12 @@ def _ceiling_lines(report: dict, ceilings: dict) -> list[str]:
     rows = [
         ("unimodal images", report.get("image", {}).get("unimodal"), "image"),
         ("unimodal sentences", report.get("text", {}).get("unimodal"), "text"),
-        ("guided images", report.get("image", {}).get("guided"), "fused"),
-        ("guided sentences", report.get("text", {}).get("guided"), "fused"),
-        (FUSED_LABELS[report.get("fusion", "sum")], report.get("fused"), "fused"),
+        ("guided images", report.get("image", {}).get("guided"), "image"),
+        ("guided sentences", report.get("text", {}).get("guided"), "text"),
+        (FUSED_LABELS[report.get("fusion", "sum")], report.get("fused"), "image"),
     ]
-    reached = [(label, m["pmr"], ceilings[key]) for label, m, key in rows if m]
-    parts = [f"{label} {100 * pmr / c:.0f} %" for label, pmr, c in reached if c > 0]
+    reached = [(label, ceiling_share(label, m, mod, ceilings)) for label, m, mod in rows]
+    parts = [f"{label} {100 * v:.0f} %" for label, v in reached if v is not None]
     if parts:
         out.append(
             "Share of its ceiling reached (unimodal rows: their own modality's; the others: item-level fusion): "

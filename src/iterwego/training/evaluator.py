@@ -108,12 +108,6 @@ class EvalResult:
         return out
 
 
-def _positions(fw, modality: str, rounds: int, weight: float):
-    """Position terms for a modality's round: the rank head reads the orderer's own states, so its terms go with
-    round 0 only; guided rounds are decoded from their pair logits alone, as in the paper."""
-    return fw.unary(modality, weight) if rounds == 0 else None
-
-
 def _best_round(rs: list[dict]) -> int:
     keyed = [(m["pmr"], m["tau"] if not math.isnan(m["tau"]) else -2.0, -r) for r, m in enumerate(rs)]
     return -max(keyed)[2]
@@ -282,13 +276,11 @@ class Evaluator:
             if keep_orders:
                 out[f"conf/{m}"] = _adjacent_conf(pair_logprobs(fw.logits(m, 0)).exp(), batch, m)
             for r, lg in enumerate(getattr(fw, m)):
-                out[f"{m}/round{r}"] = self._decode(lg, batch, m, out, unary=_positions(fw, m, r, w))[0]
+                out[f"{m}/round{r}"] = self._decode(lg, batch, m, out, unary=fw.unary(m, w, r))[0]
         before = self._slot_precedence(batch) if self.capture is not None and "image" in mods else None
         if before is not None:
             for r, lg in enumerate(fw.image):
-                out[f"timed/image/round{r}"] = self._decode(
-                    lg, batch, "image", out, before, _positions(fw, "image", r, w)
-                )[0]
+                out[f"timed/image/round{r}"] = self._decode(lg, batch, "image", out, before, fw.unary("image", w, r))[0]
         if cross:
             out["align_hits"], out["align_total"] = alignment_hits(fw.scores, batch)
             out["fused/image"], slots = self._decode(fw.fused, batch, "image", out, unary=fw.unary("fused", w))

@@ -23,7 +23,6 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -568,16 +567,16 @@ class TrainRecipe:
         self.log(f"inference rounds chosen on validation: {self.chosen}")
 
     def _frozen(self, batches) -> list:
-        """``(global story count, states, positions, valid)`` per batch, states read once from the fixed orderers
-        (``None`` in place of the rest for a batch with none of this process's stories)."""
+        """``(global story count, states, positions, valid)`` per ``(global story count, batch)``, states read once
+        from the fixed orderers (``None`` in place of the rest for a batch with none of this process's stories)."""
         out = []
-        for plan, b in batches:
+        for stories, b in batches:
             if b is None:
-                out.append((len(plan.ids), None, None, None))
+                out.append((stories, None, None, None))
                 continue
             with autocast(self.device, self.cfg.train.amp):
                 states = {k: v.float() for k, v in self.model.frozen_states(b).items()}
-            out.append((len(plan.ids), states, b.pos, {m: b.valid(m) for m in ("image", "text")}))
+            out.append((stories, states, b.pos, {m: b.valid(m) for m in ("image", "text")}))
         return out
 
     def fit_heads(self) -> None:
@@ -592,8 +591,8 @@ class TrainRecipe:
             return
         opt = torch.optim.Adam(heads.parameters(), lr=f.lr, weight_decay=t.weight_decay)
         stage_rng = np.random.default_rng([t.seed, 5])
-        train = self._frozen(self._train_batches(tuple(self.feats), rng=stage_rng))
-        val = self._frozen((SimpleNamespace(ids=b.ids), b) for _, b in self.val_eval.loaded(mine=False))
+        train = self._frozen((len(p.ids), b) for p, b in self._train_batches(tuple(self.feats), rng=stage_rng))
+        val = self._frozen((len(b.ids), b) for _, b in self.val_eval.loaded(mine=False))
 
         def epoch_fn(epoch):
             self._set_lr(opt, epoch, f.epochs)
