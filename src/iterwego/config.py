@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import ConfigError, ModelLoadError
 
@@ -78,8 +78,27 @@ def section(factory, help: str) -> Any:
     return field(default_factory=factory, metadata={"help": help})
 
 
+class Section:
+    """A config section (a dataclass of settings): checked when built, and again by :meth:`Config.validate`."""
+
+    key: ClassVar[str]  # the section's name in Config and in --set section.field=value
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> Any:
+        """Check every field against what it allows; returns the section.
+
+        Raises:
+            ConfigError: (a ``ValueError``) one line naming the first bad key, its value and what is allowed.
+        """
+        _check_section(self.key, self)
+        return self
+
+
 @dataclass
-class EncoderConfig:
+class EncoderConfig(Section):
+    key: ClassVar[str] = "encoder"
     image: str = setting("cnn", "image backbone: the small cnn trained here, or a CLIP model", forms=IMAGE_SPECS)
     text: str = setting("minilm", "text backbone: frozen all-MiniLM-L6-v2, or a BERT model", forms=TEXT_SPECS)
     image_size: int = setting(
@@ -110,12 +129,10 @@ class EncoderConfig:
         choices=FEATURE_DTYPES,
     )
 
-    def __post_init__(self) -> None:
-        _check_section("encoder", self)
-
 
 @dataclass
-class OrdererConfig:
+class OrdererConfig(Section):
+    key: ClassVar[str] = "orderer"
     d_model: int = setting(
         128, "width of the set transformer; item features are projected to it if they differ", within=AT_LEAST_ONE
     )
@@ -142,14 +159,16 @@ class OrdererConfig:
         16, "positions the rank head predicts; longer stories are decoded from pairs alone", within=AT_LEAST_ONE
     )
 
-    def __post_init__(self) -> None:
-        _check_section("orderer", self)
-        if isinstance(self.heads, int) and self.d_model % self.heads:  # the attention splits d_model over heads
+    def validate(self) -> "OrdererConfig":
+        super().validate()
+        if self.d_model % self.heads:  # the attention splits d_model over the heads
             raise ConfigError(f"orderer.heads={self.heads} does not divide orderer.d_model={self.d_model}")
+        return self
 
 
 @dataclass
-class AlignerConfig:
+class AlignerConfig(Section):
+    key: ClassVar[str] = "aligner"
     kind: str = setting(
         "learned", "learned: InfoNCE heads trained here; clip: zero-shot CLIP similarity", choices=ALIGNER_KINDS
     )
@@ -165,12 +184,10 @@ class AlignerConfig:
         0, "kind clip: tokens per sentence for CLIP's text tower (authors: 40); 0: CLIP's own", within=NON_NEGATIVE
     )
 
-    def __post_init__(self) -> None:
-        _check_section("aligner", self)
-
 
 @dataclass
-class GuidanceConfig:
+class GuidanceConfig(Section):
+    key: ClassVar[str] = "guidance"
     threshold_t2i: float = setting(
         0.8, "theta in training: text pairs more confident than this guide image pairs", within=PROBABILITY
     )
@@ -192,9 +209,6 @@ class GuidanceConfig:
         3, "inference rounds evaluated; the best on validation is chosen per modality", within=AT_LEAST_ONE
     )
 
-    def __post_init__(self) -> None:
-        _check_section("guidance", self)
-
     def inference_thresholds(self) -> tuple[float, float]:
         """``(text -> image, image -> text)`` thresholds used at inference."""
         t2i = self.threshold_t2i if self.eval_threshold_t2i is None else self.eval_threshold_t2i
@@ -203,7 +217,8 @@ class GuidanceConfig:
 
 
 @dataclass
-class FusionConfig:
+class FusionConfig(Section):
+    key: ClassVar[str] = "fusion"
     method: str = setting(
         "sum",
         "sum: each aligned pair's round-0 log-odds of both orderers summed (iterwego 0.1/0.2's fused decoding); "
@@ -217,12 +232,10 @@ class FusionConfig:
     )
     lr: float = setting(1e-3, "its learning rate (Adam, cosine decay as train.cosine)", within=POSITIVE)
 
-    def __post_init__(self) -> None:
-        _check_section("fusion", self)
-
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Section):
+    key: ClassVar[str] = "train"
     seed: int = setting(0, "seeds python, numpy and torch; shuffles are drawn from it", within=NON_NEGATIVE)
     batch_size: int = setting(16, "stories per optimiser step", within=AT_LEAST_ONE)
     eval_batch_size: int = setting(
@@ -269,9 +282,6 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the orderers and aligner in place (state-dict keys unchanged)")
     num_threads: int = setting(0, "torch CPU threads (0: torch default)", within=NON_NEGATIVE)
 
-    def __post_init__(self) -> None:
-        _check_section("train", self)
-
 
 @dataclass
 class Config:
@@ -300,7 +310,7 @@ class Config:
             part = getattr(self, name)
             if not isinstance(part, cls):
                 raise ConfigError(f"{name}={part!r} is not a {cls.__name__}")
-            part.__post_init__()
+            part.validate()
         return self
 
     def to_dict(self) -> dict:
@@ -323,6 +333,8 @@ class Config:
             v = d[f.name]
             sub = _SECTIONS.get(f.name)
             if sub is not None:
+                if not isinstance(v, dict):
+                    raise ModelLoadError(f"config section {f.name!r} is not a JSON object: {v!r}")
                 known = {x.name for x in fields(sub)}
                 unknown = set(v) - known
                 if unknown:
@@ -381,18 +393,11 @@ def _parse_assignment(cfg: Config, a: str) -> tuple[str, Any]:
     if kind == "float":
         return key, float(value)
     if kind == "str":
-        return key, raw  # e.g. a name that happens to parse as JSON: strings are taken as written
+        return key, value if isinstance(value, str) else raw  # a name that parses as a number stays as written
     return key, value
 
 
-_SECTIONS = {
-    "encoder": EncoderConfig,
-    "orderer": OrdererConfig,
-    "aligner": AlignerConfig,
-    "guidance": GuidanceConfig,
-    "train": TrainConfig,
-    "fusion": FusionConfig,
-}
+_SECTIONS = {c.key: c for c in (EncoderConfig, OrdererConfig, AlignerConfig, GuidanceConfig, TrainConfig, FusionConfig)}
 _WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 
 
