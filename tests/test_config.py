@@ -260,3 +260,15 @@ def test_version_is_written_once(capsys):
     assert importlib.metadata.version("iterwego") == iterwego.__version__  # what pip reports (re-run `make setup`)
     changelog = (ROOT / "CHANGELOG.md").read_text()
     assert f"## {iterwego.__version__}" in changelog and "## 0.2.0" in changelog and "## 0.1.0" in changelog
+
+
+def test_the_web_page_and_saved_runs_read_the_one_version(tmp_path):
+    from iterwego.apps.serve import OrderService
+    from iterwego.model import IterWeGO
+
+    assert OrderService.load(FIXTURE, device="cpu").info()["version"] == iterwego.__version__
+    app_js = (Path(iterwego.__file__).parent / "apps" / "web" / "app.js").read_text()
+    assert "(iterwego ${info.version})" in app_js  # the page prints what /api/info says, nothing hard-coded
+    IterWeGO.from_pretrained(FIXTURE).save_pretrained(tmp_path / "resaved")
+    meta = json.loads((tmp_path / "resaved" / "meta.json").read_text())
+    assert meta["versions"]["iterwego"] == iterwego.__version__  # what the model card's "trained with" line reads
