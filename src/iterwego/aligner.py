@@ -17,12 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .batch import Batch, scatter_items
-from .config import AlignerConfig
+from .config import MAPPINGS, AlignerConfig
 from .encoders import Encoder
 
 __all__ = ["CLIPAligner", "LearnedAligner", "align", "alignment_hits", "build_aligner"]
-
-MAPPINGS = ("argmax", "hungarian")
 
 
 class LearnedAligner(nn.Module):

@@ -71,11 +71,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from iterwego.config import DECODERS
 from iterwego.errors import DecodeError
 
 __all__ = ["DECODERS", "EXACT_HARD_LIMIT", "pair_logprobs", "combine", "decode", "order_score"]
-
-DECODERS = ("exact", "tsort", "beam", "auto")
 
 EXACT_HARD_LIMIT = 16  # 2^16 subsets x 16 items of float64 is ~8 MB; beyond that memory and time explode
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .config import GuidanceConfig
+from .config import GUIDANCE_RULES, GuidanceConfig
 
 __all__ = ["RULES", "guide", "iterate", "select_pairs"]
 
-RULES = ("any", "class0", "class1")
+RULES = GUIDANCE_RULES  # declared with the settings that take them (guidance.*_rule)
 
 
 def select_pairs(source: Tensor, threshold: float, rule: str = "any", valid: Tensor | None = None) -> Tensor:

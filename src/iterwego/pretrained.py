@@ -28,7 +28,7 @@ from huggingface_hub import ModelCard, ModelHubMixin
 
 from . import __version__
 from .config import Config
-from .errors import HubError, ModelLoadError
+from .errors import ConfigError, HubError, ModelLoadError
 from .io import atomic_write_bytes, atomic_write_json
 
 REQUIRED = ("config.json", "model.safetensors", "meta.json")
@@ -89,8 +89,8 @@ def read_config(run_dir: str | Path) -> tuple[Config, dict]:
         raise ModelLoadError(f"{run_dir}: config.json or meta.json is not valid JSON ({err})") from None
     try:
         return Config.from_dict(cfg_d), meta
-    except ModelLoadError as err:  # name the file: "config version 99 is not supported" alone does not say which run
-        raise ModelLoadError(f"{run_dir / 'config.json'}: {err}") from None
+    except (ModelLoadError, ConfigError) as err:  # name the file: "config version 99 is not supported" alone does
+        raise ModelLoadError(f"{run_dir / 'config.json'}: {err}") from None  # not say which run
 
 
 def portable_identity(identity: str) -> str:

@@ -127,15 +127,28 @@ def _cmd_prepare_pairs(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     p = argparse.ArgumentParser(
         prog="iterwego",
         description="Order unordered images and sentences of one story with weak cross-modal guidance (IterWeGO).",
     )
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    p.add_argument("--version", action="version", version=f"iterwego {__import__('iterwego').__version__}")
+    p.add_argument("--version", action="version", version=f"iterwego {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    for register in (_register_synth, _register_stats, _register_resize, _register_prepare_pairs):
+        register(sub)
 
+    from . import commands, official_cmd
+
+    commands.register(sub, _add_data_args)
+    official_cmd.register(sub)
+    commands.register_serve(sub)
+    return p
+
+
+def _register_synth(sub) -> None:
     from .commands import SYNTH_FAMILIES
 
     s = sub.add_parser("synth", help="write a synthetic visual-story dataset (the embedded default data)")
@@ -175,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=_cmd_synth)
 
+
+def _register_stats(sub) -> None:
     s = sub.add_parser("stats", help="stories, items, length histogram, missing or unreadable files")
     _add_data_args(s, positional=True)
     s.add_argument(
@@ -184,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--strict", action="store_true", help="exit 1 if any file is missing or unreadable")
     s.set_defaults(func=_cmd_stats)
 
+
+def _register_resize(sub) -> None:
     s = sub.add_parser("resize", help="resize every image under SRC into DST (parallel, resumable)")
     s.add_argument("src")
     s.add_argument("dst")
@@ -192,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_resize)
 
+
+def _register_prepare_pairs(sub) -> None:
     s = sub.add_parser("prepare-pairs", help="export a split as the authors' pair TSV")
     _add_data_args(s, positional=True)
     s.add_argument("--split", default="test")
@@ -204,13 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--seed", type=int, default=0, help="seed for the random pair directions")
     s.set_defaults(func=_cmd_prepare_pairs)
-
-    from . import commands, official_cmd
-
-    commands.register(sub, _add_data_args)
-    official_cmd.register(sub)
-    commands.register_serve(sub)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

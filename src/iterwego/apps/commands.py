@@ -46,11 +46,13 @@ def add_run_args(s, what: str = "the run") -> None:
         "--run", required=True, help=f"{what}: a run directory, or a Hugging Face Hub id ORG/NAME (fetched and cached)"
     )
     s.add_argument("--revision", default=None, help="Hub branch, tag or commit of --run (default: main)")
+    add_set_arg(s, "override a config field at load time, e.g. a local backbone copy: --set encoder.image=clip:DIR")
+
+
+def add_set_arg(s, help: str) -> None:
+    """``--set SECTION.KEY=VALUE``, repeatable: every command's config overrides (``Config.override`` checks them)."""
     s.add_argument(
-        "--set",
-        action="append",
-        metavar="SECTION.KEY=VALUE",
-        help="override a config field at load time, e.g. a local backbone copy: --set encoder.image=clip:DIR",
+        "--set", action="append", metavar="SECTION.KEY=VALUE", help=f"{help} (repeatable; docs/config.md lists fields)"
     )
 
 
@@ -149,16 +151,18 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.resume:
         from ..training.recipe import RECORDED
 
+        if a.set or a.print_config:
+            raise IterWeGOError("--resume continues with the run's own config: drop --set and --print-config")
         cache = _cache(a) if a.cache_dir or a.no_cache else RECORDED
         recipe = resume_recipe(a.resume, progress=not a.quiet, cache=cache)
         out = a.resume
     else:
-        if not a.data or not a.out:
-            raise IterWeGOError("--data and --out are required (or --resume RUN)")
-        cfg = preset(a.preset).override(a.set)
+        cfg = preset(a.preset).override(a.set)  # checked before any data is read or directory created
         if a.print_config:
             print(cfg.to_json())
             return 0
+        if not a.data or not a.out:
+            raise IterWeGOError("--data and --out are required (or --resume RUN)")
         recipe = TrainRecipe(
             cfg,
             a.data,
@@ -272,11 +276,11 @@ def cmd_demo(a: argparse.Namespace) -> int:
     t0 = time.time()
     out = Path(a.out)
     data, run = out / "data", out / "run"
+    cfg = preset("tiny").override([f"train.seed={a.seed}"] + (a.set or []))  # a typo stops here, before any work
     print(f"[1/3] synthesising {a.stories} stories of the {a.family} family into {data}", flush=True)
     synth = SynthConfig.for_family(a.family, stories=a.stories, seed=a.seed, exif_rate=DEMO_EXIF_RATE)
     synthesize(data, synth, progress=not a.quiet)
     print("[2/3] training the tiny preset (unimodal orderers, aligner, iterative guidance, heads)", flush=True)
-    cfg = preset("tiny").override([f"train.seed={a.seed}"] + (a.set or []))
     recipe = TrainRecipe(cfg, data, run, progress=not a.quiet, cache=_cache(a))
     try:
         recipe.setup().train().save()
@@ -350,12 +354,7 @@ def register(sub, add_data_args) -> None:
         "--resume", metavar="RUN", help="continue an interrupted training in RUN (same config, data and seed)"
     )
     s.add_argument("--preset", default="tiny", choices=PRESETS, help="named config preset (default tiny)")
-    s.add_argument(
-        "--set",
-        action="append",
-        metavar="SECTION.KEY=VALUE",
-        help="override a config field, e.g. --set train.unimodal_epochs=5 (repeatable)",
-    )
+    add_set_arg(s, "override a config field, e.g. --set train.unimodal_epochs=5")
     s.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     _add_capture_arg(s, evaluation=True)
     _add_cache_args(s)
@@ -406,9 +405,7 @@ def register(sub, add_data_args) -> None:
         choices=SYNTH_FAMILIES,
         help="synthetic family (iterwego synth --family; default tank)",
     )
-    s.add_argument(
-        "--set", action="append", metavar="SECTION.KEY=VALUE", help="override a tiny-preset config field (repeatable)"
-    )
+    add_set_arg(s, "override a tiny-preset config field")
     _add_cache_args(s)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_demo)

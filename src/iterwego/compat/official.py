@@ -54,7 +54,7 @@ __all__ = [
     "load_official",
     "official_guidance",
     "read_checkpoint",
-    "run_config",
+    "official_run_config",
     "save_as_run",
 ]
 
@@ -353,7 +353,7 @@ def _to(x: Tensor | None, dev) -> Tensor | None:
 def _build_iterwego(model: "OfficialModel", bert_tokenizer, clip_tokenizer, run_dir: Path | None) -> IterWeGO:
     from ..encoders import build_encoder
 
-    cfg = run_config(model)
+    cfg = official_run_config(model)
     enc_cfg = cfg.encoder
     where = run_dir if run_dir is not None else Path(model.source or ".")
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]  # backbone wrappers freeze what they wrap
@@ -469,7 +469,7 @@ def iterwego_state_dict(model: OfficialModel) -> dict[str, Tensor]:
     return out
 
 
-def run_config(model: OfficialModel) -> Config:
+def official_run_config(model: OfficialModel) -> Config:
     """The iterwego config of an imported model: the paper preset with the checkpoint's sizes and numerics."""
     ic, tc = model.img_flow.cfg, model.txt_flow.cfg
     if (ic.d_model, ic.layers, ic.ffn) != (tc.d_model, tc.layers, tc.ffn):
@@ -629,7 +629,7 @@ def save_as_run(
         raise ModelLoadError(
             f"{out}: already exists and is not an empty directory; choose another output or overwrite it explicitly"
         )
-    run_config(model)  # validates the model (raises ModelLoadError on a mismatch); the result is not needed here
+    official_run_config(model)  # validates the model (raises ModelLoadError on a mismatch); the result is unused
     for tok, what, size in (
         (bert_tokenizer, "BERT", model.txt_flow.bert.config.vocab_size),
         (clip_tokenizer, "CLIP", model.clip_align.config.text_config.vocab_size),
