@@ -73,3 +73,13 @@ def test_stage_state_is_a_small_dataclass_of_what_a_checkpoint_holds():
     assert fields == {"stage", "epoch", "best", "best_state", "since", "extra", "opts"}
     s = recipe.StageState("aligner")
     assert (s.epoch, s.best, s.best_state, s.since, s.extra, s.opts) == (-1, None, None, 0, None, {})
+
+
+def test_training_reads_ceilings_with_the_data_not_from_the_generator():
+    """The synthetic generator is a tool that writes a dataset; training reads what lies beside the splits."""
+    from pathlib import Path
+
+    for path in (Path(recipe.__file__).parent).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "synth" not in (node.module or "") and all(a.name != "synth" for a in node.names), path.name
