@@ -145,6 +145,12 @@ def loss_units(valid: Tensor, average: str) -> int:
     return n_pairs(valid) if average == "pair" else int(valid.shape[0])
 
 
+def loss_reduction(average: str) -> str:
+    """The :func:`pair_loss` reduction whose result, divided by :func:`loss_units`, is the loss averaged as
+    ``average`` says: the sum over pairs (``"pair"``), or the sum of each story's mean (``"story"``)."""
+    return "story_sum" if average == "story" else "sum"
+
+
 def pairwise_accuracy(logits: Tensor, positions: Tensor, valid: Tensor) -> Tensor:
     """``(B,)`` fraction of each story's ordered off-diagonal pairs whose argmax class is right (NaN below 2 items).
 

@@ -38,6 +38,7 @@ from .layers import (  # noqa: F401  (re-exported: the losses and heads are part
     PairHead,
     RankHead,
     SetTransformer,
+    loss_reduction,
     loss_units,
     n_pairs,
     pair_loss,
@@ -312,7 +313,7 @@ class IterWeGO(
             if per_story:
                 return pair_loss(logits, positions, valid, "story_sum") / valid.shape[0]
             return pair_loss(logits, positions, valid)
-        return pair_loss(logits, positions, valid, "story_sum" if per_story else "sum") / max(normalizer, 1)
+        return pair_loss(logits, positions, valid, loss_reduction(self.cfg.train.loss_average)) / max(normalizer, 1)
 
     # ------------------------------------------------------------------ parts and persistence
     def encoders(self) -> dict:

@@ -105,10 +105,80 @@ def _parse_int(text: str, what: str, path: Path, line: int, story: str | None) -
 class _Pending:
     """A story being rebuilt from its rows."""
 
-    def __init__(self, key: str, docid: str, n: int, npairs: int, line: int):
-        self.key, self.docid, self.n, self.npairs, self.line = key, docid, n, npairs, line
+    def __init__(self, key: str, docid: str, n: int, npairs: int, line: int, path: Path):
+        self.key, self.docid, self.n, self.npairs, self.line, self.path = key, docid, n, npairs, line, path
         self.tokens: list[str | None] = [None] * n
         self.seen: set[tuple[int, int]] = set()
+
+    def add(self, a_tok: str, b_tok: str, label_s: str, pa_s: str, pb_s: str, ln: int) -> None:
+        """One pair row (line ``ln``): check its label and positions, and place its two items."""
+
+        def fail(msg: str) -> DataError:
+            return DataError(msg, path=str(self.path), line=ln, story=self.key)
+
+        if label_s not in ("0", "1"):
+            raise fail(f"label must be 0 or 1, got {label_s!r}")
+        pa = _parse_int(pa_s, "pos_a", self.path, ln, self.key)
+        pb = _parse_int(pb_s, "pos_b", self.path, ln, self.key)
+        if not (0 <= pa < self.n and 0 <= pb < self.n) or pa == pb:
+            raise fail(f"positions ({pa}, {pb}) must be two different values in 0..{self.n - 1}")
+        if (label_s == "1") != (pa < pb):
+            raise fail(f"label {label_s} disagrees with positions ({pa}, {pb})")
+        pair = (min(pa, pb), max(pa, pb))
+        if pair in self.seen:
+            raise fail(f"pair of positions {pair} appears twice")
+        self.seen.add(pair)
+        for pos, tok in ((pa, a_tok), (pb, b_tok)):
+            if self.tokens[pos] is None:
+                self.tokens[pos] = tok
+            elif self.tokens[pos] != tok:
+                raise fail(f"position {pos} holds two different items")
+
+    def story(self, modality: str) -> Story:
+        """The rebuilt story, once every one of its pairs was read."""
+        if len(self.seen) != self.npairs:
+            raise DataError(
+                f"{len(self.seen)} of its {self.npairs} pair rows present", path=str(self.path), line=self.line,
+                story=self.key,
+            )  # fmt: skip
+        make = (lambda t: Item(sentence=t)) if modality == "sentence" else (lambda t: Item(key=t))
+        meta = {"docid": self.docid, "line": self.line, "source": str(self.path)}
+        return Story(id=self.key, items=[make(t) for t in self.tokens], meta=meta)
+
+
+def _read_text(p: Path) -> str:
+    """The file's text (UTF-8, an optional byte-order mark dropped)."""
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError:
+        raise DataError("file not found", path=str(p)) from None
+    except OSError as err:
+        raise DataError(f"cannot read file ({err.strerror or err})", path=str(p)) from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start})", path=str(p), line=line
+        ) from None
+
+
+def _parse_docid(docid: str, p: Path, ln: int) -> tuple[str, int, int]:
+    """``(key, n, npairs)`` of a docid ``K-N-NPAIRS``, checked to agree with each other."""
+    parts = docid.split("-")
+    if len(parts) != 3:
+        raise DataError(f"docid must look like K-N-NPAIRS, got {docid!r}", path=str(p), line=ln)
+    key = parts[0]
+    n = _parse_int(parts[1], "docid length N", p, ln, key)
+    npairs = _parse_int(parts[2], "docid pair count NPAIRS", p, ln, key)
+    if n < 2 or npairs != n * (n - 1) // 2:
+        raise DataError(
+            f"docid {docid!r}: a story of {n} items has {n * (n - 1) // 2} pairs, not {npairs}",
+            path=str(p),
+            line=ln,
+            story=key,
+        )
+    return key, n, npairs
 
 
 def read_pairs(path: str | os.PathLike, *, modality: str = "sentence") -> list[Story]:
@@ -129,40 +199,10 @@ def read_pairs(path: str | os.PathLike, *, modality: str = "sentence") -> list[S
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
     p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise DataError("file not found", path=str(p)) from None
-    except OSError as err:
-        raise DataError(f"cannot read file ({err.strerror or err})", path=str(p)) from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise DataError(
-            f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start})", path=str(p), line=line
-        ) from None
-
+    reader = csv.reader(io.StringIO(_read_text(p), newline=""), delimiter="\t")
     stories: list[Story] = []
     done: set[str] = set()
     cur: _Pending | None = None
-
-    def finish(st: _Pending) -> None:
-        if len(st.seen) != st.npairs:
-            raise DataError(
-                f"{len(st.seen)} of its {st.npairs} pair rows present", path=str(p), line=st.line, story=st.key
-            )
-        make = (lambda t: Item(sentence=t)) if modality == "sentence" else (lambda t: Item(key=t))
-        stories.append(
-            Story(
-                id=st.key,
-                items=[make(t) for t in st.tokens],
-                meta={"docid": st.docid, "line": st.line, "source": str(p)},
-            )
-        )
-        done.add(st.key)
-
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
     try:
         for row in reader:
             ln = reader.line_num
@@ -174,58 +214,24 @@ def read_pairs(path: str | os.PathLike, *, modality: str = "sentence") -> list[S
                     path=str(p),
                     line=ln,
                 )
-            docid, a_tok, b_tok, label_s, pa_s, pb_s = row
-            parts = docid.split("-")
-            if len(parts) != 3:
-                raise DataError(f"docid must look like K-N-NPAIRS, got {docid!r}", path=str(p), line=ln)
-            key = parts[0]
-            n = _parse_int(parts[1], "docid length N", p, ln, key)
-            npairs = _parse_int(parts[2], "docid pair count NPAIRS", p, ln, key)
-            if n < 2 or npairs != n * (n - 1) // 2:
-                raise DataError(
-                    f"docid {docid!r}: a story of {n} items has {n * (n - 1) // 2} pairs, not {npairs}",
-                    path=str(p),
-                    line=ln,
-                    story=key,
-                )
+            docid = row[0]
+            key, n, npairs = _parse_docid(docid, p, ln)
             if cur is None or cur.key != key:
                 if cur is not None:
-                    finish(cur)
+                    stories.append(cur.story(modality))
+                    done.add(cur.key)
                 if key in done:
                     raise DataError("rows of this story are not contiguous", path=str(p), line=ln, story=key)
-                cur = _Pending(key, docid, n, npairs, ln)
+                cur = _Pending(key, docid, n, npairs, ln, p)
             elif cur.docid != docid:
                 raise DataError(
                     f"docid {docid!r} disagrees with {cur.docid!r} on line {cur.line}", path=str(p), line=ln, story=key
                 )
-            if label_s not in ("0", "1"):
-                raise DataError(f"label must be 0 or 1, got {label_s!r}", path=str(p), line=ln, story=key)
-            pa = _parse_int(pa_s, "pos_a", p, ln, key)
-            pb = _parse_int(pb_s, "pos_b", p, ln, key)
-            if not (0 <= pa < n and 0 <= pb < n) or pa == pb:
-                raise DataError(
-                    f"positions ({pa}, {pb}) must be two different values in 0..{n - 1}",
-                    path=str(p),
-                    line=ln,
-                    story=key,
-                )
-            if (label_s == "1") != (pa < pb):
-                raise DataError(
-                    f"label {label_s} disagrees with positions ({pa}, {pb})", path=str(p), line=ln, story=key
-                )
-            pair = (min(pa, pb), max(pa, pb))
-            if pair in cur.seen:
-                raise DataError(f"pair of positions {pair} appears twice", path=str(p), line=ln, story=key)
-            cur.seen.add(pair)
-            for pos, tok in ((pa, a_tok), (pb, b_tok)):
-                if cur.tokens[pos] is None:
-                    cur.tokens[pos] = tok
-                elif cur.tokens[pos] != tok:
-                    raise DataError(f"position {pos} holds two different items", path=str(p), line=ln, story=key)
+            cur.add(*row[1:], ln)
     except csv.Error as err:
         raise DataError(f"malformed TSV ({err})", path=str(p), line=reader.line_num) from None
     if cur is not None:
-        finish(cur)
+        stories.append(cur.story(modality))
     if not stories:
         raise DataError("no pair rows", path=str(p))
     return stories

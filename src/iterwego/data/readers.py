@@ -26,6 +26,8 @@ __all__ = [
     "split_file",
     "split_image_dir",
     "load_split",
+    "load_ceilings",
+    "pmr_ceilings",
     "dataset_stats",
     "format_stats",
 ]
@@ -279,9 +281,22 @@ def read_vist(
         ImageError: a missing or unreadable image while ``check_images`` is on.
     """
     path = Path(json_path)
-    text = _read_text(path)
+    groups = _vist_groups(path, text_field)
+    index = _ImageIndex(Path(image_dir).resolve()) if image_dir is not None else None
+    if index is not None and check_images and not index.exists:
+        first = next(iter(groups))
+        raise ImageError(f"image directory {index.dir} not found", path=str(path), story=first)
+    wanted: list[tuple[str, str, int | None]] = []
+    stories = [_vist_story(path, sid, recs, index, wanted if check_images else None) for sid, recs in groups.items()]
+    if check_images:
+        _check_story_images(path, wanted)
+    return stories
+
+
+def _vist_groups(path: Path, text_field: str) -> dict[str, list[tuple[str, str, int, str, dict]]]:
+    """The file's annotation records (:func:`_vist_record`) grouped by story, stories in first-seen order."""
     try:
-        doc = json.loads(text, object_pairs_hook=_slim_annotation(text_field))
+        doc = json.loads(_read_text(path), object_pairs_hook=_slim_annotation(text_field))
     except json.JSONDecodeError as err:
         raise DataError(f"malformed JSON: {err.msg} (column {err.colno})", path=str(path), line=err.lineno) from None
     if not isinstance(doc, dict):
@@ -293,50 +308,40 @@ def read_vist(
         raise DataError(f"'annotations' must be a list, got {type(anns).__name__}", path=str(path))
     if not anns:
         raise DataError("'annotations' is empty: the file holds no stories", path=str(path))
-
     groups: dict[str, list[tuple[str, str, int, str, dict]]] = {}
     for k, ann in enumerate(anns):
         rec = _vist_record(ann, k, path, text_field)
         groups.setdefault(rec[0], []).append(rec)
+    return groups
 
-    index = _ImageIndex(Path(image_dir).resolve()) if image_dir is not None else None
-    if index is not None and check_images and not index.exists:
-        first = next(iter(groups))
-        raise ImageError(f"image directory {index.dir} not found", path=str(path), story=first)
 
-    del doc, anns, text  # free the parsed file before the stories are built
-    source = str(path)
-    stories: list[Story] = []
-    wanted: list[tuple[str, str, int | None]] = []
-    for sid, recs in groups.items():
-        _check_positions([r[2] for r in recs], len(recs), path, sid, "worker_arranged_photo_order")
-        recs.sort(key=lambda r: r[2])
-        items = []
-        for _, pid, _, sent, _ in recs:
-            img = None
-            if index is not None:
-                img = index.find(pid)
-                if img is None:
-                    if check_images:
-                        raise ImageError(
-                            f"no image for photo {pid} in {index.dir} (looked for {pid}.jpg/.png/.gif/.bmp)",
-                            path=str(path),
-                            story=sid,
-                        )
-                    img = index.expected(pid)
-                elif check_images:
-                    wanted.append((img, sid, None))
-            items.append(Item(image=img, sentence=sent, key=pid))
-        meta: dict = {"source": source}
-        if "album_id" in recs[0][4]:
-            meta["album_id"] = recs[0][4]["album_id"]
-        if all("storylet_id" in r[4] for r in recs):
-            meta["storylet_ids"] = [r[4]["storylet_id"] for r in recs]
-        stories.append(Story(id=sid, items=items, meta=meta))
-
-    if check_images:
-        _check_story_images(path, wanted)
-    return stories
+def _vist_story(path: Path, sid: str, recs: list, index: "_ImageIndex | None", wanted: list | None) -> Story:
+    """Story ``sid`` in gold order from its annotation records; with ``wanted`` (images are checked), every
+    image found is added to it for :func:`_check_story_images`, and a missing one raises."""
+    _check_positions([r[2] for r in recs], len(recs), path, sid, "worker_arranged_photo_order")
+    recs.sort(key=lambda r: r[2])
+    items = []
+    for _, pid, _, sent, _ in recs:
+        img = None
+        if index is not None:
+            img = index.find(pid)
+            if img is None:
+                if wanted is not None:
+                    raise ImageError(
+                        f"no image for photo {pid} in {index.dir} (looked for {pid}.jpg/.png/.gif/.bmp)",
+                        path=str(path),
+                        story=sid,
+                    )
+                img = index.expected(pid)
+            elif wanted is not None:
+                wanted.append((img, sid, None))
+        items.append(Item(image=img, sentence=sent, key=pid))
+    meta: dict = {"source": str(path)}
+    if "album_id" in recs[0][4]:
+        meta["album_id"] = recs[0][4]["album_id"]
+    if all("storylet_id" in r[4] for r in recs):
+        meta["storylet_ids"] = [r[4]["storylet_id"] for r in recs]
+    return Story(id=sid, items=items, meta=meta)
 
 
 def read_tacos(
@@ -396,12 +401,30 @@ def read_jsonl(
         ImageError: a missing or unreadable image while ``check_images`` is on.
     """
     p = Path(path)
-    raw = _read_bytes(p, "a .jsonl file")
     base = Path(image_root if image_root is not None else p.parent).resolve()
-
     stories: list[Story] = []
     seen: dict[str, int] = {}
     wanted: list[tuple[str, str, int | None]] = []
+    for lineno, obj in _jsonl_objects(p):
+        if "id" not in obj:
+            raise DataError("missing key 'id'", path=str(p), line=lineno)
+        sid = _as_id(obj["id"])
+        if sid is None:
+            raise DataError(f"'id' must be a non-empty string or integer, got {obj['id']!r}", path=str(p), line=lineno)
+        if sid in seen:
+            raise DataError(f"duplicate id (first used on line {seen[sid]})", path=str(p), line=lineno, story=sid)
+        seen[sid] = lineno
+        stories.append(_jsonl_story(p, lineno, sid, obj, base, wanted if check_images else None))
+    if not stories:
+        raise DataError("no stories (the file is empty)", path=str(p))
+    if check_images:
+        _check_story_images(p, wanted)
+    return stories
+
+
+def _jsonl_objects(p: Path):
+    """``(line number, object)`` for each non-blank line of a JSONL file (each must be a JSON object)."""
+    raw = _read_bytes(p, "a .jsonl file")
     for lineno, bline in enumerate(raw.split(b"\n"), 1):
         try:
             line = bline.decode("utf-8-sig" if lineno == 1 else "utf-8")
@@ -417,45 +440,37 @@ def read_jsonl(
             raise DataError(f"malformed JSON: {err.msg} (column {err.colno})", path=str(p), line=lineno) from None
         if not isinstance(obj, dict):
             raise DataError(f"expected a JSON object, got {type(obj).__name__}", path=str(p), line=lineno)
-        if "id" not in obj:
-            raise DataError("missing key 'id'", path=str(p), line=lineno)
-        sid = _as_id(obj["id"])
-        if sid is None:
-            raise DataError(f"'id' must be a non-empty string or integer, got {obj['id']!r}", path=str(p), line=lineno)
-        if sid in seen:
-            raise DataError(f"duplicate id (first used on line {seen[sid]})", path=str(p), line=lineno, story=sid)
-        seen[sid] = lineno
-        images = _str_list(obj, "images", p, lineno, sid)
-        sentences = _str_list(obj, "sentences", p, lineno, sid)
-        if images is None and sentences is None:
-            raise DataError(
-                "missing key: a story needs 'images' or 'sentences' (or both)", path=str(p), line=lineno, story=sid
-            )
-        if images is not None and sentences is not None and len(images) != len(sentences):
-            raise DataError(f"{len(images)} images but {len(sentences)} sentences", path=str(p), line=lineno, story=sid)
-        n = len(images if images is not None else sentences)  # type: ignore[arg-type]
-        if n == 0:
-            raise DataError("empty story (no items)", path=str(p), line=lineno, story=sid)
-        items = []
-        for i in range(n):
-            img = key = None
-            if images is not None:
-                if not images[i].strip():
-                    raise DataError(f"images[{i}] is an empty path", path=str(p), line=lineno, story=sid)
-                key = images[i]
-                ip = Path(images[i])
-                img = str(ip if ip.is_absolute() else base / ip)
-                if check_images:
-                    wanted.append((img, sid, lineno))
-            items.append(Item(image=img, sentence=sentences[i] if sentences is not None else None, key=key))
-        meta = {k: v for k, v in obj.items() if k not in ("id", "images", "sentences")}
-        meta.update(source=str(p), line=lineno)
-        stories.append(Story(id=sid, items=items, meta=meta))
-    if not stories:
-        raise DataError("no stories (the file is empty)", path=str(p))
-    if check_images:
-        _check_story_images(p, wanted)
-    return stories
+        yield lineno, obj
+
+
+def _jsonl_story(p: Path, lineno: int, sid: str, obj: dict, base: Path, wanted: list | None) -> Story:
+    """The story of one JSONL line; with ``wanted`` (images are checked), its image paths are added to it."""
+    images = _str_list(obj, "images", p, lineno, sid)
+    sentences = _str_list(obj, "sentences", p, lineno, sid)
+    if images is None and sentences is None:
+        raise DataError(
+            "missing key: a story needs 'images' or 'sentences' (or both)", path=str(p), line=lineno, story=sid
+        )
+    if images is not None and sentences is not None and len(images) != len(sentences):
+        raise DataError(f"{len(images)} images but {len(sentences)} sentences", path=str(p), line=lineno, story=sid)
+    n = len(images if images is not None else sentences)  # type: ignore[arg-type]
+    if n == 0:
+        raise DataError("empty story (no items)", path=str(p), line=lineno, story=sid)
+    items = []
+    for i in range(n):
+        img = key = None
+        if images is not None:
+            if not images[i].strip():
+                raise DataError(f"images[{i}] is an empty path", path=str(p), line=lineno, story=sid)
+            key = images[i]
+            ip = Path(images[i])
+            img = str(ip if ip.is_absolute() else base / ip)
+            if wanted is not None:
+                wanted.append((img, sid, lineno))
+        items.append(Item(image=img, sentence=sentences[i] if sentences is not None else None, key=key))
+    meta = {k: v for k, v in obj.items() if k not in ("id", "images", "sentences")}
+    meta.update(source=str(p), line=lineno)
+    return Story(id=sid, items=items, meta=meta)
 
 
 # ----------------------------------------------------------------- layout
@@ -522,6 +537,37 @@ def load_split(
         return read_jsonl(path, check_images=check_images, image_root=image_dir)
     reader = read_tacos if fmt == "tacos" else read_vist
     return reader(path, split_image_dir(d, split, image_dir), text_field=text_field, check_images=check_images)
+
+
+# ----------------------------------------------------------------- ceilings
+#: A synthetic dataset's Bayes-optimal PMRs per split and modality, beside its splits (see :mod:`iterwego.data.synth`).
+CEILINGS_FILE = "ceilings.json"
+_CEILING_SPLITS = ("train", "val", "test")
+
+
+def load_ceilings(data_dir: str | os.PathLike) -> dict | None:
+    """The ``ceilings.json`` of a dataset (keys train/val/test), or None if the directory has none (real data)."""
+    path = Path(data_dir) / CEILINGS_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"cannot read ceilings: {err}", path=str(path)) from None
+    if not isinstance(data, dict) or any(not isinstance(data.get(s), dict) for s in _CEILING_SPLITS):
+        raise DataError("expected an object with train/val/test entries", path=str(path))
+    return data
+
+
+def pmr_ceilings(data_dir: str | os.PathLike, split: str) -> dict | None:
+    """``{"image", "text", "fused"}`` Bayes-optimal PMRs of ``split`` for metric tables, or None (real data,
+    or an unreadable ``ceilings.json``: a table without ceilings is still a table)."""
+    try:
+        c = (load_ceilings(data_dir) or {}).get(split) or {}
+    except DataError:
+        return None
+    out = {k: float(c[f"{k}_pmr"]) for k in ("image", "text", "fused") if isinstance(c.get(f"{k}_pmr"), (int, float))}
+    return out if len(out) == 3 else None
 
 
 # ----------------------------------------------------------------- stats

@@ -35,12 +35,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import DataError
+from .readers import CEILINGS_FILE, load_ceilings, pmr_ceilings  # noqa: F401  (their home is the reader)
 
 SPLITS = ("train", "val", "test")
 GENERATOR = "iterwego.data.synth"
 FORMAT_VERSION = 1
 META_FILE = "synth_meta.json"
-CEILINGS_FILE = "ceilings.json"
 
 KINDS = ("circle", "square", "triangle", "diamond", "cross", "star")
 # No blue and no grey: those are reserved for the water and the cloth, so a
@@ -235,32 +235,7 @@ def _split_ceilings(records: list[dict], T: int) -> dict[str, Any]:
     }
 
 
-def load_ceilings(data_dir: str | Path) -> dict | None:
-    """The ``ceilings.json`` of a synth output (keys train/val/test), or None if the directory has none."""
-    path = Path(data_dir) / CEILINGS_FILE
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"cannot read ceilings: {err}", path=str(path)) from None
-    if not isinstance(data, dict) or any(not isinstance(data.get(s), dict) for s in SPLITS):
-        raise DataError("expected an object with train/val/test entries", path=str(path))
-    return data
-
-
 # -------------------------------------------------------------- generation
-
-
-def pmr_ceilings(data_dir: str | Path, split: str) -> dict | None:
-    """``{"image", "text", "fused"}`` Bayes-optimal PMRs of ``split`` for metric tables, or None (real data,
-    or an unreadable ``ceilings.json``: a table without ceilings is still a table)."""
-    try:
-        c = (load_ceilings(data_dir) or {}).get(split) or {}
-    except DataError:
-        return None
-    out = {k: float(c[f"{k}_pmr"]) for k in ("image", "text", "fused") if isinstance(c.get(f"{k}_pmr"), (int, float))}
-    return out if len(out) == 3 else None
 
 
 def _story_rngs(seed: int, k: int) -> tuple[np.random.Generator, np.random.Generator]:
@@ -496,6 +471,63 @@ def _dump(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n", encoding="utf-8")
 
 
+def _split_file(cfg: SynthConfig, split: str) -> dict:
+    """An empty ``{split}.story-in-sequence.json`` document."""
+    info = {"generator": GENERATOR, "version": FORMAT_VERSION, "seed": cfg.seed, "split": split}
+    return {"images": [], "albums": [], "annotations": [], "info": info, "type": "story_in_sequence"}
+
+
+def _annotation(st: dict, j: int, album: str) -> dict:
+    """Item ``j`` (gold position) of story ``st`` as a SIND annotation."""
+    pid = st["photo_ids"][j]
+    return {
+        "story_id": st["story_id"],
+        "photo_flickr_id": pid,
+        "worker_arranged_photo_order": j,
+        "text": st["text"][j],
+        "original_text": st["original_text"][j],
+        "album_id": album,
+        "storylet_id": pid,
+        "setting": "",
+        "tier": "story-in-sequence",
+        "worker_id": "synth",
+    }
+
+
+def _write_story(out: Path, cfg: SynthConfig, k: int, split: str, doc: dict, buf: io.BytesIO) -> dict:
+    """Draw story ``k``, write its images under ``out`` and its rows into its split's ``doc``; returns its
+    hidden truth (times, visibility, identities, capture times)."""
+    crng, rrng = _story_rngs(cfg.seed, k)
+    st = _story_content(cfg, k, crng)
+    capture = _capture_times(cfg, k, st["times"]) if cfg.exif_rate > 0 else [None] * len(st["times"])
+    album = f"album{st['story_id']}"
+    render = _render if cfg.family == "tank" else _render_sky
+    # Render and write in the shuffled file order: nothing on disk follows the gold order.
+    for j in st["file_order"]:
+        pid = st["photo_ids"][j]
+        img = render(
+            cfg.image_size,
+            st["times"][j],
+            cfg.time_steps,
+            st["image_visible"][j],
+            st["kinds"][j],
+            st["colours"][j],
+            rrng,
+        )
+        buf.seek(0)
+        buf.truncate()
+        extra = {"exif": _exif(capture[j])} if capture[j] else {}
+        img.save(buf, format="PNG", compress_level=6, **extra)
+        (out / "images" / split / f"{pid}.png").write_bytes(buf.getvalue())
+        doc["images"].append({"id": pid, "album_id": album, "title": "", "tags": ""})
+        doc["annotations"].append([_annotation(st, j, album)])
+    truth = {key: st[key] for key in ("times", "image_visible", "text_visible", "kinds", "colours", "photo_ids")}
+    if cfg.exif_rate > 0:  # the EXIF written, in gold order (None: no capture time)
+        truth["capture_times"] = [c and c[0] for c in capture]
+        truth["cameras"] = [c and c[1] for c in capture]
+    return truth
+
+
 def synthesize(out: str | Path, cfg: SynthConfig | None = None, progress: bool = False) -> dict:
     """Write a synthetic dataset in the SIND layout under ``out`` and return a JSON-able summary.
 
@@ -508,21 +540,9 @@ def synthesize(out: str | Path, cfg: SynthConfig | None = None, progress: bool =
     _prepare_out(out)
     sizes = cfg.split_sizes()
     split_of = [s for s in SPLITS for _ in range(sizes[s])]  # stories are iid, so contiguous blocks are fine
-    T = cfg.time_steps
-
-    files: dict[str, dict] = {
-        s: {
-            "images": [],
-            "albums": [],
-            "annotations": [],
-            "info": {"generator": GENERATOR, "version": FORMAT_VERSION, "seed": cfg.seed, "split": s},
-            "type": "story_in_sequence",
-        }
-        for s in SPLITS
-    }
+    files = {s: _split_file(cfg, s) for s in SPLITS}
     records: dict[str, list[dict]] = {s: [] for s in SPLITS}
     meta_stories: dict[str, dict] = {}
-
     bar = None
     if progress:
         from tqdm import tqdm
@@ -531,44 +551,8 @@ def synthesize(out: str | Path, cfg: SynthConfig | None = None, progress: bool =
     buf = io.BytesIO()
     for k in range(cfg.stories):
         split = split_of[k]
-        crng, rrng = _story_rngs(cfg.seed, k)
-        st = _story_content(cfg, k, crng)
-        capture = _capture_times(cfg, k, st["times"]) if cfg.exif_rate > 0 else [None] * len(st["times"])
-        sid = st["story_id"]
-        album = f"album{sid}"
-        # Render and write in the shuffled file order: nothing on disk follows the gold order.
-        for j in st["file_order"]:
-            pid = st["photo_ids"][j]
-            img = (_render if cfg.family == "tank" else _render_sky)(
-                cfg.image_size, st["times"][j], T, st["image_visible"][j], st["kinds"][j], st["colours"][j], rrng
-            )
-            buf.seek(0)
-            buf.truncate()
-            extra = {"exif": _exif(capture[j])} if capture[j] else {}
-            img.save(buf, format="PNG", compress_level=6, **extra)
-            (out / "images" / split / f"{pid}.png").write_bytes(buf.getvalue())
-            files[split]["images"].append({"id": pid, "album_id": album, "title": "", "tags": ""})
-            files[split]["annotations"].append(
-                [
-                    {
-                        "story_id": sid,
-                        "photo_flickr_id": pid,
-                        "worker_arranged_photo_order": j,
-                        "text": st["text"][j],
-                        "original_text": st["original_text"][j],
-                        "album_id": album,
-                        "storylet_id": pid,
-                        "setting": "",
-                        "tier": "story-in-sequence",
-                        "worker_id": "synth",
-                    }
-                ]
-            )
-        truth = {k2: st[k2] for k2 in ("times", "image_visible", "text_visible", "kinds", "colours", "photo_ids")}
-        if cfg.exif_rate > 0:  # the EXIF written, in gold order (None: no capture time)
-            truth["capture_times"] = [c and c[0] for c in capture]
-            truth["cameras"] = [c and c[1] for c in capture]
-        meta_stories[sid] = {"split": split, **truth}
+        truth = _write_story(out, cfg, k, split, files[split], buf)
+        meta_stories[str(k)] = {"split": split, **truth}
         records[split].append(truth)
         if bar is not None:
             bar.update(1)
@@ -577,7 +561,7 @@ def synthesize(out: str | Path, cfg: SynthConfig | None = None, progress: bool =
 
     for s in SPLITS:
         _dump(out / f"{s}.story-in-sequence.json", files[s])
-    ceilings = {s: _split_ceilings(records[s], T) for s in SPLITS}
+    ceilings = {s: _split_ceilings(records[s], cfg.time_steps) for s in SPLITS}
     _dump(out / CEILINGS_FILE, ceilings)
     _dump(
         out / META_FILE,
@@ -589,7 +573,7 @@ def synthesize(out: str | Path, cfg: SynthConfig | None = None, progress: bool =
         "items": {s: ceilings[s]["items"] for s in SPLITS},
         "image_size": cfg.image_size,
         "seed": cfg.seed,
-        "time_steps": T,
+        "time_steps": cfg.time_steps,
         "ceilings": ceilings["test"],
         "seconds": round(time.perf_counter() - start, 3),
     }

@@ -7,15 +7,21 @@ Stages, all selected on the validation split (never test):
 3. iterative learning: each epoch updates the image orderer under text->image
    guidance, then the text orderer under image->text guidance, each phase
    with its own optimiser. The guidance step is :func:`iterwego.guidance.guide`,
-   the same function inference uses.
+   the same function inference uses;
+4. the rank heads and the fused orderer, on the fixed orderers' item states.
 
 Finally the inference round per modality is chosen on validation and saved.
+
+Each stage is one ``fit_*`` method that reads top to bottom: for each epoch left, a pass over the training
+batches (loss, backward, step), validation, the log line, then ``_end_epoch`` (keep the best state,
+checkpoint); ``_end_stage`` loads the best state. A stage's resume state is a :class:`StageState`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import math
 import random
@@ -32,13 +38,12 @@ from ..aligner import alignment_hits
 from ..config import Config
 from ..data.cache import FeatureCache
 from ..data.features import batches, build_features, gather, plan_batches, prefetch
-from ..data.readers import load_split
-from ..data.synth import pmr_ceilings
+from ..data.readers import load_split, pmr_ceilings
 from ..device import autocast, pick_device
 from ..encoders import CNNHead
-from ..errors import IterWeGOError
-from ..io import atomic_write_json
-from ..model import create_model, loss_units, pair_loss, pairwise_accuracy
+from ..errors import IterWeGOError, ModelLoadError
+from ..io import atomic_write_bytes, atomic_write_json
+from ..model import create_model, loss_reduction, loss_units, pair_loss, pairwise_accuracy
 from ..pretrained import save_run
 from .card import evaluation_record, write_card
 from .distributed import Dist
@@ -58,8 +63,28 @@ class TrainingDiverged(IterWeGOError):
     """The loss became NaN or infinite."""
 
 
+STAGES = ("unimodal-image", "unimodal-text", "aligner", "iterative", "heads")  # in training order
+
+
+@dataclasses.dataclass
+class StageState:
+    """Where one training stage stands: with the model, the generators and the log, what a checkpoint holds."""
+
+    stage: str  # one of STAGES
+    epoch: int | str = -1  # the last finished epoch (-1: none yet), or "done" once the best state is loaded
+    best: float | None = None  # the best validation score so far (higher is better); None before any
+    best_state: dict | None = None  # the stage module's state at ``best`` (None: no candidate kept yet)
+    since: int = 0  # epochs since ``best`` last improved, for early stopping
+    extra: object = None  # what is remembered with the best state (iterative learning: the chosen rounds)
+    opts: dict = dataclasses.field(default_factory=dict)  # optimiser states by name, as checkpointed (resume only)
+
+
 class TrainRecipe:
-    """Train every part of IterWeGO on one dataset and save it as a run directory."""
+    """Train every part of IterWeGO on one dataset and save it as a run directory.
+
+    Each ``fit_*`` method is one stage's loop: per epoch, a pass over the training batches (loss, backward,
+    step), validation, the log line, then :meth:`_end_epoch` keeps the best state and writes the checkpoint.
+    """
 
     def __init__(
         self,
@@ -84,11 +109,31 @@ class TrainRecipe:
         self.capture_time = capture_time
         self.fmt, self.image_dir, self.text_field = fmt, image_dir, text_field
         self.progress, self.log = progress, log
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # every log line so far (checkpointed: a resumed run's log equals a whole one's)
         # wall and CPU seconds of feature building and of each epoch's training and validation (not logged:
         # the log must not depend on the machine, so a resumed run's log equals an uninterrupted one's)
         self.timings: dict = {"features": {}, "epochs": []}
-        self._tick: dict = {}
+        self._tick: dict = {}  # this epoch's seconds so far, by part (see _clock)
+        self.dist = Dist()  # the process group (joined in setup; a no-op with one process)
+        self.main = self.dist.is_main  # only rank 0 writes files
+        # set up by setup():
+        self.device: torch.device | None = None
+        self._tb = None  # the TensorBoard writer (rank 0, with the optional extra)
+        self.train_stories: list = []
+        self.val_stories: list = []
+        self.model = None  # the IterWeGO model being trained
+        self.feats: dict | None = None  # feature banks by name (see data.features.build_features)
+        self.train_set = self.val_set = None  # the splits' story sets over the feature banks
+        self.truncated = 0  # distinct sentences longer than the text backbone keeps
+        self.val_ceilings: dict | None = None  # the validation split's PMR ceilings (synthetic data), for the card
+        self.val_eval: Evaluator | None = None  # validation, as every stage selects on it
+        self.rng: np.random.Generator | None = None  # draws every training batch plan (checkpointed)
+        # set by load_state() and the stages:
+        self.resumed: StageState | None = None  # the checkpoint this run continues from, if any
+        self.chosen: dict | None = None  # the guided round per modality, chosen on validation
+        self.capture_chosen: dict | None = None  # the same with capture times (``capture_time`` runs)
+        self.val_result = None  # the kept model's validation evaluation, for the model card
+        self.train_seconds = 0.0
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> "TrainRecipe":
@@ -97,31 +142,17 @@ class TrainRecipe:
         seed_everything(c.train.seed)
         if c.train.num_threads:  # also pins the thread count, so a resumed run repeats the same arithmetic
             torch.set_num_threads(c.train.num_threads)
-        self.dist = Dist()
         self.device = self.dist.setup(pick_device(c.train.device))
-        self.main = self.dist.is_main  # only rank 0 writes files
         if not self.main:
             self.progress, self.log = False, (lambda *a, **k: None)
         if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "log.jsonl").write_text("")
-            atomic_write_json(
-                self.out / "train_args.json",
-                {
-                    "data": str(self.data),
-                    "format": self.fmt,
-                    "image_dir": self.image_dir,
-                    "text_field": self.text_field,
-                    "capture_time": self.capture_time,
-                    "cache_dir": None if self.private_store else str(Path(self.cache.root).absolute()),
-                    "config": self.cfg.to_dict(),
-                },
-            )
-        self._tb = _tensorboard(self.out / "tb") if self.main else None
+            self._write_train_args()
+            self._tb = _tensorboard(self.out / "tb")
         t0 = time.time()
         read = dict(fmt=self.fmt, image_dir=self.image_dir, text_field=self.text_field)
         self.train_stories = load_split(self.data, "train", **read)
         self.val_stories = load_split(self.data, "val", **read)
+        self.val_ceilings = pmr_ceilings(self.data, "val")
         self.model = create_model(c).to(self.device)
         if c.train.compile:
             for part in (self.model.image, self.model.text, self.model.aligner, self.model.fuser):
@@ -140,10 +171,11 @@ class TrainRecipe:
             )
         self.timings["features"] = self._tick.pop("features")
         self.train_set, self.val_set = sets["train"], sets["val"]
-        truncated = _truncated(self.model.text_encoder, self.train_stories + self.val_stories)
-        if truncated:
-            self.log(f"note: {truncated} sentence(s) longer than {c.encoder.text_max_length} tokens were truncated")
-        self.truncated = truncated
+        self.truncated = _truncated(self.model.text_encoder, self.train_stories + self.val_stories)
+        if self.truncated:
+            self.log(
+                f"note: {self.truncated} sentence(s) longer than {c.encoder.text_max_length} tokens were truncated"
+            )
         self.log(
             f"data: {len(self.train_stories)} train / {len(self.val_stories)} val stories; "
             f"features ready in {time.time() - t0:.1f}s"
@@ -161,6 +193,228 @@ class TrainRecipe:
         )
         self.rng = np.random.default_rng(c.train.seed)
         return self
+
+    def _write_train_args(self) -> None:
+        """A fresh log, and what ``--resume`` needs to start this run again (``train_args.json``)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "log.jsonl").write_text("")
+        atomic_write_json(
+            self.out / "train_args.json",
+            {
+                "data": str(self.data),
+                "format": self.fmt,
+                "image_dir": self.image_dir,
+                "text_field": self.text_field,
+                "capture_time": self.capture_time,
+                "cache_dir": None if self.private_store else str(Path(self.cache.root).absolute()),
+                "config": self.cfg.to_dict(),
+            },
+        )
+
+    # ------------------------------------------------------------------ stages
+    def train(self) -> "TrainRecipe":
+        t0 = time.time()
+        self.val_eval.positions = False  # untrained rank heads must not steer validation decoding
+        self.fit_unimodal("image")
+        self.fit_unimodal("text")
+        self.fit_aligner()
+        self.fit_iterative()
+        self.fit_heads()
+        self.val_eval.positions = True
+        res = self.val_eval(self.model)  # the kept model on validation, for the model card
+        if len(self.model.heads()):  # decoding now reads the heads: the inference rounds are chosen again
+            self.chosen = res.choose_rounds()
+            self.log(f"with the rank heads and fusion, inference rounds chosen on validation: {self.chosen}")
+        if self.capture_time:  # the guided image round to use with times, chosen on validation with times
+            self.capture_chosen = res.choose_capture_rounds()
+            self.log(f"with capture times, inference rounds chosen on validation: {self.capture_chosen}")
+        self.train_seconds = time.time() - t0
+        self.val_result = res
+        return self
+
+    def fit_unimodal(self, mod: str) -> None:
+        """Stage 1: one orderer alone (its "round 0" model), kept at its best validation pair loss."""
+        t, stage = self.cfg.train, f"unimodal-{mod}"
+        orderer = self.model.orderer(mod)
+        opt = self._optimizer(orderer, _pretrained_head(orderer))
+        state = self._stage_state(stage, {"opt": opt})
+        if state is None:  # the resumed checkpoint is past this stage
+            return
+        for epoch in self._epochs_left(state, t.unimodal_epochs):
+            self._set_lr(opt, epoch, t.unimodal_epochs)
+            orderer.train()
+            losses = []
+            with self._clock("train"):
+                for plan, b in self._train_batches((mod,)):
+                    # a process without stories in this batch still steps: gradients are summed across processes
+                    units, loss = loss_units(plan.valid(mod), t.loss_average), None
+                    if b is not None:
+                        with autocast(self.device, t.amp):
+                            logits = orderer(b.feats[mod], b.index[mod])
+                        loss = pair_loss(logits, b.pos[mod], b.valid(mod), loss_reduction(t.loss_average))
+                        loss = loss / max(units, 1)
+                    where = f"unimodal {mod} epoch {epoch} step {len(losses)}"
+                    losses.append(self._step(opt, loss, orderer.parameters(), where, sharded=True))
+            with self._clock("val"):
+                val = pick(self.val_eval(self.model, only=mod).rounds[mod][0])
+                val["loss"] = self.val_loss(mod)
+            lr = opt.param_groups[0]["lr"]
+            self._record({"stage": stage, "epoch": epoch, "loss": float(np.mean(losses)), "lr": lr, "val": val})
+            # selection on the pairwise validation loss: far less noisy than PMR on a few hundred stories
+            self._end_epoch(state, epoch, -val["loss"], orderer, {"opt": opt})
+        self._end_stage(state, orderer)
+
+    def fit_aligner(self) -> None:
+        """Stage 2: the learned aligner (symmetric InfoNCE), kept at its best validation alignment accuracy."""
+        a, t = self.cfg.aligner, self.cfg.train
+        if a.kind != "learned":
+            return
+        al = self.model.aligner
+        opt = torch.optim.Adam([p for p in al.parameters() if p.requires_grad], lr=a.lr, weight_decay=t.weight_decay)
+        state = self._stage_state("aligner", {"opt": opt})
+        if state is None:
+            return
+        for epoch in self._epochs_left(state, a.epochs):
+            al.train()
+            losses = []
+            with self._clock("train"):
+                # unshuffled items: row k of the image features and of the text features is the same item
+                for _, b in self._train_batches(tuple(self.feats), shuffle_items=False, shard=False):
+                    loss = al.loss(b.feats["image"], b.feats["text"])
+                    losses.append(self._step(opt, loss, al.parameters(), f"aligner epoch {epoch} step {len(losses)}"))
+            with self._clock("val"):
+                acc = self.alignment_accuracy(self.val_set)
+            self._record(
+                {"stage": "aligner", "epoch": epoch, "loss": float(np.mean(losses)), "lr": a.lr,
+                 "val": {"alignment_accuracy": acc}}
+            )  # fmt: skip
+            self._end_epoch(state, epoch, acc, al, {"opt": opt})
+        self._end_stage(state, al)
+
+    def fit_iterative(self) -> None:
+        """Stage 3: per epoch, the image orderer learns under text guidance, then the text orderer under image
+        guidance (each phase with its own optimiser); the model is kept at its best validation selection score
+        (``train.select``), and the inference round per modality is chosen with it."""
+        t, m = self.cfg.train, self.model
+        opts = {mod: self._optimizer(m.orderer(mod), _pretrained_head(m.orderer(mod))) for mod in ("image", "text")}
+        pairwise = t.select == "pairwise"
+        state = self._stage_state("iterative", opts)
+        if state is None:  # the resumed checkpoint is past this stage, and holds its chosen rounds
+            self.log(f"inference rounds chosen on validation: {self.chosen}")
+            return
+        if state.epoch == -1:
+            # before any guided update: the models as they are are a candidate too, except under the
+            # authors' selection, whose first guided epoch always becomes the best so far
+            res = self.val_eval(m)
+            authors = self.authors_val_score() if pairwise else None
+            self._record({"stage": "iterative", "epoch": -1, "val": self._val_entry(res, authors)})
+            if not pairwise:
+                state.best, state.best_state = res.selection_score(), copy.deepcopy(m.state_dict())
+            state.extra = res.choose_rounds()
+        for epoch in self._epochs_left(state, t.iterative_epochs):
+            for o in opts.values():
+                self._set_lr(o, epoch, t.iterative_epochs)
+            entry = {"stage": "iterative", "epoch": epoch}
+            with self._clock("train"):
+                for tgt in ("image", "text"):  # the other modality's orderer and the aligner stay fixed
+                    m.orderer(tgt).train()
+                    losses = []
+                    for plan, b in self._train_batches(tuple(self.feats)):
+                        units, loss = loss_units(plan.valid(tgt), t.loss_average), None
+                        if b is not None:
+                            with autocast(self.device, t.amp):
+                                loss = m.guided_loss(b, tgt, normalizer=units)
+                        where = f"iterative epoch {epoch} {tgt} phase step {len(losses)}"
+                        losses.append(self._step(opts[tgt], loss, m.orderer(tgt).parameters(), where, sharded=True))
+                    entry[f"loss_{tgt}"] = float(np.mean(losses))
+            entry["loss"] = (entry["loss_image"] + entry["loss_text"]) / 2
+            with self._clock("val"):
+                res = self.val_eval(m)
+                authors = self.authors_val_score() if pairwise else None
+            entry["val"] = self._val_entry(res, authors)
+            self._record(entry)
+            score = res.selection_score() if authors is None else authors
+            self._end_epoch(state, epoch, score, m, opts, extra=res.choose_rounds())
+        self.chosen = state.extra  # the rounds chosen with the kept model
+        self._end_stage(state, m)
+        self.log(f"inference rounds chosen on validation: {self.chosen}")
+
+    def fit_heads(self) -> None:
+        """Stage 4: the rank heads and the fused orderer learn to read the orderers' item states.
+
+        Everything before is fixed, so the states are read once per split; batches and their order come
+        from generators of their own (seed, stage, epoch), so a resumed stage repeats exactly.
+        """
+        m, t, f = self.model, self.cfg.train, self.cfg.fusion
+        heads = m.heads()
+        if not len(heads):
+            return
+        opt = torch.optim.Adam(heads.parameters(), lr=f.lr, weight_decay=t.weight_decay)
+        state = self._stage_state("heads", {"opt": opt})
+        if state is None:
+            return
+        stage_rng = np.random.default_rng([t.seed, 5])
+        train = self._frozen((len(p.ids), b) for p, b in self._train_batches(tuple(self.feats), rng=stage_rng))
+        val = self._frozen((len(b.ids), b) for _, b in self.val_eval.loaded(mine=False))
+        for epoch in self._epochs_left(state, f.epochs):
+            self._set_lr(opt, epoch, f.epochs)
+            heads.train()
+            losses = []
+            with self._clock("train"):
+                for k in np.random.default_rng([t.seed, 5, epoch]).permutation(len(train)):
+                    stories, states, pos, valid = train[k]
+                    loss = None if states is None else m.heads_loss(states, pos, valid) / max(stories, 1)
+                    losses.append(self._step(opt, loss, heads.parameters(), f"heads epoch {epoch}", sharded=True))
+            heads.eval()
+            with self._clock("val"), torch.no_grad():
+                vl = sum(float(m.heads_loss(s, p, v)) for _, s, p, v in val) / max(sum(n for n, *_ in val), 1)
+            self._record(
+                {"stage": "heads", "epoch": epoch, "loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
+                 "val": {"loss": vl}}
+            )  # fmt: skip
+            self._end_epoch(state, epoch, -vl, heads, {"opt": opt})
+        self._end_stage(state, heads)
+
+    # ------------------------------------------------------------------ the loops' shared pieces
+    def _stage_state(self, stage: str, opts: dict) -> StageState | None:
+        """``stage``'s state: fresh, or the resumed checkpoint's when it was taken inside ``stage`` (its
+        optimiser states then loaded into ``opts``); None when the resumed checkpoint is past ``stage``."""
+        r = self.resumed
+        if r is None or STAGES.index(stage) > STAGES.index(r.stage):  # not resumed, or resumed before this stage
+            return StageState(stage)
+        if STAGES.index(stage) < STAGES.index(r.stage) or r.epoch == "done":
+            return None
+        for k, o in opts.items():
+            o.load_state_dict(r.opts[k])
+        return r
+
+    def _epochs_left(self, state: StageState, n: int):
+        """The epochs after ``state``'s last one, up to ``n``, until ``train.early_stop`` epochs pass without a
+        better validation score."""
+        start, patience = int(state.epoch) + 1, self.cfg.train.early_stop
+        for epoch in tqdm(range(start, n), desc=state.stage, disable=not self.progress, initial=start, total=n):
+            if patience and state.since >= patience:
+                return
+            self._tick = {}
+            yield epoch
+
+    def _end_epoch(self, state: StageState, epoch: int, score: float, module, opts: dict, extra=None) -> None:
+        """Keep ``module``'s state when ``score`` (higher is better) beats the best so far, then write the
+        checkpoint: everything needed to continue bit-identically after this epoch."""
+        self.timings["epochs"].append({"stage": state.stage, "epoch": epoch, **self._tick})
+        if state.best is None or score > state.best:
+            state.best, state.best_state, state.since, state.extra = score, copy.deepcopy(module.state_dict()), 0, extra
+        else:
+            state.since += 1
+        state.epoch = epoch
+        self._save_state(state, opts)
+
+    def _end_stage(self, state: StageState, module) -> None:
+        """Load the best state into ``module`` and checkpoint the stage as done."""
+        if state.best_state is not None:
+            module.load_state_dict(state.best_state)
+        self._save_state(StageState(state.stage, "done", state.best, None, 0, state.extra), {})
+        self.log(f"{state.stage}: best validation {state.best}")
 
     def _optimizer(self, module: torch.nn.Module, pretrained_head: torch.nn.Module | None) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -239,10 +493,6 @@ class TrainRecipe:
             t["wall_s"] += time.perf_counter() - w
             t["cpu_s"] += time.process_time() - c
 
-    def _pair_loss(self, logits, b, mod: str, global_units: int):
-        reduction = "story_sum" if self.cfg.train.loss_average == "story" else "sum"
-        return pair_loss(logits, b.pos[mod], b.valid(mod), reduction=reduction) / max(global_units, 1)
-
     def _record(self, entry: dict) -> None:
         self.history.append(entry)
         if not self.main:
@@ -259,41 +509,32 @@ class TrainRecipe:
                     self._tb.add_scalar(f"{entry['stage']}/val_{k}", v, step)
 
     # ------------------------------------------------------------------ checkpoints
-    STAGES = ("unimodal-image", "unimodal-text", "aligner", "iterative", "heads")
-
-    def _save_state(self, stage: str, epoch: int | str, opts: dict, best, best_state, since: int, extra=None) -> None:
-        """Everything needed to continue bit-identically after this epoch, written atomically."""
-        import io
-
+    def _save_state(self, state: StageState, opts: dict) -> None:
+        """``state`` with the model, the optimisers in ``opts``, the generators and the log, written atomically."""
         if not self.main:
             return
-
-        from ..io import atomic_write_bytes
-
-        state = {
-            "stage": stage,
-            "epoch": epoch,
-            "since": since,
-            "best": best,
+        ckpt = {
+            "stage": state.stage,
+            "epoch": state.epoch,
+            "since": state.since,
+            "best": state.best,
             "model": self.model.state_dict(),
-            "best_state": best_state,
+            "best_state": state.best_state,
             "opts": {k: o.state_dict() for k, o in opts.items()},
             "rng_numpy": json.dumps(self.rng.bit_generator.state),
             "rng_torch": torch.get_rng_state(),
             "rng_python": json.dumps(random.getstate()),
             "history": json.dumps(self.history),
-            "chosen": json.dumps(getattr(self, "chosen", None)),
-            "extra": json.dumps(extra),
+            "chosen": json.dumps(self.chosen),
+            "extra": json.dumps(state.extra),
             "config": self.cfg.to_json(),
         }
         buf = io.BytesIO()
-        torch.save(state, buf)
+        torch.save(ckpt, buf)
         atomic_write_bytes(self.out / "train_state.pt", buf.getvalue())
 
     def load_state(self) -> None:
         """Resume from ``RUN/train_state.pt`` (call after :meth:`setup`)."""
-        from ..errors import ModelLoadError
-
         path = self.out / "train_state.pt"
         if not path.is_file():
             if (self.out / "model.safetensors").is_file():
@@ -315,131 +556,20 @@ class TrainRecipe:
         r = json.loads(st["rng_python"])
         random.setstate((r[0], tuple(r[1]), r[2]))
         self.history = json.loads(st["history"])
-        self.chosen = json.loads(st["chosen"])
         with open(self.out / "log.jsonl", "w") as f:
             f.writelines(json.dumps(e) + "\n" for e in self.history)
-        self._resume = st
-
-    def _resume_point(self, stage: str, opts: dict):
-        """(start_epoch, best, best_state, since, extra) for ``stage``; start is None when the stage is already done."""
-        st = getattr(self, "_resume", None)
-        if st is None:
-            return 0, None, None, 0, None
-        done, here = self.STAGES.index(st["stage"]), self.STAGES.index(stage)
-        if here < done or (here == done and st["epoch"] == "done"):
-            return None, None, None, 0, None
-        if here > done:
-            return 0, None, None, 0, None
-        for k, o in opts.items():
-            o.load_state_dict(st["opts"][k])
-        return int(st["epoch"]) + 1, st["best"], st["best_state"], int(st["since"]), _extra(st)
-
-    def _epochs(self, stage: str, n: int, opts: dict, select):
-        """The shared epoch loop: resume, early stopping, best-state keeping and a checkpoint per epoch.
-
-        ``select(epoch) -> (key, module, extra)`` runs one epoch and returns
-        the validation key (higher is better), the module whose state is kept
-        and anything to remember with the best state (e.g. chosen rounds).
-        Returns the best state's ``extra``.
-        """
-        start, best, best_state, since, best_extra = self._resume_point(stage, opts)
-        if start is None:
-            return _extra(self._resume)
-        t = self.cfg.train
-        for epoch in tqdm(range(start, n), desc=stage, disable=not self.progress, initial=start, total=n):
-            if t.early_stop and since >= t.early_stop:
-                break
-            self._tick = {}
-            key, module, extra = select(epoch)
-            self.timings["epochs"].append({"stage": stage, "epoch": epoch, **self._tick})
-            if best is None or key > best:
-                best, best_state, since, best_extra = key, copy.deepcopy(module.state_dict()), 0, extra
-            else:
-                since += 1
-            self._save_state(stage, epoch, opts, best, best_state, since, best_extra)
-        if best_state is not None:
-            self._stage_module(stage).load_state_dict(best_state)
-        self._save_state(stage, "done", {}, best, None, 0, best_extra)
-        self.log(f"{stage}: best validation {best}")
-        return best_extra
-
-    def _stage_module(self, stage: str):
-        return {
-            "unimodal-image": self.model.image,
-            "unimodal-text": self.model.text,
-            "aligner": self.model.aligner,
-            "iterative": self.model,
-            "heads": self.model.heads(),
-        }[stage]
-
-    # ------------------------------------------------------------------ stages
-    def _pretrained_head(self, orderer) -> torch.nn.Module | None:
-        return None if isinstance(orderer.head, CNNHead) else orderer.head
-
-    def fit_unimodal(self, mod: str) -> None:
-        t = self.cfg.train
-        orderer = self.model.orderer(mod)
-        opt = self._optimizer(orderer, self._pretrained_head(orderer))
-
-        def epoch_fn(epoch):
-            self._set_lr(opt, epoch, t.unimodal_epochs)
-            orderer.train()
-            losses = []
-            with self._clock("train"):
-                for plan, b in self._train_batches((mod,)):
-                    global_units, loss = loss_units(plan.valid(mod), t.loss_average), None
-                    if b is not None:
-                        with autocast(self.device, t.amp):
-                            logits = orderer(b.feats[mod], b.index[mod])
-                        loss = self._pair_loss(logits, b, mod, global_units)
-                    where = f"unimodal {mod} epoch {epoch} step {len(losses)}"
-                    losses.append(self._step(opt, loss, orderer.parameters(), where, sharded=True))
-            with self._clock("val"):
-                val = pick(self.val_eval(self.model, only=mod).rounds[mod][0])
-                val["loss"] = self.val_loss(mod)
-            self._record(
-                {
-                    "stage": f"unimodal-{mod}",
-                    "epoch": epoch,
-                    "loss": float(np.mean(losses)),
-                    "lr": opt.param_groups[0]["lr"],
-                    "val": val,
-                }
-            )
-            # selection on the pairwise validation loss: far less noisy than PMR on a few hundred stories
-            return -val["loss"], orderer, None
-
-        self._epochs(f"unimodal-{mod}", t.unimodal_epochs, {"opt": opt}, epoch_fn)
-
-    def fit_aligner(self) -> None:
-        a, t = self.cfg.aligner, self.cfg.train
-        if a.kind != "learned":
-            return
-        al = self.model.aligner
-        opt = torch.optim.Adam([p for p in al.parameters() if p.requires_grad], lr=a.lr, weight_decay=t.weight_decay)
-
-        def epoch_fn(epoch):
-            al.train()
-            losses = []
-            # unshuffled items: row k of the image features and of the text features is the same item
-            with self._clock("train"):
-                for _, b in self._train_batches(tuple(self.feats), shuffle_items=False, shard=False):
-                    loss = al.loss(b.feats["image"], b.feats["text"])
-                    losses.append(self._step(opt, loss, al.parameters(), f"aligner epoch {epoch} step {len(losses)}"))
-            with self._clock("val"):
-                acc = self.alignment_accuracy(self.val_set)
-            self._record(
-                {
-                    "stage": "aligner",
-                    "epoch": epoch,
-                    "loss": float(np.mean(losses)),
-                    "lr": a.lr,
-                    "val": {"alignment_accuracy": acc},
-                }
-            )
-            return acc, al, None
-
-        self._epochs("aligner", a.epochs, {"opt": opt}, epoch_fn)
+        self.resumed = StageState(
+            st["stage"],
+            st["epoch"],
+            st["best"],
+            st["best_state"],
+            int(st["since"]),
+            json.loads(st["extra"]),
+            st["opts"],
+        )
+        # iterative learning's chosen rounds are its best state's extra (its "done" checkpoint was written before
+        # 0.3 with no "chosen" yet); later checkpoints carry them as "chosen"
+        self.chosen = self.resumed.extra if st["stage"] == "iterative" else json.loads(st["chosen"])
 
     def _set_lr(self, opt, epoch: int, n: int) -> None:
         """Cosine decay over the stage, a pure function of the epoch (so resuming needs no scheduler state)."""
@@ -495,20 +625,6 @@ class TrainRecipe:
         s = torch.cat(scores)
         return float(s[~s.isnan()].mean()) if (~s.isnan()).any() else 0.0
 
-    def _guided_phase(self, tgt: str, opt, epoch: int) -> float:
-        """One pass updating the ``tgt`` orderer under guidance from the other modality (fixed)."""
-        t, m = self.cfg.train, self.model
-        losses = []
-        for plan, b in self._train_batches(tuple(self.feats)):
-            global_units, loss = loss_units(plan.valid(tgt), t.loss_average), None
-            if b is not None:
-                m.orderer(tgt).train()
-                with autocast(self.device, t.amp):
-                    loss = m.guided_loss(b, tgt, normalizer=global_units)
-            where = f"iterative epoch {epoch} {tgt} phase step {len(losses)}"
-            losses.append(self._step(opt, loss, m.orderer(tgt).parameters(), where, sharded=True))
-        return float(np.mean(losses))
-
     def _val_entry(self, res, authors: float | None = None) -> dict:
         chosen = res.choose_rounds()
         out = {
@@ -525,47 +641,6 @@ class TrainRecipe:
                 out["capture_time"]["fused_pmr"] = res.timed["fused"]["pmr"]
         return out
 
-    def fit_iterative(self) -> None:
-        t, m = self.cfg.train, self.model
-        opts = {
-            mod: self._optimizer(m.orderer(mod), self._pretrained_head(m.orderer(mod))) for mod in ("image", "text")
-        }
-        pairwise = t.select == "pairwise"
-        st = getattr(self, "_resume", None)
-        if st is None or self.STAGES.index(st["stage"]) < self.STAGES.index("iterative"):
-            # epoch -1: the models before any guided update are a candidate too, except under the
-            # authors' selection, whose first guided epoch always becomes the best so far
-            res = self.val_eval(m)
-            authors = self.authors_val_score() if pairwise else None
-            self._record({"stage": "iterative", "epoch": -1, "val": self._val_entry(res, authors)})
-            self._resume = {
-                "stage": "iterative",
-                "epoch": -1,
-                "best": None if pairwise else res.selection_score(),
-                "best_state": None if pairwise else copy.deepcopy(m.state_dict()),
-                "since": 0,
-                "opts": {k: o.state_dict() for k, o in opts.items()},
-                "extra": res.choose_rounds(),
-            }
-
-        def epoch_fn(epoch):
-            for o in opts.values():
-                self._set_lr(o, epoch, t.iterative_epochs)
-            entry = {"stage": "iterative", "epoch": epoch}
-            with self._clock("train"):
-                for tgt in ("image", "text"):
-                    entry[f"loss_{tgt}"] = self._guided_phase(tgt, opts[tgt], epoch)
-            entry["loss"] = (entry["loss_image"] + entry["loss_text"]) / 2
-            with self._clock("val"):
-                res = self.val_eval(m)
-                authors = self.authors_val_score() if pairwise else None
-            entry["val"] = self._val_entry(res, authors)
-            self._record(entry)
-            return (res.selection_score() if authors is None else authors), m, res.choose_rounds()
-
-        self.chosen = self._epochs("iterative", t.iterative_epochs, opts, epoch_fn)
-        self.log(f"inference rounds chosen on validation: {self.chosen}")
-
     def _frozen(self, batches) -> list:
         """``(global story count, states, positions, valid)`` per ``(global story count, batch)``, states read once
         from the fixed orderers (``None`` in place of the rest for a batch with none of this process's stories)."""
@@ -578,61 +653,6 @@ class TrainRecipe:
                 states = {k: v.float() for k, v in self.model.frozen_states(b).items()}
             out.append((stories, states, b.pos, {m: b.valid(m) for m in ("image", "text")}))
         return out
-
-    def fit_heads(self) -> None:
-        """The last stage: the rank heads and the fused orderer learn to read the orderers' item states.
-
-        Everything before is fixed, so the states are read once per split; batches and their order come
-        from generators of their own (seed, stage, epoch), so a resumed stage repeats exactly.
-        """
-        m, t, f = self.model, self.cfg.train, self.cfg.fusion
-        heads = m.heads()
-        if not len(heads):
-            return
-        opt = torch.optim.Adam(heads.parameters(), lr=f.lr, weight_decay=t.weight_decay)
-        stage_rng = np.random.default_rng([t.seed, 5])
-        train = self._frozen((len(p.ids), b) for p, b in self._train_batches(tuple(self.feats), rng=stage_rng))
-        val = self._frozen((len(b.ids), b) for _, b in self.val_eval.loaded(mine=False))
-
-        def epoch_fn(epoch):
-            self._set_lr(opt, epoch, f.epochs)
-            heads.train()
-            losses = []
-            with self._clock("train"):
-                for k in np.random.default_rng([t.seed, 5, epoch]).permutation(len(train)):
-                    stories, states, pos, valid = train[k]
-                    loss = None if states is None else m.heads_loss(states, pos, valid) / max(stories, 1)
-                    losses.append(self._step(opt, loss, heads.parameters(), f"heads epoch {epoch}", sharded=True))
-            heads.eval()
-            with self._clock("val"), torch.no_grad():
-                vl = sum(float(m.heads_loss(s, p, v)) for _, s, p, v in val) / max(sum(n for n, *_ in val), 1)
-            self._record(
-                {"stage": "heads", "epoch": epoch, "loss": float(np.mean(losses)), "lr": opt.param_groups[0]["lr"],
-                 "val": {"loss": vl}}
-            )  # fmt: skip
-            return -vl, heads, None
-
-        self._epochs("heads", f.epochs, {"opt": opt}, epoch_fn)
-
-    def train(self) -> "TrainRecipe":
-        t0 = time.time()
-        self.val_eval.positions = False  # untrained rank heads must not steer validation decoding
-        self.fit_unimodal("image")
-        self.fit_unimodal("text")
-        self.fit_aligner()
-        self.fit_iterative()
-        self.fit_heads()
-        self.val_eval.positions = True
-        res = self.val_eval(self.model)  # the kept model on validation, for the model card
-        if len(self.model.heads()):  # decoding now reads the heads: the inference rounds are chosen again
-            self.chosen = res.choose_rounds()
-            self.log(f"with the rank heads and fusion, inference rounds chosen on validation: {self.chosen}")
-        if self.capture_time:  # the guided image round to use with times, chosen on validation with times
-            self.capture_chosen = res.choose_capture_rounds()
-            self.log(f"with capture times, inference rounds chosen on validation: {self.capture_chosen}")
-        self.train_seconds = time.time() - t0
-        self.val_result = res
-        return self
 
     def save(self) -> Path:
         """Write the run: config, weights, metadata (with the validation evaluation) and the model card."""
@@ -657,7 +677,7 @@ class TrainRecipe:
                         len(self.val_stories),
                         self.cfg.train.decoder,
                         (val.fused or {}).get("text"),
-                        pmr_ceilings(self.data, "val"),
+                        self.val_ceilings,
                     )
                 },
                 **({"capture_time": {"chosen_rounds": self.capture_chosen}} if self.capture_time else {}),
@@ -669,11 +689,11 @@ class TrainRecipe:
         return self.out
 
     def cleanup(self) -> None:
-        if getattr(self, "_tb", None) is not None:
+        """Close the TensorBoard writer and leave the process group (safe after a failed or partial setup)."""
+        if self._tb is not None:
             self._tb.close()
-        if hasattr(self, "dist"):
-            self.model = self.feats = None  # drop tensors before leaving the process group
-            self.dist.teardown()
+        self.model = self.feats = None  # drop tensors before leaving the process group
+        self.dist.teardown()
 
 
 def _check_recipe(cfg: Config) -> None:
@@ -688,6 +708,11 @@ def _check_recipe(cfg: Config) -> None:
         raise ConfigError(f"train.loss_average must be one of {list(LOSS_AVERAGES)}, got {t.loss_average!r}")
 
 
+def _pretrained_head(orderer) -> torch.nn.Module | None:
+    """The orderer's head when it is a pretrained backbone's (it learns at ``train.backbone_lr_mult``), else None."""
+    return None if isinstance(orderer.head, CNNHead) else orderer.head
+
+
 def _truncated(text_encoder, stories) -> int:
     """Distinct sentences longer than the text backbone keeps; counted from the tokenizer, so the note is the
     same whether the features came from the cache or were computed now."""
@@ -696,11 +721,6 @@ def _truncated(text_encoder, stories) -> int:
         return 0
     sentences = sorted({it.sentence for s in stories for it in s.items if it.sentence is not None})
     return sum(n > bb.max_length for n in bb.token_lengths(sentences)) if sentences else 0
-
-
-def _extra(state: dict):
-    e = state.get("extra")
-    return json.loads(e) if isinstance(e, str) else e
 
 
 def _tensorboard(path: Path):
@@ -721,8 +741,6 @@ def resume_recipe(run: str | Path, *, progress: bool = True, log=print, cache=RE
     cache directory the run used, or its private ``RUN/features``), so no stored feature is computed twice.
     A run killed before its first checkpoint starts over from the beginning, reusing the stored features.
     """
-    from ..errors import ModelLoadError
-
     args_path = Path(run) / "train_args.json"
     if not args_path.is_file():
         raise ModelLoadError(f"{args_path}: missing; --resume needs a run directory started by `iterwego train`")
