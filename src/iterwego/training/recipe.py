@@ -138,7 +138,7 @@ class TrainRecipe:
     # ------------------------------------------------------------------ setup
     def setup(self) -> "TrainRecipe":
         c = self.cfg
-        _check_recipe(c)
+        c.validate()  # a config edited in Python after it was built is checked here, before any work
         seed_everything(c.train.seed)
         if c.train.num_threads:  # also pins the thread count, so a resumed run repeats the same arithmetic
             torch.set_num_threads(c.train.num_threads)
@@ -694,18 +694,6 @@ class TrainRecipe:
             self._tb.close()
         self.model = self.feats = None  # drop tensors before leaving the process group
         self.dist.teardown()
-
-
-def _check_recipe(cfg: Config) -> None:
-    """Refuse recipe values the training loop would otherwise misread (a typo in ``--set``)."""
-    from ..config import LOSS_AVERAGES, SELECTIONS
-    from ..errors import ConfigError
-
-    t = cfg.train
-    if t.select not in SELECTIONS:
-        raise ConfigError(f"train.select must be one of {sorted(SELECTIONS)}, got {t.select!r}")
-    if t.loss_average not in LOSS_AVERAGES:
-        raise ConfigError(f"train.loss_average must be one of {list(LOSS_AVERAGES)}, got {t.loss_average!r}")
 
 
 def _pretrained_head(orderer) -> torch.nn.Module | None:
