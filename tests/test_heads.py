@@ -31,7 +31,7 @@ SOFTMAX_ULPS = 16
 def within(lp: torch.Tensor, lengths=LENGTHS) -> torch.Tensor:
     """Each story's position log-probabilities of its items at positions within it. Positions past a story's end
     carry a -1e4 mask, whose float32 rounding (1e-3) would set the scale of a budget and hide a real change."""
-    return torch.cat([lp[b, :n, :n].reshape(-1) for b, n in enumerate(lengths)])
+    return torch.cat([lp[b, :n, :n].detach().reshape(-1) for b, n in enumerate(lengths)])
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
