@@ -57,7 +57,10 @@ def test_bench_tiny_prints_the_table(tmp_path):
     res = json.loads(out.read_text())
     s = res["summary"]
     assert all(s[k]["ours_ms"] > 0 and s[k]["naive_ms"] > 0 for k in ("inference", "train_image", "train_text"))
-    # the batched path and the naive one compute the same numbers
+    # the batched path and the naive one compute the same numbers: a benchmark's sanity check, kept loose. What
+    # differs is float32 rounding of the orderer and guidance in other shapes (a few ulps at the logits' scale,
+    # ~1e-5; test_model and test_forward budget it exactly); 1e-3 is far above that on any CPU and far below a
+    # skipped guidance round (O(1) moves in the selected logits)
     assert res["check"]["max_abs_diff_guided_logits"] < 1e-3
     assert max(res["check"]["abs_diff_phase_loss"].values()) < 1e-4
     assert res["clip_preprocessing"]["max_abs_diff"] < 1e-3

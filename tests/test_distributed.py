@@ -48,6 +48,11 @@ def test_two_gloo_processes_match_one(shared_data, early_runs, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = load_file(str(one / "model.safetensors")), load_file(str(two.out / "model.safetensors"))
     assert a.keys() == b.keys()
+    # one machine with itself along two paths: the all-reduce adds the two shards' gradients in another order, a few
+    # ulps of a gradient that Adam turns into a step differing by ~1e-6 of lr; what shows is the float32 rounding of
+    # weight + step, measured up to 1.5e-7 (1.25 ulps at the tensor's scale, weights up to 3.5) under AVX-512,
+    # AVX2 and non-SIMD kernels. 1e-6 (8 ulps at 1) leaves a factor 6.7; a missed all-reduce (each process on its
+    # own shard's gradient) moves a weight by O(lr) = 1e-5 a step, 10x this
     worst, where = max((float((a[k] - b[k]).abs().max()), k) for k in a)
     assert worst <= 1e-6, (worst, where)
     # rank 0 alone wrote the run; validation metrics, evaluated in shards and gathered, equal one process's
@@ -56,6 +61,8 @@ def test_two_gloo_processes_match_one(shared_data, early_runs, tmp_path):
     assert [(e["stage"], e["epoch"]) for e in one_log] == [(e["stage"], e["epoch"]) for e in two_log]
     for e1, e2 in zip(one_log, two_log):
         for k, v in e1.get("val", {}).items():
+            # metrics are ratios of counts (exact unless an order flips); the validation loss is a float32 mean of
+            # shard losses gathered in another order: ~1 ulp at its scale (~1), 1e-7, under 1e-6 on any CPU
             if isinstance(v, float):
                 assert abs(v - e2["val"][k]) <= 1e-6, (e1["stage"], k)
             else:

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from floats import assert_float32_close
+
 try:
     import pytest
 except ImportError:  # `python tests/test_gpu.py` on a machine without pytest
@@ -29,6 +31,15 @@ if pytest is not None:
 # bf16 keeps 8 bits of mantissa: pair probabilities of a float32 model move by at most this much under autocast
 BF16_PROB_TOL = 0.02
 BF16_LOSS_RTOL = 0.02
+# A store filled on the GPU against one filled on the CPU: the backbones' float32 results differ by GPU against CPU
+# summation order (~1e-6 relative at features of scale ~1), then both are rounded to float16 for storage, where
+# values that straddle a rounding boundary land one float16 ulp (2**-10, ~1e-3 relative) apart: 2 float16 ulps.
+F16_STORE_TOL = 2 * 2**-10
+#: torch.compile against eager on CUDA: Inductor fuses kernels and may reorder the orderer's reductions (~8 in
+#: series), at the logits' scale; its generated kernels may also pick other reduction splits than cuBLAS. 256
+#: float32 ulps (at scale 10: 3e-4) is about the 0.2 tolerance there (1e-4 + 1e-4 relative); a skipped round moves
+#: logits by O(1). Not measured on a device in issue 19's sweep (no GPU was lent to it).
+COMPILE_ULPS = 256
 
 
 def _setup(tmp: Path) -> tuple[Path, list[str]]:
@@ -99,7 +110,7 @@ def test_store_and_cache_on_cuda(tmp_path):
                 enc.backbone.model.to("cuda")
             on_gpu = gpu_store.ensure(enc, its, dtype="float16").to_tensor().float()
             on_cpu = FeatureCache(tmp_path / "store").ensure(enc, its, dtype="float16").to_tensor().float()
-            assert torch.allclose(on_gpu, on_cpu, atol=2e-3, rtol=2e-3), mod
+            assert torch.allclose(on_gpu, on_cpu, atol=F16_STORE_TOL, rtol=F16_STORE_TOL), mod
         plan = plan_batches(r.train_set, 8, np.random.default_rng(0), ("image", "text"), shuffle_stories=True)[0]
         b = gather(plan, r.feats, pin=True)
         assert all(v.is_pinned() for v in b.feats.values())
@@ -160,7 +171,7 @@ def test_torch_compile_matches_eager(tmp_path):
         with torch.no_grad():
             compiled = m(b, 1)
         for x, y in zip(eager.image + eager.text, compiled.image + compiled.text):
-            assert torch.allclose(x, y, atol=1e-4, rtol=1e-4)
+            assert_float32_close(y, x, ulps=COMPILE_ULPS)
         m.train()
         loss = m.guided_loss(b, "text")
         loss.backward()

@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from floats import assert_float32_close
 from iterwego.aligner import align
 from iterwego.config import GuidanceConfig
 from iterwego.guidance import guide, iterate, select_pairs
@@ -130,7 +131,10 @@ def test_batched_equals_per_story(seed, sizes, rule, threshold):
     out = guide(target, source, a, threshold=threshold, weight=0.7, rule=rule, valid=valid)
     for b, ((n, m), (t, s, al)) in enumerate(zip(sizes, stories)):
         alone = guide(t[None], s[None], al[None], threshold=threshold, weight=0.7, rule=rule)[0]
-        torch.testing.assert_close(out[b, :n, :n], alone, rtol=1e-6, atol=1e-6)
+        # guidance adds up to m-1 weighted source logits onto a target pair; batched and alone add them in
+        # another order: a few ulps an addition at the scale of the logits (the garbage source is 20x N(0,1), but
+        # never added). test_guidance_equals_pair_by_pair... in test_official shows a skipped round misses by far.
+        assert_float32_close(out[b, :n, :n], alone, ulps=32)
         # target padding is never written
         assert torch.equal(out[b, n:], target[b, n:]) and torch.equal(out[b, :, n:], target[b, :, n:])
 
@@ -183,6 +187,7 @@ def test_iterate_round_r_equals_r_alternating_steps():
         stale = guide(mt, prev_img, i2t, threshold=0.85, weight=0.25, valid=iv)
         mt = guide(mt, mi, i2t, threshold=0.85, weight=0.25, valid=iv)  # text from the UPDATED image
         assert not torch.equal(stale, mt)  # the case distinguishes updated from stale image logits
+        # iterate calls guide with these arguments: the same float32 operations on one machine, so bit-identical
         torch.testing.assert_close(rounds[r][0], mi, rtol=0, atol=0)
         torch.testing.assert_close(rounds[r][1], mt, rtol=0, atol=0)
 
@@ -234,9 +239,11 @@ def test_hungarian_is_a_permutation_and_never_worse_than_any_other(seed, n):
     s = torch.from_numpy(rng.normal(size=(1, n, n)).astype(np.float32))
     h = align(s, "hungarian")[0]
     assert sorted(h.tolist()) == list(range(n))
-    total = float(s[0, torch.arange(n), h].sum())
+    # scipy solves in float64 on the float32 scores (exact in float64): totals summed in float64 too, so the only
+    # rounding is float64's over <= 7 terms of O(1) (~1e-15 on any CPU), not float32's (which was 1e-5 here)
+    total = float(s[0, torch.arange(n), h].double().sum())
     perm = torch.from_numpy(rng.permutation(n))
-    assert total >= float(s[0, torch.arange(n), perm].sum()) - 1e-5
+    assert total >= float(s[0, torch.arange(n), perm].double().sum()) - 1e-9
     assert torch.equal(align(s, "argmax")[0], s[0].argmax(-1))
 
 

@@ -37,6 +37,10 @@ from iterwego.data.synth import (
 )
 from iterwego.errors import DataError
 
+# Ceilings are probabilities from small combinatorial counts, in float64 (brute force in exact Fractions): the
+# pytest.approx (rel 1e-6) and abs=1e-12 comparisons below bound a handful of float64 operations on O(1) values
+# (~1e-16 each) or a float64 mean over <= a few hundred stories (~1e-14), the same on every CPU.
+
 REQUIRED_KEYS = {
     "story_id", "photo_flickr_id", "worker_arranged_photo_order", "text", "original_text",
     "album_id", "storylet_id", "setting",

@@ -56,7 +56,8 @@ def test_metrics_json_is_the_metrics_of_the_predicted_test_orders(trained_run):
         assert r["chosen_round"] == meta["chosen_rounds"][mod]  # chosen on validation at training time
         assert r["guided"] == want[r["chosen_round"]]
     assert report["fused"] == pick(order_metrics(res.orders["fused/image"], gold))
-    # pmr counts whole stories and acc whole items of the test split
+    # pmr counts whole stories and acc whole items of the test split (a float64 ratio times its count: whole up to
+    # ~1e-15, on any CPU; abs=1e-9 still tells a whole number from one off by a fraction of an item)
     n_items = sum(len(s.items) for s in stories)
     for m in [report["fused"], *report["image"]["rounds"], *report["text"]["rounds"]]:
         assert m["pmr"] * len(stories) == pytest.approx(round(m["pmr"] * len(stories)), abs=1e-9)
@@ -85,9 +86,10 @@ def test_log_has_entries_for_every_stage(trained_run):
     # top-1 alignment accuracy on validation: a whole number of images out of all validation images
     n_val_images = sum(len(s.items) for s in load_split(trained_run.data, "val"))
     for e in by_stage["aligner"]:
-        hits = e["val"]["alignment_accuracy"] * n_val_images
+        hits = e["val"]["alignment_accuracy"] * n_val_images  # float64 ratio of counts: whole up to ~1e-15
         assert hits == pytest.approx(round(hits), abs=1e-9)
     for e in by_stage["iterative"][1:]:
+        # the logged numbers themselves: one float32 addition and halving apart (<= 1 ulp), rel 1e-6 is 8 ulps
         assert e["loss"] == pytest.approx((e["loss_image"] + e["loss_text"]) / 2)
 
 
