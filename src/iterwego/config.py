@@ -117,6 +117,32 @@ class TrainConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """How a trained run orders: the guidance rounds chosen on validation at the end of training.
+
+    The decoder (``train.decoder``) and the position terms' weight (``orderer.rank_weight``) keep their homes;
+    ``iterwego.result.Inference`` gathers all four. Runs saved by 0.1/0.2 kept the rounds in ``meta.json``
+    (``InferenceConfig.from_meta``).
+    """
+
+    image_rounds: int | None = None  # guidance rounds of the guided image order; None: not chosen (evaluate: on val)
+    text_rounds: int | None = None  # guidance rounds of the guided sentence order; None: not chosen
+    capture_image_rounds: int | None = None  # image rounds chosen on val with capture times; None: image_rounds
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "InferenceConfig":
+        """The section of a run saved before it existed, from its ``meta.json`` (``chosen_rounds``,
+        ``capture_time.chosen_rounds``)."""
+        chosen = meta.get("chosen_rounds") or {}
+        timed = (meta.get("capture_time") or {}).get("chosen_rounds") or {}
+        return cls(chosen.get("image"), chosen.get("text"), timed.get("image"))
+
+    def chosen(self) -> bool:
+        """Whether validation chose the rounds (training does; an imported checkpoint has not)."""
+        return self.image_rounds is not None or self.text_rounds is not None
+
+
+@dataclass
 class Config:
     preset: str = "tiny"  # the preset this config started from
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -125,6 +151,8 @@ class Config:
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)  # runs saved before it existed: "sum"
+    # the inference rounds chosen on validation; runs saved before it existed: from meta.json (pretrained.read_config)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     version: int = CONFIG_VERSION  # format of this config; a run with another version refuses to load
 
     def to_dict(self) -> dict:
@@ -217,6 +245,7 @@ _SECTIONS = {
     "guidance": GuidanceConfig,
     "train": TrainConfig,
     "fusion": FusionConfig,
+    "inference": InferenceConfig,
 }
 
 

@@ -27,7 +27,7 @@ import torch
 from huggingface_hub import ModelCard, ModelHubMixin
 
 from . import __version__
-from .config import Config
+from .config import Config, InferenceConfig
 from .errors import HubError, ModelLoadError
 from .io import atomic_write_bytes, atomic_write_json
 
@@ -88,9 +88,12 @@ def read_config(run_dir: str | Path) -> tuple[Config, dict]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelLoadError(f"{run_dir}: config.json or meta.json is not valid JSON ({err})") from None
     try:
-        return Config.from_dict(cfg_d), meta
+        cfg = Config.from_dict(cfg_d)
     except ModelLoadError as err:  # name the file: "config version 99 is not supported" alone does not say which run
         raise ModelLoadError(f"{run_dir / 'config.json'}: {err}") from None
+    if "inference" not in cfg_d:  # saved by 0.1/0.2: the chosen rounds lived in meta.json
+        cfg.inference = InferenceConfig.from_meta(meta)
+    return cfg, meta
 
 
 def portable_identity(identity: str) -> str:

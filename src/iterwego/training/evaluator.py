@@ -24,10 +24,10 @@ from ..batch import Batch
 from ..capture_time import placed_by_time, precedence, read_capture_times
 from ..config import GuidanceConfig
 from ..data.features import StorySet, gather, plan_batches, prefetch
-from ..decode import decode_stories, pair_logprobs
+from ..decode import pair_logprobs
 from ..device import autocast
-from ..fusion import sentence_order
 from ..metrics import order_metrics
+from ..result import Inference, decode_output
 
 HEADLINE = ("acc", "pmr", "tau")
 
@@ -258,7 +258,7 @@ class Evaluator:
         return out
 
     def _batch(self, model, batch: Batch, mods: list[str], cross: bool, n_rounds: int, keep_orders: bool) -> dict:
-        """Predictions of one batch, as plain lists (so they can be gathered across processes)."""
+        """Predictions of one batch as gold ids, in plain lists (so they can be gathered across processes)."""
         out: dict = {"fallbacks": 0, "align_hits": 0, "align_total": 0}
         with autocast(self.device, self.amp):
             fw = model(
@@ -270,61 +270,33 @@ class Evaluator:
                 fuse=cross,
                 positions=self.positions,
             )
-        w = model.cfg.orderer.rank_weight
+        lengths = {m: batch.valid(m).sum(1).tolist() for m in batch.index}
+        inference = Inference({}, {}, self.decoder, model.cfg.orderer.rank_weight)
+        stories = decode_output(fw, lengths, inference, modalities=mods, fused=cross)
+        pos = {m: batch.pos[m].cpu().numpy() for m in batch.index}
+        gold = lambda m, b, slots: [int(pos[m][b, k]) for k in slots]  # noqa: E731
         for m in mods:
-            out[f"gold/{m}"] = [list(range(int(n))) for n in batch.valid(m).sum(1).tolist()]
+            out[f"gold/{m}"] = [list(range(int(n))) for n in lengths[m]]
             if keep_orders:
                 out[f"conf/{m}"] = _adjacent_conf(pair_logprobs(fw.logits(m, 0)).exp(), batch, m)
-            for r, lg in enumerate(getattr(fw, m)):
-                out[f"{m}/round{r}"] = self._decode(lg, batch, m, out, unary=fw.unary(m, w, r))[0]
-        before = self._slot_precedence(batch) if self.capture is not None and "image" in mods else None
-        if before is not None:
-            for r, lg in enumerate(fw.image):
-                out[f"timed/image/round{r}"] = self._decode(lg, batch, "image", out, before, fw.unary("image", w, r))[0]
+            for r in range(len(getattr(fw, m))):
+                out[f"{m}/round{r}"] = [gold(m, b, s.rounds(m)[r].order) for b, s in enumerate(stories)]
+        out["fallbacks"] = sum(o.fell_back for s in stories for o in s.decoded())
         if cross:
             out["align_hits"], out["align_total"] = alignment_hits(fw.scores, batch)
-            out["fused/image"], slots = self._decode(fw.fused, batch, "image", out, unary=fw.unary("fused", w))
-            pairing, n_txt, pos_t = (
-                fw.pairing.cpu().numpy(),
-                batch.valid("text").sum(1).tolist(),
-                batch.pos["text"].cpu().numpy(),
+            out["fused/image"] = [gold("image", b, s.fused.order) for b, s in enumerate(stories)]
+            out["fused/text"] = [gold("text", b, s.fused_sentences) for b, s in enumerate(stories)]
+        if self.capture is not None and "image" in mods:
+            # bound by capture times: the same decodes again, so they add no fallbacks
+            timed = decode_output(
+                fw, lengths, inference, modalities=("image",), fused=cross, before=self._slot_precedence(batch)
             )
-            to_text = lambda slots: [  # noqa: E731
-                [int(pos_t[b, s]) for s in sentence_order(o, pairing[b], n_txt[b])] for b, o in enumerate(slots)
-            ]
-            out["fused/text"] = to_text(slots)
-            if before is not None:
-                out["timed/fused/image"], slots = self._decode(
-                    fw.fused, batch, "image", out, before, fw.unary("fused", w)
-                )
-                out["timed/fused/text"] = to_text(slots)
+            for r in range(len(fw.image)):
+                out[f"timed/image/round{r}"] = [gold("image", b, s.image[r].order) for b, s in enumerate(timed)]
+            if cross:
+                out["timed/fused/image"] = [gold("image", b, s.fused.order) for b, s in enumerate(timed)]
+                out["timed/fused/text"] = [gold("text", b, s.fused_sentences) for b, s in enumerate(timed)]
         return out
-
-    def _decode(
-        self,
-        logits: Tensor,
-        batch: Batch,
-        m: str,
-        out: dict,
-        before: np.ndarray | None = None,
-        unary: Tensor | None = None,
-    ) -> tuple[list[list[int]], list[list[int]]]:
-        """Decode each story: (orders as gold ids, orders as slots); counts beam fallbacks into ``out``.
-
-        ``before`` binds the decoder to capture-time precedence (slot order); those decodes repeat
-        ones already counted, so they add no fallbacks. ``unary``: position terms (rank heads).
-        """
-        lengths = batch.valid(m).sum(1).tolist()
-        slots, fb = decode_stories(
-            pair_logprobs(logits).float().cpu().numpy(),
-            lengths,
-            self.decoder,
-            before=before,
-            unary=None if unary is None else unary.double().cpu().numpy(),
-        )
-        out["fallbacks"] += fb if before is None else 0
-        pos = batch.pos[m].cpu().numpy()
-        return [[int(pos[b, s]) for s in order] for b, order in enumerate(slots)], slots
 
     def _slot_precedence(self, batch: Batch) -> np.ndarray:
         """The stories' gold-order capture-time precedence, permuted into the batch's image slots."""
