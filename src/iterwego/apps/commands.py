@@ -425,15 +425,8 @@ def cmd_order(a: argparse.Namespace) -> int:
     if a.jsonl and (a.images or a.sentences):
         raise IterWeGOError("give either --jsonl or --images/--sentences, not both")
     stories = read_jsonl(a.jsonl) if a.jsonl else stories_from_args(a.images, a.sentences)
-    model, meta = load_run(a.run, pick_device(), **run_load_args(a))
-    results = order_stories(
-        model,
-        stories,
-        chosen_rounds=meta.get("chosen_rounds"),
-        decoder=a.decoder or model.cfg.train.decoder,
-        capture_time=a.capture_time,
-        capture_rounds=(meta.get("capture_time") or {}).get("chosen_rounds"),
-    )
+    model, _ = load_run(a.run, pick_device(), **run_load_args(a))
+    results = order_stories(model, stories, decoder=a.decoder, capture_time=a.capture_time)
     for story, r in zip(stories, results):
         print(format_order(r, has_gold=bool(a.jsonl)))
     if a.json:

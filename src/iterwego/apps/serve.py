@@ -233,14 +233,7 @@ class OrderService:
                 paths.append(str(p))
             stories = stories_from_args(paths, sentences)
             with self._lock:
-                result = order_stories(
-                    self.model,
-                    stories,
-                    chosen_rounds=self.meta.get("chosen_rounds"),
-                    decoder=decoder,
-                    capture_time=capture_time,
-                    capture_rounds=(self.meta.get("capture_time") or {}).get("chosen_rounds"),
-                )[0]
+                result = order_stories(self.model, stories, decoder=decoder, capture_time=capture_time)[0]
         result["images"] = names
         notes = []
         if decoder == "exact" and max(len(images), len(sentences)) > MAX_EXACT:
