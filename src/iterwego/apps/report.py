@@ -30,8 +30,8 @@ import numpy as np
 from ..data.readers import Story
 from ..errors import ImageError
 from ..images import load_image
-from ..training.evaluator import capture_time_line, ceiling_share, metric_rows
 from .order import capture_line, placed_tags
+from .tables import capture_time_line, ceiling_share, metric_rows
 
 if TYPE_CHECKING:  # evaluate pulls in torch; the report only needs the attributes
     from ..training.evaluator import EvalResult
@@ -117,7 +117,7 @@ def _conf_class(c: float) -> str:
 
 def _fmt_metric(m: dict | None) -> list[str]:
     """Acc / PMR in percent and tau, formatted exactly as
-    :func:`iterwego.training.evaluator.format_table` prints them."""
+    :func:`iterwego.apps.tables.format_table` prints them."""
     if m is None:
         return ["-", "-", "-"]
     tau = m["tau"]
@@ -730,7 +730,7 @@ def evaluation_report(
 ) -> Path:
     """Write an HTML evaluation report to ``path`` and its plots to ``<stem>_files/`` next to it.
 
-    Contents: the metric table (the rows of :func:`iterwego.training.evaluator.format_table`:
+    Contents: the metric table (the rows of :func:`iterwego.apps.tables.format_table`:
     unimodal, each guidance round, the val-chosen guided row and fused
     decoding, Acc / PMR / tau per modality, alignment accuracy and ceilings if
     given); two plots (metrics per round with the chosen round starred, and

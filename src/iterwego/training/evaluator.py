@@ -12,6 +12,7 @@ the others and every table row that uses them says so.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -27,7 +28,7 @@ from ..data.features import StorySet, gather, plan_batches, prefetch
 from ..decode import pair_logprobs
 from ..device import autocast
 from ..metrics import order_metrics
-from ..result import Inference, decode_output
+from ..result import Inference, decode_output, inference_settings
 
 HEADLINE = ("acc", "pmr", "tau")
 
@@ -85,7 +86,7 @@ class EvalResult:
                 "guided": pick(rs[r]),
             }
         if self.fused is not None:
-            out["fused"] = pick(self.fused)
+            out["fused"], out["fused_text"] = pick(self.fused), self.fused["text"]
             out["fusion"] = self.fusion
         if self.positions:
             out["position_terms"] = True
@@ -321,126 +322,86 @@ def _adjacent_conf(p: Tensor, batch: Batch, m: str) -> list[list[float]]:
     return out
 
 
-#: The fused row's label per ``fusion.method``; "fused decoding" is 0.1/0.2's sum of pair log-odds.
-FUSED_LABELS = {"sum": "fused decoding", "orderer": "fused orderer"}
+@dataclass
+class RunEvaluation:
+    """What :func:`evaluate_run` measured, with the inference rounds the guided rows use."""
+
+    result: EvalResult  # metrics per round and variant (orders too with keep_orders)
+    chosen: dict[str, int]  # guidance rounds per modality: the run's, or chosen on validation here
+    capture_chosen: dict[str, int] | None  # the image round chosen with capture times (capture_time=True), or None
+    stories: StorySet  # the evaluated split, in evaluation order
+    meta: dict  # the run's meta.json
+
+    def report(self) -> dict:
+        """The metrics JSON (:meth:`EvalResult.report`) at the chosen rounds."""
+        return self.result.report(self.chosen, self.capture_chosen)
 
 
-def ceiling_of(name: str, modality: str) -> str:
-    """Which ceiling a table row is measured against: its own modality's for the unimodal row, else the
-    item-level fusion ceiling (guided and fused orders use both modalities)."""
-    return modality if name.startswith("unimodal") else "fused"
+def evaluate_run(
+    run,
+    data,
+    split: str,
+    *,
+    fmt: str = "vist",
+    image_dir=None,
+    text_field: str = "text",
+    decoder: str | None = None,
+    progress: bool = True,
+    keep_orders: bool = False,
+    cache=None,
+    load_kw: dict | None = None,
+    authors: bool = False,
+    capture_time: bool = False,
+) -> RunEvaluation:
+    """Evaluate a saved run (a directory or a Hub id) on ``split`` of ``data``, as ``iterwego evaluate`` does.
 
+    The guided rows use the run's inference rounds (``cfg.inference``); a run without them (an imported
+    checkpoint) has them chosen on validation here. ``decoder`` defaults to the run's ``train.decoder``.
+    ``cache``: a :class:`~iterwego.data.cache.FeatureCache`, or None for a private store removed afterwards.
+    With ``authors`` the result also carries the authors' evaluation protocol (``result.authors``). With
+    ``capture_time`` the photos' EXIF times are read too, and the orders bound by them are kept apart.
+    """
+    from ..data.features import build_features
+    from ..data.readers import load_split
+    from ..device import pick_device
+    from ..model import load_run
 
-def ceiling_share(name: str, m: dict | None, modality: str, ceilings: dict | None) -> float | None:
-    """A table row's PMR over its ceiling (:func:`ceiling_of`); None without a ceiling or metrics, and for rows
-    with capture times, which use information the ceilings do not count."""
-    c = (ceilings or {}).get(ceiling_of(name, modality))
-    return None if m is None or not c or "capture times" in name else m["pmr"] / c
-
-
-def metric_rows(report: dict, fused_text: dict | None = None) -> list[tuple[str, dict | None, dict | None, bool]]:
-    """The rows of every metric table (text and HTML): (variant, image metrics, text metrics, val-chosen row?)."""
-    img, txt = report.get("image"), report.get("text")
-    n_rounds = max(len(img["rounds"]) if img else 0, len(txt["rounds"]) if txt else 0)
-
-    def get(d: dict | None, r: int) -> dict | None:
-        return d["rounds"][r] if d and r < len(d["rounds"]) else None
-
-    rows: list[tuple[str, dict | None, dict | None, bool]] = [
-        ("unimodal (round 0)", img and img["unimodal"], txt and txt["unimodal"], False)
-    ]
-    rows += [(f"round {r}", get(img, r), get(txt, r), False) for r in range(1, n_rounds)]
-    if img or txt:
-        ci = f"{img['chosen_round']}" if img else "-"
-        ct = f"{txt['chosen_round']}" if txt else "-"
-        rows.append((f"guided (val-chosen: img {ci}, txt {ct})", img and img["guided"], txt and txt["guided"], True))
-    if "fused" in report:
-        rows.append((FUSED_LABELS[report.get("fusion", "sum")], report["fused"], fused_text or report["fused"], False))
-    ct = report.get("capture_time") or {}
-    if "image" in ct:
-        rows.append(
-            (
-                f"guided + capture times (val-chosen: img {ct['image']['chosen_round']})",
-                ct["image"]["guided"],
-                None,
-                False,
-            )
+    model, meta = load_run(run, pick_device(), **(load_kw or {}))
+    cfg = model.cfg
+    inference = inference_settings(cfg, decoder)
+    capture_chosen = (inference.capture_rounds or None) if capture_time else None
+    need_val = not inference.chosen or (capture_time and not capture_chosen)
+    splits = list(dict.fromkeys([split] + (["val"] if need_val else [])))
+    stories = {sp: load_split(data, sp, fmt=fmt, image_dir=image_dir, text_field=text_field) for sp in splits}
+    with _store(cache) as store:
+        sets, feats = build_features(
+            model.encoders(), stories, where=str(data), progress=progress, cache=store, dtype=cfg.encoder.feature_dtype
         )
-    if "fused" in ct:
-        rows.append(
-            (f"{FUSED_LABELS[report.get('fusion', 'sum')]} + capture times", ct["fused"], ct.get("fused_text"), False)
+        device = next(model.parameters()).device
+        ev = lambda ss, dec=inference.decoder, rounds=None, times=capture_time: Evaluator(  # noqa: E731
+            ss, feats, decoder=dec, rounds=rounds, seed=cfg.train.seed + 2, device=device, capture_time=times
         )
-    return rows
+        val = ev(sets["val"])(model) if need_val else None
+        chosen = inference.rounds if inference.chosen else val.choose_rounds()
+        if capture_time and not capture_chosen:
+            capture_chosen = val.choose_capture_rounds()
+        result = ev(sets[split])(model, keep_orders=keep_orders)
+        if authors:
+            rounds = max(cfg.guidance.max_rounds, max(AUTHORS_ROUNDS))
+            same = inference.decoder == "tsort" and cfg.guidance.max_rounds >= rounds
+            result.authors = authors_protocol(result if same else ev(sets[split], "tsort", rounds, False)(model))
+    return RunEvaluation(result, chosen, capture_chosen, sets[split], meta)
 
 
-def capture_time_line(report: dict) -> str | None:
-    """The table footer saying that (and how much) capture times were used, or None when they were not."""
-    ct = report.get("capture_time")
-    if ct is None:
-        return None
-    return (
-        "rows '+ capture times' order photos by their EXIF capture times where two can be compared "
-        f"({100 * ct['placed_by_time']:.1f}% of the photos placed by time); the other rows and the ceilings ignore them"
-    )
+@contextlib.contextmanager
+def _store(cache):
+    """The shared cache, or a private store in a temporary directory removed afterwards (``--no-cache``)."""
+    if cache is not None:
+        yield cache
+        return
+    import tempfile
 
+    from ..data.cache import FeatureCache
 
-def format_table(report: dict, ceilings: dict | None = None, title: str = "", fused_text: dict | None = None) -> str:
-    """One table: Acc / PMR / tau for images and sentences, one row per variant; with ``ceilings``, each row's
-    PMR as a share of its ceiling (:func:`ceiling_of`)."""
-    rows = metric_rows(report, fused_text)
-    fmt = lambda m: (
-        "   -      -      -  " if m is None else f"{100 * m['acc']:5.1f}  {100 * m['pmr']:5.1f}  {m['tau']:+.3f}"
-    )  # noqa: E731
-
-    def share(name: str, m: dict | None, modality: str) -> str:
-        v = ceiling_share(name, m, modality, ceilings)
-        return "   -" if v is None else f"{100 * v:4.0f}"
-
-    authors = report.get("authors_protocol")
-    w = max([len(r[0]) for r in rows] + [len(_authors_name(authors)) if authors else 0]) + 2
-    lines = []
-    if title:
-        lines.append(title)
-    extra = ("  | PMR / ceiling (%)", "  |   img    txt") if ceilings else ("", "")
-    lines.append((" " * w + "|      images (%)       |     sentences (%)   " + extra[0]).rstrip())
-    lines.append(("variant".ljust(w) + "|  Acc    PMR    tau    |  Acc    PMR    tau  " + extra[1]).rstrip())
-    lines.append("-" * w + "+" + "-" * 23 + "+" + "-" * 22 + ("-+" + "-" * 15 if ceilings else ""))
-    for name, a, b, _ in rows:
-        cells = f"  |  {share(name, a, 'image')}   {share(name, b, 'text')}" if ceilings else ""
-        lines.append((name.ljust(w) + "| " + fmt(a) + "  | " + fmt(b) + cells).rstrip())
-    if authors:
-        lines.append(_authors_line(authors, w, fmt))
-    if "alignment_accuracy" in report:
-        lines.append(
-            f"alignment accuracy (top-1 within story, image->sentence): {100 * report['alignment_accuracy']:.1f}%"
-        )
-    if capture_time_line(report):
-        lines.append(capture_time_line(report))
-    if report.get("position_terms"):
-        lines.append(
-            "round-0 and fused orders are decoded from pair and position terms (rank heads); guided rounds from "
-            "their pair logits alone, as in the paper"
-        )
-    if ceilings:
-        lines.append(
-            "ceilings (Bayes-optimal PMR of the synthetic split): "
-            f"images alone {100 * ceilings['image']:.1f}, sentences alone {100 * ceilings['text']:.1f}, "
-            f"item-level fusion {100 * ceilings['fused']:.1f}; the unimodal row is measured against its own "
-            "modality's, every other row against item-level fusion"
-        )
-    return "\n".join(lines)
-
-
-def _authors_name(a: dict) -> str:
-    rounds = ", ".join(f"{k} {a[m]['round']}" for m, k in (("image", "img"), ("text", "txt")) if m in a)
-    return f"authors' protocol (test-chosen: {rounds})"
-
-
-def _authors_line(a: dict, width: int, fmt) -> str:
-    """The authors' protocol as a labelled row under the table; it never replaces the validation-chosen row."""
-    row = _authors_name(a).ljust(width) + "| " + fmt(a.get("image")) + "  | " + fmt(a.get("text"))
-    note = (
-        "  ^ the authors' released evaluation, for comparison with their published numbers only:\n"
-        "    the round with the best Acc among rounds 1-3 on THIS split (not validation), decoded by tsort"
-    )
-    return "-" * width + "+" + "-" * 23 + "+" + "-" * 22 + "\n" + row + "\n" + note
+    with tempfile.TemporaryDirectory(prefix="iterwego-features-") as d:
+        yield FeatureCache(d)
