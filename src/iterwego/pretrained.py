@@ -91,7 +91,7 @@ def read_config(run_dir: str | Path) -> tuple[Config, dict]:
         cfg = Config.from_dict(cfg_d)
     except ModelLoadError as err:  # name the file: "config version 99 is not supported" alone does not say which run
         raise ModelLoadError(f"{run_dir / 'config.json'}: {err}") from None
-    if "inference" not in cfg_d:  # saved by 0.1/0.2: the chosen rounds lived in meta.json
+    if not cfg.inference.chosen():  # saved by 0.1/0.2 (or save_pretrained(meta=...)): the rounds are in meta.json
         cfg.inference = InferenceConfig.from_meta(meta)
     return cfg, meta
 
