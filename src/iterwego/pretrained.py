@@ -43,11 +43,16 @@ def versions() -> dict:
 def save_run(run_dir: str | Path, model, meta: dict, card: str | None = None) -> None:
     """Write config, weights and metadata of ``model`` into ``run_dir``, and the model card ``card`` if given.
 
+    The inference rounds a model without them gets in ``meta`` (``chosen_rounds``, ``capture_time``) become its
+    config's typed ``inference`` section, saved in ``config.json``.
+
     Backbones that live inside the run the model was loaded from (an imported official run) are copied along.
     """
     from safetensors.torch import save
 
     run_dir = Path(run_dir)
+    if not model.cfg.inference.chosen():  # rounds handed over in meta (training, save_pretrained(meta=...))
+        model.cfg.inference = InferenceConfig.from_meta(meta)
     _carry_backbones(model, run_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(run_dir / "model.safetensors", save(state, metadata={"format": "pt", "iterwego": __version__}))

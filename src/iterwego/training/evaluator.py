@@ -86,7 +86,9 @@ class EvalResult:
                 "guided": pick(rs[r]),
             }
         if self.fused is not None:
-            out["fused"], out["fused_text"] = pick(self.fused), self.fused["text"]
+            out["fused"] = pick(self.fused)
+            if "text" in self.fused:  # the fused order carried to the sentences
+                out["fused_text"] = pick(self.fused["text"])
             out["fusion"] = self.fusion
         if self.positions:
             out["position_terms"] = True

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..aligner import alignment_hits
-from ..config import Config, InferenceConfig
+from ..config import Config
 from ..data.cache import FeatureCache
 from ..data.features import batches, build_features, gather, plan_batches, prefetch
 from ..data.readers import load_split
@@ -640,27 +640,29 @@ class TrainRecipe:
         if not self.main:
             return self.out
         val = self.val_result
-        meta = {
-            "chosen_rounds": self.chosen,
-            "train_seconds": round(self.train_seconds, 1),
-            "data": str(self.data),
-            "format": self.fmt,
-            "text_field": self.text_field,
-            "truncated_sentences": self.truncated,
-            "splits": {"train": len(self.train_stories), "val": len(self.val_stories)},
-            "evaluation": {
-                "val": evaluation_record(
-                    val.report(self.chosen),
-                    len(self.val_stories),
-                    self.cfg.train.decoder,
-                    (val.fused or {}).get("text"),
-                    pmr_ceilings(self.data, "val"),
-                )
+        save_run(
+            self.out,
+            self.model,
+            {
+                "chosen_rounds": self.chosen,
+                "train_seconds": round(self.train_seconds, 1),
+                "data": str(self.data),
+                "format": self.fmt,
+                "text_field": self.text_field,
+                "truncated_sentences": self.truncated,
+                "splits": {"train": len(self.train_stories), "val": len(self.val_stories)},
+                "evaluation": {
+                    "val": evaluation_record(
+                        val.report(self.chosen),
+                        len(self.val_stories),
+                        self.cfg.train.decoder,
+                        (val.fused or {}).get("text"),
+                        pmr_ceilings(self.data, "val"),
+                    )
+                },
+                **({"capture_time": {"chosen_rounds": self.capture_chosen}} if self.capture_time else {}),
             },
-            **({"capture_time": {"chosen_rounds": self.capture_chosen}} if self.capture_time else {}),
-        }
-        self.model.cfg.inference = InferenceConfig.from_meta(meta)  # the typed home; meta keeps them for 0.2 readers
-        save_run(self.out, self.model, meta)
+        )
         self.model.card_text = write_card(self.out)
         if self.private_store:  # the run is complete: nothing will resume from these features
             shutil.rmtree(self.out / PRIVATE_STORE, ignore_errors=True)
