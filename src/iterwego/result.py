@@ -23,7 +23,16 @@ from .config import Config
 from .decode import combine, decode_story, pair_logprobs
 from .fusion import sentence_order
 
-__all__ = ["Variant", "VARIANTS", "Inference", "Ordered", "StoryOrders", "decode_output", "inference_settings"]
+__all__ = [
+    "Variant",
+    "VARIANTS",
+    "Inference",
+    "Ordered",
+    "StoryOrders",
+    "decode_output",
+    "inference_settings",
+    "orders_key",
+]
 
 
 class Variant(str, Enum):
@@ -36,6 +45,14 @@ class Variant(str, Enum):
 
 
 VARIANTS = tuple(Variant)
+
+
+def orders_key(modality: str, rounds: int | None = None, *, timed: bool = False) -> str:
+    """The key of the evaluator's kept orders (``EvalResult.orders``) holding ``modality``'s orders after
+    ``rounds`` guidance rounds, or (``rounds=None``) the fused order carried to ``modality``; ``timed``: bound by
+    capture times."""
+    key = f"fused/{modality}" if rounds is None else f"{modality}/round{rounds}"
+    return f"timed/{key}" if timed else key
 
 
 @dataclass(frozen=True)

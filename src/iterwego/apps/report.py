@@ -31,7 +31,7 @@ from ..data.readers import Story
 from ..decode import MAX_EXACT
 from ..errors import ImageError
 from ..images import load_image
-from ..result import Variant
+from ..result import Variant, orders_key
 from .order import SCHEMA_VERSION, capture_line, placed_tags
 from .tables import FUSED_LABELS, capture_time_line, ceiling_share, metric_rows
 
@@ -567,8 +567,8 @@ def _write_plots(
         plots = (
             (
                 PLOT_FILES[0],
-                "PMR and Kendall tau per guidance round (stars: round chosen on validation; dotted: the fused order, "
-                f"{FUSED_LABELS[report.get('fusion', 'sum')]}).",
+                "PMR and Kendall tau per guidance round (stars: round chosen on validation; "
+                f"dotted: {FUSED_LABELS[report.get('fusion', 'sum')]}).",
                 lambda: _plot_rounds(Figure, report, fused_text),
                 "no per-round metrics in the report",
             ),
@@ -661,12 +661,12 @@ def _sample_card(thumbs: _Thumbs, story: Story, i: int, result: "EvalResult", ke
     parts += _sample_gold(thumbs, story, {m: (c[i] if i < len(c) else []) for m, c in conf.items()})
     io_, so = pred.get("image"), pred.get("text")
     parts += _sample_predicted(thumbs, story, io_, so)
-    uni = {m: result.orders.get(f"{m}/round0") for m in ("image", "text")}
+    uni = {m: result.orders.get(orders_key(m, 0)) for m in ("image", "text")}
     rows: list[tuple[str, Sequence[int] | None, Sequence[int] | None]] = [
         ("unimodal (round 0)", uni["image"][i] if uni["image"] else None, uni["text"][i] if uni["text"] else None),
         ("guided (val-chosen)", io_, so),
     ]
-    fi, ft = result.orders.get("fused/image"), result.orders.get("fused/text")
+    fi, ft = result.orders.get(orders_key("image")), result.orders.get(orders_key("text"))
     if fi and ft:
         rows.append(("fused", fi[i], ft[i]))
     parts.append('<p class="meta">numbers are gold positions (1 = first in the gold story)</p>')
@@ -679,7 +679,7 @@ def _samples(
     report: dict, result: "EvalResult", stories: Sequence[Story], max_samples: int, seed: int
 ) -> tuple[str, str | None]:
     """HTML for a seeded sample of right and wrong stories, or a note why there is none."""
-    keys = {m: f"{m}/round{report[m]['chosen_round']}" for m in ("image", "text") if m in report}
+    keys = {m: orders_key(m, report[m]["chosen_round"]) for m in ("image", "text") if m in report}
     keys = {m: k for m, k in keys.items() if k in result.orders}
     if not keys:
         return (

@@ -28,7 +28,7 @@ from ..data.features import StorySet, gather, plan_batches, prefetch
 from ..decode import pair_logprobs
 from ..device import autocast
 from ..metrics import order_metrics
-from ..result import Inference, decode_output, inference_settings
+from ..result import Inference, decode_output, inference_settings, orders_key
 
 HEADLINE = ("acc", "pmr", "tau")
 
@@ -44,7 +44,8 @@ class EvalResult:
     rounds: dict[str, list[dict]] = field(default_factory=dict)  # modality -> [full metrics dict per round]
     fused: dict | None = None
     alignment_accuracy: float | None = None
-    orders: dict[str, list[list[list[int]]]] = field(default_factory=dict)  # key -> per round/variant -> per story
+    # orders_key(...) -> per story, the order as gold ids (with keep_orders)
+    orders: dict[str, list[list[int]]] = field(default_factory=dict)
     confidences: dict[str, list[list[float]]] = field(
         default_factory=dict
     )  # modality -> per story adjacent-pair P (round 0)
@@ -220,44 +221,44 @@ class Evaluator:
         cat = lambda key: [x for p in parts for x in p[key]]  # noqa: E731
         for m in mods:
             gold = cat(f"gold/{m}")
-            rounds = [cat(f"{m}/round{r}") for r in range(n_rounds + 1)]
+            rounds = [cat(orders_key(m, r)) for r in range(n_rounds + 1)]
             res.rounds[m] = [order_metrics(p, gold) for p in rounds]
             if keep_orders:
                 res.confidences[m] = cat(f"conf/{m}")
                 for r, p in enumerate(rounds):
-                    res.orders[f"{m}/round{r}"] = p
+                    res.orders[orders_key(m, r)] = p
         res.decoder_fallbacks = sum(p["fallbacks"] for p in parts)
         if self.capture is not None and "image" in mods:
             res.timed = self._timed(cat, n_rounds, cross, keep_orders, res)
         if cross:
-            fused_img, fused_txt = cat("fused/image"), cat("fused/text")
+            fused_img, fused_txt = cat(orders_key("image")), cat(orders_key("text"))
             gi, gt = cat("gold/image"), cat("gold/text")
             res.fused = order_metrics(fused_img, gi)
             res.fused["text"] = pick(order_metrics(fused_txt, gt))
             res.fused["both"] = pick(order_metrics(fused_img + fused_txt, gi + gt))
             res.alignment_accuracy = sum(p["align_hits"] for p in parts) / max(sum(p["align_total"] for p in parts), 1)
             if keep_orders:
-                res.orders["fused/image"], res.orders["fused/text"] = fused_img, fused_txt
+                res.orders[orders_key("image")], res.orders[orders_key("text")] = fused_img, fused_txt
         model.train(was)
         return res
 
     def _timed(self, cat, n_rounds: int, cross: bool, keep_orders: bool, res: EvalResult) -> dict:
         gold = cat("gold/image")
-        rounds = [cat(f"timed/image/round{r}") for r in range(n_rounds + 1)]
+        rounds = [cat(orders_key("image", r, timed=True)) for r in range(n_rounds + 1)]
         photos = sum(len(b) for b in self.capture)
         out: dict = {
             "image": [order_metrics(p, gold) for p in rounds],
             "placed_by_time": sum(int(placed_by_time(b).sum()) for b in self.capture) / max(photos, 1),
         }
         if cross:
-            fi, ft = cat("timed/fused/image"), cat("timed/fused/text")
+            fi, ft = cat(orders_key("image", timed=True)), cat(orders_key("text", timed=True))
             out["fused"] = order_metrics(fi, gold)
             out["fused"]["text"] = pick(order_metrics(ft, cat("gold/text")))
             if keep_orders:
-                res.orders["timed/fused/image"], res.orders["timed/fused/text"] = fi, ft
+                res.orders[orders_key("image", timed=True)], res.orders[orders_key("text", timed=True)] = fi, ft
         if keep_orders:
             for r, p in enumerate(rounds):
-                res.orders[f"timed/image/round{r}"] = p
+                res.orders[orders_key("image", r, timed=True)] = p
         return out
 
     def _batch(self, model, batch: Batch, mods: list[str], cross: bool, n_rounds: int, keep_orders: bool) -> dict:
@@ -283,22 +284,24 @@ class Evaluator:
             if keep_orders:
                 out[f"conf/{m}"] = _adjacent_conf(pair_logprobs(fw.logits(m, 0)).exp(), batch, m)
             for r in range(len(getattr(fw, m))):
-                out[f"{m}/round{r}"] = [gold(m, b, s.rounds(m)[r].order) for b, s in enumerate(stories)]
+                out[orders_key(m, r)] = [gold(m, b, s.rounds(m)[r].order) for b, s in enumerate(stories)]
         out["fallbacks"] = sum(o.fell_back for s in stories for o in s.decoded())
         if cross:
             out["align_hits"], out["align_total"] = alignment_hits(fw.scores, batch)
-            out["fused/image"] = [gold("image", b, s.fused.order) for b, s in enumerate(stories)]
-            out["fused/text"] = [gold("text", b, s.fused_sentences) for b, s in enumerate(stories)]
+            out[orders_key("image")] = [gold("image", b, s.fused.order) for b, s in enumerate(stories)]
+            out[orders_key("text")] = [gold("text", b, s.fused_sentences) for b, s in enumerate(stories)]
         if self.capture is not None and "image" in mods:
             # bound by capture times: the same decodes again, so they add no fallbacks
             timed = decode_output(
                 fw, lengths, inference, modalities=("image",), fused=cross, before=self._slot_precedence(batch)
             )
             for r in range(len(fw.image)):
-                out[f"timed/image/round{r}"] = [gold("image", b, s.image[r].order) for b, s in enumerate(timed)]
+                out[orders_key("image", r, timed=True)] = [
+                    gold("image", b, s.image[r].order) for b, s in enumerate(timed)
+                ]
             if cross:
-                out["timed/fused/image"] = [gold("image", b, s.fused.order) for b, s in enumerate(timed)]
-                out["timed/fused/text"] = [gold("text", b, s.fused_sentences) for b, s in enumerate(timed)]
+                out[orders_key("image", timed=True)] = [gold("image", b, s.fused.order) for b, s in enumerate(timed)]
+                out[orders_key("text", timed=True)] = [gold("text", b, s.fused_sentences) for b, s in enumerate(timed)]
         return out
 
     def _slot_precedence(self, batch: Batch) -> np.ndarray:
