@@ -87,33 +87,35 @@ def _story_batch(model, story_id: str, imgs: list, sents: list):
 
 
 def _forward(model, story_id: str, imgs: list, sents: list, use: dict, cross: bool, rounds: dict[str, int]):
-    """``[(ForwardOutput, lengths, modalities)]``: one forward over both modalities when they align, else one per
-    modality; and the sentences the text backbone cut at its token limit meanwhile (the user hears of them)."""
+    """``[(ForwardOutput, its modalities)]``: one forward over both modalities when they align, else one per
+    modality; then how many sentences the text backbone cut at its token limit meanwhile, and that backbone."""
     model.eval()
     text_bb = getattr(model.encoders().get("text"), "backbone", None)
     cut_before = getattr(text_bb, "truncated", 0)
-    lengths = {"image": [len(imgs)], "text": [len(sents)]}
     if cross:
-        fws = [(model(_story_batch(model, story_id, imgs, sents), max(rounds.values())), ("image", "text"))]
+        runs = [(model(_story_batch(model, story_id, imgs, sents), max(rounds.values())), ("image", "text"))]
     else:
-        fws = []
+        runs = []
         for mod in (m for m in ("image", "text") if use[m]):
             b = _story_batch(model, story_id, imgs if mod == "image" else [], sents if mod == "text" else [])
-            fws.append((model(b, modalities=(mod,)), (mod,)))
-    return [(fw, lengths, mods) for fw, mods in fws], getattr(text_bb, "truncated", 0) - cut_before, text_bb
+            runs.append((model(b, modalities=(mod,)), (mod,)))
+    return runs, getattr(text_bb, "truncated", 0) - cut_before, text_bb
 
 
 @torch.no_grad()
-def _story_orders(model, story_id, imgs, sents, use, cross, inference: Inference, before) -> tuple:
-    """The story's :class:`~iterwego.result.StoryOrders` (round 0 and the guided rounds), the guided rounds,
-    the sentences cut and the text backbone."""
+def _story_orders(
+    model, story_id: str, imgs: list, sents: list, use: dict, cross: bool, inference: Inference, before
+) -> tuple:
+    """``(StoryOrders, guided rounds, sentences cut, text backbone)`` of one album: round 0 of each modality,
+    and with both aligned the guided rounds and the fused order; ``before``: capture-time precedence or None."""
     rounds = inference.guided_rounds(before is not None)
     runs, cut, text_bb = _forward(model, story_id, imgs, sents, use, cross, rounds)
+    lengths = {"image": [len(imgs)], "text": [len(sents)]}
+    bound = None if before is None else before[None]
     orders = StoryOrders()
-    for fw, lengths, mods in runs:
+    for fw, mods in runs:
         want = {m: (0, rounds[m]) if cross else (0,) for m in mods}
-        b = None if before is None else before[None]
-        got = decode_output(fw, lengths, inference, rounds=want, modalities=mods, fused=cross, before=b)[0]
+        got = decode_output(fw, lengths, inference, rounds=want, modalities=mods, fused=cross, before=bound)[0]
         orders.image.update(got.image)
         orders.text.update(got.text)
         if cross:
