@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from iterwego.apps.tables import metrics_json
+from iterwego.capture_time import placed_by_time
 from iterwego.config import Config, InferenceConfig
 from iterwego.decode import MAX_EXACT, combine, decode_story, pair_logprobs
 from iterwego.fusion import sentence_order
@@ -79,13 +80,14 @@ def test_capture_times_bind_the_image_and_fused_orders_and_show_as_certain_steps
     for b, (n, s) in enumerate(zip(lengths, stories)):
         assert list(s.image) == [1] and sorted(s.text) == [0, 1]  # the rounds asked for; sentences unbound
         for got in (s.image[1], s.fused):
-            assert got.timed
+            assert got.timed and got.placed_by_time == placed_by_time(before[b, :n, :n]).tolist()
             pos = {k: i for i, k in enumerate(got.order)}
             assert all(pos[i] < pos[j] for i, j in zip(*np.nonzero(before[b, :n, :n])))
             for k, (i, j) in enumerate(zip(got.order, got.order[1:])):
                 if before[b, i, j]:
                     assert got.confidence[k] > 1 - 1e-6  # pinned logits: P = 1 up to float32's logsigmoid
-        assert not s.text[0].timed
+        assert not s.text[0].timed and s.text[0].placed_by_time == []
+    assert stories[0].image[1].placed_by_time == [True, False, True, False, False, True]
 
 
 def test_variant_names_are_the_keys_order_json_writes():

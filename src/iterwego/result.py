@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .capture_time import pin_logits
+from .capture_time import pin_logits, placed_by_time
 from .config import Config
 from .decode import combine, decode_story, pair_logprobs
 from .fusion import sentence_order
@@ -88,6 +88,7 @@ class Ordered:
     rounds: int  # guidance rounds behind it (0: the orderer alone, and the fused order)
     fell_back: bool  # the exact decoder was above decode.MAX_EXACT items and beam search decoded it
     timed: bool = False  # capture-time precedence bound it
+    placed_by_time: list[bool] = field(default_factory=list)  # per slot, whether its capture time placed it (timed)
 
 
 @dataclass
@@ -128,7 +129,8 @@ def _decode(logits, lengths: list[int], decoder: str, rounds: int, before, unary
         )
         o = np.asarray(order, dtype=np.int64)
         conf = np.exp(combine(lp[b, :n, :n]))[o[:-1], o[1:]].tolist()
-        out.append(Ordered([int(k) for k in order], conf, rounds, fell, before is not None))
+        placed = [] if before is None else placed_by_time(before[b][:n, :n]).tolist()
+        out.append(Ordered([int(k) for k in order], conf, rounds, fell, before is not None, placed))
     return out
 
 
