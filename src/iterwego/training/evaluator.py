@@ -1,9 +1,11 @@
 """The evaluator: one object used by training (validation) and by ``iterwego evaluate``.
 
 For each story it computes both orderers' pair logits, the aligner's
-scores, every inference round 0..R of the shared guidance step, decodes each
-round into an order per modality, and fused decoding (both modalities'
-evidence on one-to-one aligned pairs, decoded once and mapped back).
+scores, every inference round 0..R of the shared guidance step and the fused
+order (one order over the aligned pairs, carried to the sentences), decodes them
+with :func:`iterwego.result.decode_output` (as ``order`` does) and scores the
+orders against gold. :func:`evaluate_run` evaluates a saved run, as ``iterwego evaluate`` does;
+the tables people read live in :mod:`iterwego.apps.tables`.
 
 Photos' EXIF capture times are read only when asked (``capture_time=True``):
 they can leak the gold order, so the time-bound orders are kept apart from
