@@ -51,8 +51,8 @@ HEADLINE = ("acc", "pmr", "tau")
 
 
 def train_and_evaluate(name: str, seed: int, data: Path, work: Path, cache, extra: list[str]) -> dict:
-    from iterwego.apps.commands import _eval_run
     from iterwego.config import preset
+    from iterwego.training.evaluator import evaluate_run
     from iterwego.training.recipe import TrainRecipe
 
     run = work / f"{name}-seed{seed}"
@@ -66,8 +66,7 @@ def train_and_evaluate(name: str, seed: int, data: Path, work: Path, cache, extr
             recipe.cleanup()
     out = {"preset": name, "seed": seed, "train_seconds": round(time.time() - t0, 1), "own_decoder": cfg.train.decoder}
     for decoder in DECODERS:
-        result, chosen, _, _ = _eval_run(run, data, "test", decoder=decoder, progress=False, cache=cache)
-        out[decoder] = result.report(chosen)
+        out[decoder] = evaluate_run(run, data, "test", decoder=decoder, progress=False, cache=cache).report()
     return out
 
 

@@ -36,7 +36,10 @@ def test_demo_runs_end_to_end_small_and_fills_the_feature_cache(tmp_path, capsys
     # half the demo's photos carry EXIF times: labelled rows use them, the rows above ignore them
     assert "guided + capture times (val-chosen: img" in printed and "fused orderer + capture times" in printed
     rep = json.loads((out / "test_metrics.json").read_text())
-    assert set(rep) == {"image", "text", "fused", "fusion", "position_terms", "alignment_accuracy", "capture_time"}
+    assert set(rep) == {
+        *("image", "text", "fused", "fused_text", "fusion", "position_terms", "alignment_accuracy", "capture_time"),
+        *("ceilings", "fused_ceiling_share"),  # synthetic data: the fused order's share of its ceiling, both sides
+    }
     assert rep["fusion"] == "orderer" and rep["position_terms"] is True
     assert 0.2 < rep["capture_time"]["placed_by_time"] < 0.6
     assert (out / "report.html").is_file() and (out / "run" / "model.safetensors").is_file()

@@ -295,7 +295,7 @@ def _guidance_that_fires(model, batch, rounds: int) -> float:
 
 def test_order_stories_and_the_evaluator_give_the_same_logits_and_orders(trained_run):
     """The same stories, presented in the same item order, through `order` and through evaluation."""
-    from iterwego.apps.order import _story_batch, order_story
+    from iterwego.apps.order import _story_batch, order_stories
     from iterwego.data.features import build_features
     from iterwego.data.readers import load_split
     from iterwego.model import load_run
@@ -331,7 +331,7 @@ def test_order_stories_and_the_evaluator_give_the_same_logits_and_orders(trained
         gold_i = lambda order: [pos_i[t] for t in order]  # noqa: E731
         gold_t = lambda order: [pos_t[t] for t in order]  # noqa: E731
         for r in range(3):
-            out = order_story(model, _presented(s.id, imgs, sents), chosen_rounds={"image": r, "text": r})
+            out = order_stories(model, [_presented(s.id, imgs, sents)], chosen_rounds={"image": r, "text": r})[0]
             v = out["variants"]
             assert gold_i(v["guided"]["image_order"]) == res.orders[f"image/round{r}"][k], (s.id, r)
             assert gold_t(v["guided"]["sentence_order"]) == res.orders[f"text/round{r}"][k], (s.id, r)
@@ -405,8 +405,8 @@ def test_a_run_saved_by_0_1_loads_and_computes_what_0_1_computed(tmp_path):
     assert fw.i2t[0].tolist() == expected["i2t"] and fw.t2i[0].tolist() == expected["t2i"]
     assert fw.pairing[0].tolist() == expected["pairing"]
 
-    got = order_stories(
-        model, [_presented("album", imgs, expected["sentences"])], chosen_rounds=model.meta["chosen_rounds"]
+    got = order_stories(  # the run's chosen rounds: from 0.1's meta.json, as its typed inference section
+        model, [_presented("album", imgs, expected["sentences"])]
     )[0]
     got["images"] = [Path(p).name for p in got["images"]]
     # fields added since 0.1 (capture times) come on top of 0.1's result, which stays as it was

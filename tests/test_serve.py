@@ -98,8 +98,8 @@ def _get(url: str) -> tuple[int, bytes, dict]:
 
 def _expected(app, images: list[str], sentences: list[str]) -> dict:
     """What ``iterwego order`` computes for the same album, with file names as the page sends them."""
-    res = order_stories(
-        app.service.model, stories_from_args(images, sentences), chosen_rounds=app.service.meta.get("chosen_rounds")
+    res = order_stories(  # the run's inference settings apply by default, as in `iterwego order`
+        app.service.model, stories_from_args(images, sentences)
     )[0]
     res["images"] = [Path(p).name for p in res["images"]]
     return json.loads(json.dumps(res))  # the wire format (tuples -> lists)

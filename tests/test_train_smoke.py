@@ -38,7 +38,10 @@ def test_metrics_json_is_the_metrics_of_the_predicted_test_orders(trained_run):
 
     report = trained_run.metrics
     meta = json.loads((trained_run.run / "meta.json").read_text())
-    assert set(report) == {"image", "text", "fused", "fusion", "position_terms", "alignment_accuracy"}
+    assert set(report) == {
+        *("image", "text", "fused", "fused_text", "fusion", "position_terms", "alignment_accuracy"),
+        *("ceilings", "fused_ceiling_share"),  # synthetic data
+    }
     assert report["fusion"] == "orderer" and report["position_terms"] is True
     model, _ = load_run(trained_run.run)
     stories = load_split(trained_run.data, "test")
@@ -56,6 +59,9 @@ def test_metrics_json_is_the_metrics_of_the_predicted_test_orders(trained_run):
         assert r["chosen_round"] == meta["chosen_rounds"][mod]  # chosen on validation at training time
         assert r["guided"] == want[r["chosen_round"]]
     assert report["fused"] == pick(order_metrics(res.orders["fused/image"], gold))
+    assert report["fused_text"] == pick(order_metrics(res.orders["fused/text"], gold))  # the fused order's sentences
+    share = {m: report[k]["pmr"] / report["ceilings"]["fused"] for m, k in (("image", "fused"), ("text", "fused_text"))}
+    assert report["fused_ceiling_share"] == share  # the same division on one machine: equal
     # pmr counts whole stories and acc whole items of the test split (a float64 ratio times its count: whole up to
     # ~1e-15, on any CPU; abs=1e-9 still tells a whole number from one off by a fraction of an item)
     n_items = sum(len(s.items) for s in stories)

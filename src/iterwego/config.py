@@ -284,6 +284,41 @@ class TrainConfig(Section):
 
 
 @dataclass
+class InferenceConfig(Section):
+    """How a trained run orders: the guidance rounds chosen on validation at the end of training.
+
+    The decoder (``train.decoder``) and the position terms' weight (``orderer.rank_weight``) keep their homes;
+    ``iterwego.result.Inference`` gathers all four. Runs saved by 0.1/0.2 kept the rounds in ``meta.json``
+    (``InferenceConfig.from_meta``).
+    """
+
+    key: ClassVar[str] = "inference"
+    image_rounds: int | None = setting(
+        None,
+        "guidance rounds of the guided image order (null: not chosen; evaluate chooses on val)",
+        within=NON_NEGATIVE,
+    )
+    text_rounds: int | None = setting(
+        None, "guidance rounds of the guided sentence order (null: not chosen)", within=NON_NEGATIVE
+    )
+    capture_image_rounds: int | None = setting(
+        None, "image rounds chosen on val with capture times (null: image_rounds)", within=NON_NEGATIVE
+    )
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "InferenceConfig":
+        """The section of a run saved before it existed, from its ``meta.json`` (``chosen_rounds``,
+        ``capture_time.chosen_rounds``)."""
+        chosen = meta.get("chosen_rounds") or {}
+        timed = (meta.get("capture_time") or {}).get("chosen_rounds") or {}
+        return cls(chosen.get("image"), chosen.get("text"), timed.get("image"))
+
+    def chosen(self) -> bool:
+        """Whether validation chose the rounds (training does; an imported checkpoint has not)."""
+        return self.image_rounds is not None or self.text_rounds is not None
+
+
+@dataclass
 class Config:
     preset: str = setting("tiny", "the preset this config started from", choices=PRESETS)
     encoder: EncoderConfig = section(EncoderConfig, "backbones and the features stored from them")
@@ -292,6 +327,9 @@ class Config:
     guidance: GuidanceConfig = section(GuidanceConfig, "cross-modal guidance, in training and at inference")
     train: TrainConfig = section(TrainConfig, "the training recipe")
     fusion: FusionConfig = section(FusionConfig, "how the two modalities are ordered together (runs before it: sum)")
+    inference: InferenceConfig = section(
+        InferenceConfig, "how the trained run orders; runs saved before it existed: from meta.json"
+    )
     version: int = setting(
         CONFIG_VERSION, "format of this config; a run with another version refuses to load", choices=(CONFIG_VERSION,)
     )
@@ -397,7 +435,10 @@ def _parse_assignment(cfg: Config, a: str) -> tuple[str, Any]:
     return key, value
 
 
-_SECTIONS = {c.key: c for c in (EncoderConfig, OrdererConfig, AlignerConfig, GuidanceConfig, TrainConfig, FusionConfig)}
+_SECTIONS = {
+    c.key: c
+    for c in (EncoderConfig, OrdererConfig, AlignerConfig, GuidanceConfig, TrainConfig, FusionConfig, InferenceConfig)
+}
 _WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 
 

@@ -27,7 +27,7 @@ import torch
 from huggingface_hub import ModelCard, ModelHubMixin
 
 from . import __version__
-from .config import Config
+from .config import Config, InferenceConfig
 from .errors import ConfigError, HubError, ModelLoadError
 from .io import atomic_write_bytes, atomic_write_json
 
@@ -43,11 +43,16 @@ def versions() -> dict:
 def save_run(run_dir: str | Path, model, meta: dict, card: str | None = None) -> None:
     """Write config, weights and metadata of ``model`` into ``run_dir``, and the model card ``card`` if given.
 
+    The inference rounds a model without them gets in ``meta`` (``chosen_rounds``, ``capture_time``) become its
+    config's typed ``inference`` section, saved in ``config.json``.
+
     Backbones that live inside the run the model was loaded from (an imported official run) are copied along.
     """
     from safetensors.torch import save
 
     run_dir = Path(run_dir)
+    if not model.cfg.inference.chosen():  # rounds handed over in meta (training, save_pretrained(meta=...))
+        model.cfg.inference = InferenceConfig.from_meta(meta)
     _carry_backbones(model, run_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(run_dir / "model.safetensors", save(state, metadata={"format": "pt", "iterwego": __version__}))
@@ -88,9 +93,12 @@ def read_config(run_dir: str | Path) -> tuple[Config, dict]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ModelLoadError(f"{run_dir}: config.json or meta.json is not valid JSON ({err})") from None
     try:
-        return Config.from_dict(cfg_d), meta
+        cfg = Config.from_dict(cfg_d)
     except (ModelLoadError, ConfigError) as err:  # name the file: "config version 99 is not supported" alone does
         raise ModelLoadError(f"{run_dir / 'config.json'}: {err}") from None  # not say which run
+    if not cfg.inference.chosen():  # saved by 0.1/0.2 (or save_pretrained(meta=...)): the rounds are in meta.json
+        cfg.inference = InferenceConfig.from_meta(meta)
+    return cfg, meta
 
 
 def portable_identity(identity: str) -> str:

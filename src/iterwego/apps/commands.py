@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -61,82 +60,6 @@ def run_load_args(a: argparse.Namespace) -> dict:
     return {"revision": getattr(a, "revision", None), "overrides": getattr(a, "set", None)}
 
 
-def _eval_run(
-    run: str | Path,
-    data: Path,
-    split: str,
-    *,
-    fmt="vist",
-    image_dir=None,
-    text_field="text",
-    decoder=None,
-    progress=True,
-    keep_orders=False,
-    cache=None,
-    load_kw: dict | None = None,
-    authors=False,
-    capture_time=False,
-):
-    """Evaluate a run on ``split``; the inference round comes from validation (saved at training, or computed here).
-
-    ``decoder`` defaults to the run's ``train.decoder``. With ``authors`` the result also carries the authors'
-    evaluation protocol (``result.authors``), computed beside the validation-chosen result. With ``capture_time``
-    the photos' EXIF times are read too, and the result holds the orders bound by them apart from the others;
-    returns ``(result, chosen, story set, meta, rounds chosen with times or None)``.
-    """
-    from ..data.features import build_features
-    from ..data.readers import load_split
-    from ..device import pick_device
-    from ..model import load_run
-    from ..training.evaluator import AUTHORS_ROUNDS, Evaluator, authors_protocol
-
-    model, meta = load_run(run, pick_device(), **(load_kw or {}))
-    cfg = model.cfg
-    decoder = decoder or cfg.train.decoder
-    read = dict(fmt=fmt, image_dir=image_dir, text_field=text_field)
-    capture_chosen = ((meta.get("capture_time") or {}).get("chosen_rounds") or None) if capture_time else None
-    need_val = not meta.get("chosen_rounds") or (capture_time and not capture_chosen)
-    splits = list(dict.fromkeys([split] + (["val"] if need_val else [])))
-    stories = {sp: load_split(data, sp, **read) for sp in splits}
-    with _store(cache) as store:
-        sets, feats = build_features(
-            model.encoders(),
-            stories,
-            where=str(data),
-            progress=progress,
-            cache=store,
-            dtype=cfg.encoder.feature_dtype,
-        )
-        device = next(model.parameters()).device
-        ev = lambda ss, dec=decoder, rounds=None, times=capture_time: Evaluator(  # noqa: E731
-            ss, feats, decoder=dec, rounds=rounds, seed=cfg.train.seed + 2, device=device, capture_time=times
-        )
-        val = ev(sets["val"])(model) if need_val else None
-        chosen = meta.get("chosen_rounds") or val.choose_rounds()
-        if capture_time and not capture_chosen:
-            capture_chosen = val.choose_capture_rounds()
-        result = ev(sets[split])(model, keep_orders=keep_orders)
-        if authors:
-            rounds = max(cfg.guidance.max_rounds, max(AUTHORS_ROUNDS))
-            same = decoder == "tsort" and cfg.guidance.max_rounds >= rounds
-            result.authors = authors_protocol(result if same else ev(sets[split], "tsort", rounds, False)(model))
-    return result, chosen, sets[split], meta, capture_chosen
-
-
-@contextlib.contextmanager
-def _store(cache):
-    """The shared cache, or a private store in a temporary directory removed afterwards (``--no-cache``)."""
-    if cache is not None:
-        yield cache
-        return
-    import tempfile
-
-    from ..data.cache import FeatureCache
-
-    with tempfile.TemporaryDirectory(prefix="iterwego-features-") as d:
-        yield FeatureCache(d)
-
-
 def _ceilings(data: Path, split: str) -> dict | None:
     """The synthetic split's Bayes-optimal PMRs for the table, or None (real data, or an unreadable file)."""
     from ..data.synth import pmr_ceilings
@@ -185,12 +108,14 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from ..training.evaluator import format_table
+    from ..decode import MAX_EXACT
+    from ..training.evaluator import evaluate_run
+    from .tables import format_table, metrics_json
 
     t0 = time.time()
     if a.update_card:
         _check_card_update(a)
-    result, chosen, ss, _, capture_chosen = _eval_run(
+    ev = evaluate_run(
         a.run,
         Path(a.data),
         a.split,
@@ -205,12 +130,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         authors=a.authors_protocol,
         capture_time=a.capture_time == "on",
     )
-    report = result.report(chosen, capture_chosen)
+    result, report = ev.result, ev.report()
     title = f"{a.split} split, decoder {result.decoder}, {len(result.story_ids)} stories"
     if a.capture_time == "on":
         title += ", capture times on (rows marked '+ capture times')"
     ceilings = _ceilings(a.data, a.split)
-    print(format_table(report, ceilings, title=title, fused_text=(result.fused or {}).get("text")))
+    print(format_table(report, ceilings, title=title))
     if a.update_card:
         _record(a.run, a.split, report, result, result.decoder, ceilings)
         print(
@@ -219,21 +144,16 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if a.html:
         from .report import evaluation_report
 
+        title = f"iterwego evaluate: {title}"
         evaluation_report(
-            a.html,
-            report=report,
-            result=result,
-            stories=ss.stories,
-            title=f"iterwego evaluate: {title}",
-            ceilings=ceilings,
-            fused_text=(result.fused or {}).get("text"),
+            a.html, report=report, result=result, stories=ev.stories.stories, title=title, ceilings=ceilings
         )
         print(f"wrote {a.html}")
     if result.decoder_fallbacks:
-        print(f"note: {result.decoder_fallbacks} story decode(s) longer than 12 items used the beam decoder")
+        print(f"note: {result.decoder_fallbacks} story decode(s) longer than {MAX_EXACT} items used the beam decoder")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
+        Path(a.json).write_text(json.dumps(metrics_json(report, ceilings), indent=2) + "\n")
         print(f"wrote {a.json}")
     print(f"evaluated in {time.time() - t0:.1f}s")
     return 0
@@ -270,8 +190,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
     """synth -> train --preset tiny -> evaluate on the synthetic test split (the last rows with capture times)."""
     from ..config import preset
     from ..data.synth import SynthConfig, synthesize
-    from ..training.evaluator import format_table
+    from ..training.evaluator import evaluate_run
     from ..training.recipe import TrainRecipe
+    from .tables import format_table, metrics_json
 
     t0 = time.time()
     out = Path(a.out)
@@ -287,37 +208,28 @@ def cmd_demo(a: argparse.Namespace) -> int:
     finally:
         recipe.cleanup()
     print("[3/3] evaluating on the test split (inference round chosen on validation)", flush=True)
-    result, chosen, ss, _, capture_chosen = _eval_run(
-        run, data, "test", progress=False, keep_orders=True, cache=_cache(a), capture_time=True
-    )
-    report = result.report(chosen, capture_chosen)
-    (out / "test_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    _record(run, "test", report, result, "exact", _ceilings(data, "test"))
+    ev = evaluate_run(run, data, "test", progress=False, keep_orders=True, cache=_cache(a), capture_time=True)
+    result, report, ceilings = ev.result, ev.report(), _ceilings(data, "test")
+    (out / "test_metrics.json").write_text(json.dumps(metrics_json(report, ceilings), indent=2) + "\n")
+    _record(run, "test", report, result, "exact", ceilings)
     try:
         from .report import evaluation_report
 
+        title = "iterwego demo: synthetic test split"
         evaluation_report(
             out / "report.html",
             report=report,
             result=result,
-            stories=ss.stories,
-            title="iterwego demo: synthetic test split",
-            ceilings=_ceilings(data, "test"),
-            fused_text=(result.fused or {}).get("text"),
+            stories=ev.stories.stories,
+            title=title,
+            ceilings=ceilings,
         )
         report_note = f"; HTML report {out / 'report.html'}"
     except ImportError:
         report_note = ""
     print()
-    print(
-        format_table(
-            report,
-            _ceilings(data, "test"),
-            title=f"iterwego demo: synthetic test split ({a.family} family), {len(result.story_ids)} stories, "
-            "exact decoder",
-            fused_text=(result.fused or {}).get("text"),
-        )
-    )
+    title = f"iterwego demo: synthetic test split ({a.family} family), {len(result.story_ids)} stories, exact decoder"
+    print(format_table(report, ceilings, title=title))
     print(
         f"\nrun saved in {run} (model card {run / 'README.md'}); metrics in {out / 'test_metrics.json'}{report_note}; "
         f"total {time.time() - t0:.0f}s"
@@ -422,15 +334,8 @@ def cmd_order(a: argparse.Namespace) -> int:
     if a.jsonl and (a.images or a.sentences):
         raise IterWeGOError("give either --jsonl or --images/--sentences, not both")
     stories = read_jsonl(a.jsonl) if a.jsonl else stories_from_args(a.images, a.sentences)
-    model, meta = load_run(a.run, pick_device(), **run_load_args(a))
-    results = order_stories(
-        model,
-        stories,
-        chosen_rounds=meta.get("chosen_rounds"),
-        decoder=a.decoder or model.cfg.train.decoder,
-        capture_time=a.capture_time,
-        capture_rounds=(meta.get("capture_time") or {}).get("chosen_rounds"),
-    )
+    model, _ = load_run(a.run, pick_device(), **run_load_args(a))
+    results = order_stories(model, stories, decoder=a.decoder, capture_time=a.capture_time)
     for story, r in zip(stories, results):
         print(format_order(r, has_gold=bool(a.jsonl)))
     if a.json:

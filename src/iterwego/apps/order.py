@@ -13,39 +13,20 @@ says per photo whether its place came from its capture time or from the model.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..capture_time import MODES, pin_logits, placed_by_time, precedence, read_capture_times, times_in_effect
+from ..capture_time import MODES, placed_by_time, precedence, read_capture_times, times_in_effect
 from ..data.features import build_features, make_batch
 from ..data.readers import Item, Story
-from ..decode import MAX_EXACT, combine, decode_story, pair_logprobs
+from ..decode import MAX_EXACT
 from ..errors import DataError
-from ..fusion import sentence_order
+from ..result import Inference, StoryOrders, Variant, decode_output, inference_settings
 
 SCHEMA_VERSION = 1
-
-
-def _adjacent(p: np.ndarray, order: list[int]) -> list[float]:
-    """P(order[k] before order[k+1]) under the combined pair probabilities."""
-    return [float(p[a, b]) for a, b in zip(order, order[1:])]
-
-
-def _decoded(logits, decoder: str, before: np.ndarray | None = None, unary=None) -> tuple[list[int], list[float], bool]:
-    """(order, confidence of each adjacent step, fell back to beam) of one story's ``(1, n, n, 2)`` logits.
-
-    ``before`` (capture-time precedence on these slots) pins those pairs to probability 1/0 and binds the decoder;
-    ``unary``: the story's ``(1, n, P)`` position terms (rank heads), or None.
-    """
-    if before is not None:
-        logits = pin_logits(logits, before[None])
-    lp = pair_logprobs(logits)[0].float().cpu().numpy()
-    n = lp.shape[0]
-    u = None if unary is None or unary.shape[-1] < n else unary[0, :n, :n].double().cpu().numpy()
-    order, fell_back = decode_story(lp, decoder, before=before, unary=u)
-    return order, _adjacent(np.exp(combine(lp)), order), fell_back
 
 
 def _capture_evidence(imgs: list, mode: str) -> tuple[list, np.ndarray | None]:
@@ -105,18 +86,90 @@ def _story_batch(model, story_id: str, imgs: list, sents: list):
     )
 
 
+def _forward(model, story_id: str, imgs: list, sents: list, use: dict, cross: bool, rounds: dict[str, int]):
+    """``[(ForwardOutput, its modalities)]``: one forward over both modalities when they align, else one per
+    modality; then how many sentences the text backbone cut at its token limit meanwhile, and that backbone."""
+    model.eval()
+    text_bb = getattr(model.encoders().get("text"), "backbone", None)
+    cut_before = getattr(text_bb, "truncated", 0)
+    if cross:
+        runs = [(model(_story_batch(model, story_id, imgs, sents), max(rounds.values())), ("image", "text"))]
+    else:
+        runs = []
+        for mod in (m for m in ("image", "text") if use[m]):
+            b = _story_batch(model, story_id, imgs if mod == "image" else [], sents if mod == "text" else [])
+            runs.append((model(b, modalities=(mod,)), (mod,)))
+    return runs, getattr(text_bb, "truncated", 0) - cut_before, text_bb
+
+
 @torch.no_grad()
-def order_story(
-    model,
-    s: Story,
-    *,
-    chosen_rounds: dict | None = None,
-    decoder: str = "exact",
-    capture_time: str = "auto",
-    capture_rounds: dict | None = None,
-) -> dict:
+def _story_orders(
+    model, story_id: str, imgs: list, sents: list, use: dict, cross: bool, inference: Inference, before
+) -> tuple:
+    """``(StoryOrders, guided rounds, sentences cut, text backbone)`` of one album: round 0 of each modality,
+    and with both aligned the guided rounds and the fused order; ``before``: capture-time precedence or None."""
+    rounds = inference.guided_rounds(before is not None)
+    runs, cut, text_bb = _forward(model, story_id, imgs, sents, use, cross, rounds)
+    lengths = {"image": [len(imgs)], "text": [len(sents)]}
+    bound = None if before is None else before[None]
+    orders = StoryOrders()
+    for fw, mods in runs:
+        want = {m: (0, rounds[m]) if cross else (0,) for m in mods}
+        got = decode_output(fw, lengths, inference, rounds=want, modalities=mods, fused=cross, before=bound)[0]
+        orders.image.update(got.image)
+        orders.text.update(got.text)
+        if cross:
+            orders.fused, orders.fused_sentences = got.fused, got.fused_sentences
+            orders.pairing, orders.pairing_score = got.pairing, got.pairing_score
+    return orders, rounds, cut, text_bb
+
+
+def _variants(orders: StoryOrders, rounds: dict[str, int], cross: bool) -> dict:
+    """The result's ``variants`` (``order --json`` schema 1), keyed by :class:`~iterwego.result.Variant`."""
+    out: dict = {}
+    for m, variant in (("image", Variant.IMAGE_ONLY), ("text", Variant.TEXT_ONLY)):
+        if 0 in orders.rounds(m):
+            out[variant.value] = {"order": orders.rounds(m)[0].order, "confidence": orders.rounds(m)[0].confidence}
+    if cross:
+        gi, gt = orders.image[rounds["image"]], orders.text[rounds["text"]]
+        out[Variant.GUIDED.value] = {
+            "image_order": gi.order,
+            "sentence_order": gt.order,
+            "rounds": rounds,
+            "image_confidence": gi.confidence,
+            "sentence_confidence": gt.confidence,
+        }
+        f = orders.fused
+        out[Variant.FUSED.value] = {
+            "image_order": f.order,
+            "sentence_order": orders.fused_sentences,
+            "confidence": f.confidence,
+        }
+    return out
+
+
+def _headline(orders: StoryOrders, variants: dict, cross: bool) -> dict:
+    """The result's headline orders: the fused order when images and sentences align, else each modality's own."""
+    if cross:
+        a = orders.pairing
+        return {
+            "pairing": [[k, a[k]] for k in range(len(a))],
+            "pairing_score": orders.pairing_score,
+            "image_order": orders.fused.order,
+            "sentence_order": orders.fused_sentences,
+            "mode": "fused",
+        }
+    out: dict = {}
+    if Variant.IMAGE_ONLY.value in variants:
+        out["image_order"] = variants[Variant.IMAGE_ONLY.value]["order"]
+    if Variant.TEXT_ONLY.value in variants:
+        out["sentence_order"] = variants[Variant.TEXT_ONLY.value]["order"]
+    return {**out, "mode": "unimodal"}
+
+
+def order_story(model, s: Story, *, inference: Inference | None = None, capture_time: str = "auto") -> dict:
     """Order one story's images and sentences (the given order is ignored); see :func:`order_stories`."""
-    chosen = {"image": 0, "text": 0, **(chosen_rounds or {})}
+    inference = inference or inference_settings(model.cfg)
     imgs = [it.image for it in s.items if it.image is not None]
     sents = [it.sentence for it in s.items if it.sentence is not None]
     res: dict = {"schema": SCHEMA_VERSION, "id": s.id, "images": imgs, "sentences": sents, "variants": {}}
@@ -127,61 +180,10 @@ def order_story(
     if use["image"]:
         res["capture_time"], time_notes = _capture_summary(capture_time, times, before)
         notes += time_notes
-    if before is not None and capture_rounds:
-        chosen["image"] = capture_rounds.get("image", chosen["image"])  # the round chosen on validation with times
-    model.eval()
-    # the text backbone counts sentences it cut at its token limit; the user should hear about them
-    text_bb = getattr(model.encoders().get("text"), "backbone", None)
-    cut_before = getattr(text_bb, "truncated", 0)
-    out = {}
-    if cross:
-        out["both"] = model(_story_batch(model, s.id, imgs, sents), max(chosen["image"], chosen["text"]))
-    else:
-        for mod in ("image", "text"):
-            if use[mod]:
-                b = _story_batch(model, s.id, imgs if mod == "image" else [], sents if mod == "text" else [])
-                out[mod] = model(b, modalities=(mod,))
-    cut = getattr(text_bb, "truncated", 0) - cut_before
-    fell_back = False
-    w = model.cfg.orderer.rank_weight
-    for m in ("image", "text"):
-        fw = out.get("both", out.get(m))
-        if fw is None or not getattr(fw, m):
-            continue
-        o, conf, fb = _decoded(fw.logits(m, 0), decoder, before if m == "image" else None, fw.unary(m, w))
-        fell_back |= fb
-        res["variants"][f"{m}_only"] = {"order": o, "confidence": conf}
-    if cross:
-        fw = out["both"]
-        ri, rt = chosen["image"], chosen["text"]
-        oi, ci, fbi = _decoded(fw.logits("image", ri), decoder, before, fw.unary("image", w, ri))
-        ot, ct, fbt = _decoded(fw.logits("text", rt), decoder, None, fw.unary("text", w, rt))
-        of, cf, fbf = _decoded(fw.fused, decoder, before, fw.unary("fused", w))
-        fell_back |= fbi or fbt or fbf
-        a = fw.pairing[0].cpu().numpy()
-        res["variants"]["guided"] = {
-            "image_order": oi,
-            "sentence_order": ot,
-            "rounds": chosen,
-            "image_confidence": ci,
-            "sentence_confidence": ct,
-        }
-        res["variants"]["fused"] = {
-            "image_order": of,
-            "sentence_order": sentence_order(of, a, len(sents)),
-            "confidence": cf,
-        }
-        res["pairing"] = [[int(k), int(a[k])] for k in range(len(a))]
-        res["pairing_score"] = [float(fw.scores[0, k, a[k]]) for k in range(len(a))]
-        res["image_order"], res["sentence_order"] = of, res["variants"]["fused"]["sentence_order"]
-        res["mode"] = "fused"
-    else:
-        if "image_only" in res["variants"]:
-            res["image_order"] = res["variants"]["image_only"]["order"]
-        if "text_only" in res["variants"]:
-            res["sentence_order"] = res["variants"]["text_only"]["order"]
-        res["mode"] = "unimodal"
-    if fell_back:
+    orders, rounds, cut, text_bb = _story_orders(model, s.id, imgs, sents, use, cross, inference, before)
+    res["variants"] = _variants(orders, rounds, cross)
+    res.update(_headline(orders, res["variants"], cross))
+    if orders.fell_back():
         notes.append(
             f"{max(len(imgs), len(sents))} items: more than the exact decoder's {MAX_EXACT}, "
             "so the beam decoder was used"
@@ -198,7 +200,7 @@ def order_stories(
     stories: list[Story],
     *,
     chosen_rounds: dict | None = None,
-    decoder: str = "exact",
+    decoder: str | None = None,
     progress: bool = False,
     capture_time: str = "auto",
     capture_rounds: dict | None = None,
@@ -211,12 +213,16 @@ def order_stories(
     through :meth:`iterwego.model.IterWeGO.forward` alone, which keeps memory
     flat for large albums (batching is for evaluation).
 
+    The run's inference settings (``model.cfg.inference``: the rounds chosen on validation, also with capture
+    times; ``train.decoder``; ``orderer.rank_weight``) apply; ``decoder``, ``chosen_rounds`` and
+    ``capture_rounds`` (``{"image": r, "text": r}``) override them.
+
     ``capture_time`` (``auto``, ``on``, ``off``; see :mod:`iterwego.capture_time`): with
     ``auto``, when at least two photos carry an EXIF capture time, every pair of photos
     with distinct times from the same camera is ordered by them in every image variant.
     ``result["capture_time"]["photos"][k]["placed_by"]`` says whether photo k's place came
-    from its ``"capture time"`` or from the ``"model"``. ``capture_rounds`` (a run's
-    ``meta["capture_time"]["chosen_rounds"]``) replaces the guided image round when times are used.
+    from its ``"capture time"`` or from the ``"model"``; the guided image round is then the one chosen
+    on validation with capture times.
     """
     if capture_time not in MODES:
         raise ValueError(f"capture_time must be one of {', '.join(MODES)}, got {capture_time!r}")
@@ -228,17 +234,14 @@ def order_stories(
                 line=s.meta.get("line"),
                 story=s.id,
             )
-    return [
-        order_story(
-            model,
-            s,
-            chosen_rounds=chosen_rounds,
-            decoder=decoder,
-            capture_time=capture_time,
-            capture_rounds=capture_rounds,
+    inference = inference_settings(model.cfg, decoder)
+    if chosen_rounds is not None or capture_rounds is not None:
+        inference = replace(
+            inference,
+            rounds=inference.rounds if chosen_rounds is None else dict(chosen_rounds),
+            capture_rounds=inference.capture_rounds if capture_rounds is None else dict(capture_rounds),
         )
-        for s in stories
-    ]
+    return [order_story(model, s, inference=inference, capture_time=capture_time) for s in stories]
 
 
 def stories_from_args(images: list[str] | None, sentences: list[str] | None) -> list[Story]:

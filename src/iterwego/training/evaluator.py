@@ -1,9 +1,11 @@
 """The evaluator: one object used by training (validation) and by ``iterwego evaluate``.
 
 For each story it computes both orderers' pair logits, the aligner's
-scores, every inference round 0..R of the shared guidance step, decodes each
-round into an order per modality, and fused decoding (both modalities'
-evidence on one-to-one aligned pairs, decoded once and mapped back).
+scores, every inference round 0..R of the shared guidance step and the fused
+order (one order over the aligned pairs, carried to the sentences), decodes them
+with :func:`iterwego.result.decode_output` (as ``order`` does) and scores the
+orders against gold. :func:`evaluate_run` evaluates a saved run, as ``iterwego evaluate`` does;
+the tables people read live in :mod:`iterwego.apps.tables`.
 
 Photos' EXIF capture times are read only when asked (``capture_time=True``):
 they can leak the gold order, so the time-bound orders are kept apart from
@@ -12,6 +14,7 @@ the others and every table row that uses them says so.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -24,10 +27,10 @@ from ..batch import Batch
 from ..capture_time import placed_by_time, precedence, read_capture_times
 from ..config import GuidanceConfig
 from ..data.features import StorySet, gather, plan_batches, prefetch
-from ..decode import decode_stories, pair_logprobs
+from ..decode import pair_logprobs
 from ..device import autocast
-from ..fusion import sentence_order
 from ..metrics import order_metrics
+from ..result import Inference, decode_output, inference_settings, orders_key
 
 HEADLINE = ("acc", "pmr", "tau")
 
@@ -43,7 +46,8 @@ class EvalResult:
     rounds: dict[str, list[dict]] = field(default_factory=dict)  # modality -> [full metrics dict per round]
     fused: dict | None = None
     alignment_accuracy: float | None = None
-    orders: dict[str, list[list[list[int]]]] = field(default_factory=dict)  # key -> per round/variant -> per story
+    # orders_key(...) -> per story, the order as gold ids (with keep_orders)
+    orders: dict[str, list[list[int]]] = field(default_factory=dict)
     confidences: dict[str, list[list[float]]] = field(
         default_factory=dict
     )  # modality -> per story adjacent-pair P (round 0)
@@ -86,6 +90,8 @@ class EvalResult:
             }
         if self.fused is not None:
             out["fused"] = pick(self.fused)
+            if "text" in self.fused:  # the fused order carried to the sentences
+                out["fused_text"] = pick(self.fused["text"])
             out["fusion"] = self.fusion
         if self.positions:
             out["position_terms"] = True
@@ -217,48 +223,48 @@ class Evaluator:
         cat = lambda key: [x for p in parts for x in p[key]]  # noqa: E731
         for m in mods:
             gold = cat(f"gold/{m}")
-            rounds = [cat(f"{m}/round{r}") for r in range(n_rounds + 1)]
+            rounds = [cat(orders_key(m, r)) for r in range(n_rounds + 1)]
             res.rounds[m] = [order_metrics(p, gold) for p in rounds]
             if keep_orders:
                 res.confidences[m] = cat(f"conf/{m}")
                 for r, p in enumerate(rounds):
-                    res.orders[f"{m}/round{r}"] = p
+                    res.orders[orders_key(m, r)] = p
         res.decoder_fallbacks = sum(p["fallbacks"] for p in parts)
         if self.capture is not None and "image" in mods:
             res.timed = self._timed(cat, n_rounds, cross, keep_orders, res)
         if cross:
-            fused_img, fused_txt = cat("fused/image"), cat("fused/text")
+            fused_img, fused_txt = cat(orders_key("image")), cat(orders_key("text"))
             gi, gt = cat("gold/image"), cat("gold/text")
             res.fused = order_metrics(fused_img, gi)
             res.fused["text"] = pick(order_metrics(fused_txt, gt))
             res.fused["both"] = pick(order_metrics(fused_img + fused_txt, gi + gt))
             res.alignment_accuracy = sum(p["align_hits"] for p in parts) / max(sum(p["align_total"] for p in parts), 1)
             if keep_orders:
-                res.orders["fused/image"], res.orders["fused/text"] = fused_img, fused_txt
+                res.orders[orders_key("image")], res.orders[orders_key("text")] = fused_img, fused_txt
         model.train(was)
         return res
 
     def _timed(self, cat, n_rounds: int, cross: bool, keep_orders: bool, res: EvalResult) -> dict:
         gold = cat("gold/image")
-        rounds = [cat(f"timed/image/round{r}") for r in range(n_rounds + 1)]
+        rounds = [cat(orders_key("image", r, timed=True)) for r in range(n_rounds + 1)]
         photos = sum(len(b) for b in self.capture)
         out: dict = {
             "image": [order_metrics(p, gold) for p in rounds],
             "placed_by_time": sum(int(placed_by_time(b).sum()) for b in self.capture) / max(photos, 1),
         }
         if cross:
-            fi, ft = cat("timed/fused/image"), cat("timed/fused/text")
+            fi, ft = cat(orders_key("image", timed=True)), cat(orders_key("text", timed=True))
             out["fused"] = order_metrics(fi, gold)
             out["fused"]["text"] = pick(order_metrics(ft, cat("gold/text")))
             if keep_orders:
-                res.orders["timed/fused/image"], res.orders["timed/fused/text"] = fi, ft
+                res.orders[orders_key("image", timed=True)], res.orders[orders_key("text", timed=True)] = fi, ft
         if keep_orders:
             for r, p in enumerate(rounds):
-                res.orders[f"timed/image/round{r}"] = p
+                res.orders[orders_key("image", r, timed=True)] = p
         return out
 
     def _batch(self, model, batch: Batch, mods: list[str], cross: bool, n_rounds: int, keep_orders: bool) -> dict:
-        """Predictions of one batch, as plain lists (so they can be gathered across processes)."""
+        """Predictions of one batch as gold ids, in plain lists (so they can be gathered across processes)."""
         out: dict = {"fallbacks": 0, "align_hits": 0, "align_total": 0}
         with autocast(self.device, self.amp):
             fw = model(
@@ -270,61 +276,35 @@ class Evaluator:
                 fuse=cross,
                 positions=self.positions,
             )
-        w = model.cfg.orderer.rank_weight
+        lengths = {m: batch.valid(m).sum(1).tolist() for m in batch.index}
+        inference = Inference({}, {}, self.decoder, model.cfg.orderer.rank_weight)
+        stories = decode_output(fw, lengths, inference, modalities=mods, fused=cross)
+        pos = {m: batch.pos[m].cpu().numpy() for m in batch.index}
+        gold = lambda m, b, slots: [int(pos[m][b, k]) for k in slots]  # noqa: E731
         for m in mods:
-            out[f"gold/{m}"] = [list(range(int(n))) for n in batch.valid(m).sum(1).tolist()]
+            out[f"gold/{m}"] = [list(range(int(n))) for n in lengths[m]]
             if keep_orders:
                 out[f"conf/{m}"] = _adjacent_conf(pair_logprobs(fw.logits(m, 0)).exp(), batch, m)
-            for r, lg in enumerate(getattr(fw, m)):
-                out[f"{m}/round{r}"] = self._decode(lg, batch, m, out, unary=fw.unary(m, w, r))[0]
-        before = self._slot_precedence(batch) if self.capture is not None and "image" in mods else None
-        if before is not None:
-            for r, lg in enumerate(fw.image):
-                out[f"timed/image/round{r}"] = self._decode(lg, batch, "image", out, before, fw.unary("image", w, r))[0]
+            for r in range(len(getattr(fw, m))):
+                out[orders_key(m, r)] = [gold(m, b, s.rounds(m)[r].order) for b, s in enumerate(stories)]
+        out["fallbacks"] = sum(o.fell_back for s in stories for o in s.decoded())
         if cross:
             out["align_hits"], out["align_total"] = alignment_hits(fw.scores, batch)
-            out["fused/image"], slots = self._decode(fw.fused, batch, "image", out, unary=fw.unary("fused", w))
-            pairing, n_txt, pos_t = (
-                fw.pairing.cpu().numpy(),
-                batch.valid("text").sum(1).tolist(),
-                batch.pos["text"].cpu().numpy(),
+            out[orders_key("image")] = [gold("image", b, s.fused.order) for b, s in enumerate(stories)]
+            out[orders_key("text")] = [gold("text", b, s.fused_sentences) for b, s in enumerate(stories)]
+        if self.capture is not None and "image" in mods:
+            # bound by capture times: the same decodes again, so they add no fallbacks
+            timed = decode_output(
+                fw, lengths, inference, modalities=("image",), fused=cross, before=self._slot_precedence(batch)
             )
-            to_text = lambda slots: [  # noqa: E731
-                [int(pos_t[b, s]) for s in sentence_order(o, pairing[b], n_txt[b])] for b, o in enumerate(slots)
-            ]
-            out["fused/text"] = to_text(slots)
-            if before is not None:
-                out["timed/fused/image"], slots = self._decode(
-                    fw.fused, batch, "image", out, before, fw.unary("fused", w)
-                )
-                out["timed/fused/text"] = to_text(slots)
+            for r in range(len(fw.image)):
+                out[orders_key("image", r, timed=True)] = [
+                    gold("image", b, s.image[r].order) for b, s in enumerate(timed)
+                ]
+            if cross:
+                out[orders_key("image", timed=True)] = [gold("image", b, s.fused.order) for b, s in enumerate(timed)]
+                out[orders_key("text", timed=True)] = [gold("text", b, s.fused_sentences) for b, s in enumerate(timed)]
         return out
-
-    def _decode(
-        self,
-        logits: Tensor,
-        batch: Batch,
-        m: str,
-        out: dict,
-        before: np.ndarray | None = None,
-        unary: Tensor | None = None,
-    ) -> tuple[list[list[int]], list[list[int]]]:
-        """Decode each story: (orders as gold ids, orders as slots); counts beam fallbacks into ``out``.
-
-        ``before`` binds the decoder to capture-time precedence (slot order); those decodes repeat
-        ones already counted, so they add no fallbacks. ``unary``: position terms (rank heads).
-        """
-        lengths = batch.valid(m).sum(1).tolist()
-        slots, fb = decode_stories(
-            pair_logprobs(logits).float().cpu().numpy(),
-            lengths,
-            self.decoder,
-            before=before,
-            unary=None if unary is None else unary.double().cpu().numpy(),
-        )
-        out["fallbacks"] += fb if before is None else 0
-        pos = batch.pos[m].cpu().numpy()
-        return [[int(pos[b, s]) for s in order] for b, order in enumerate(slots)], slots
 
     def _slot_precedence(self, batch: Batch) -> np.ndarray:
         """The stories' gold-order capture-time precedence, permuted into the batch's image slots."""
@@ -349,126 +329,86 @@ def _adjacent_conf(p: Tensor, batch: Batch, m: str) -> list[list[float]]:
     return out
 
 
-#: The fused row's label per ``fusion.method``; "fused decoding" is 0.1/0.2's sum of pair log-odds.
-FUSED_LABELS = {"sum": "fused decoding", "orderer": "fused orderer"}
+@dataclass
+class RunEvaluation:
+    """What :func:`evaluate_run` measured, with the inference rounds the guided rows use."""
+
+    result: EvalResult  # metrics per round and variant (orders too with keep_orders)
+    chosen: dict[str, int]  # guidance rounds per modality: the run's, or chosen on validation here
+    capture_chosen: dict[str, int] | None  # the image round chosen with capture times (capture_time=True), or None
+    stories: StorySet  # the evaluated split, in evaluation order
+    meta: dict  # the run's meta.json
+
+    def report(self) -> dict:
+        """The metrics JSON (:meth:`EvalResult.report`) at the chosen rounds."""
+        return self.result.report(self.chosen, self.capture_chosen)
 
 
-def ceiling_of(name: str, modality: str) -> str:
-    """Which ceiling a table row is measured against: its own modality's for the unimodal row, else the
-    item-level fusion ceiling (guided and fused orders use both modalities)."""
-    return modality if name.startswith("unimodal") else "fused"
+def evaluate_run(
+    run,
+    data,
+    split: str,
+    *,
+    fmt: str = "vist",
+    image_dir=None,
+    text_field: str = "text",
+    decoder: str | None = None,
+    progress: bool = True,
+    keep_orders: bool = False,
+    cache=None,
+    load_kw: dict | None = None,
+    authors: bool = False,
+    capture_time: bool = False,
+) -> RunEvaluation:
+    """Evaluate a saved run (a directory or a Hub id) on ``split`` of ``data``, as ``iterwego evaluate`` does.
 
+    The guided rows use the run's inference rounds (``cfg.inference``); a run without them (an imported
+    checkpoint) has them chosen on validation here. ``decoder`` defaults to the run's ``train.decoder``.
+    ``cache``: a :class:`~iterwego.data.cache.FeatureCache`, or None for a private store removed afterwards.
+    With ``authors`` the result also carries the authors' evaluation protocol (``result.authors``). With
+    ``capture_time`` the photos' EXIF times are read too, and the orders bound by them are kept apart.
+    """
+    from ..data.features import build_features
+    from ..data.readers import load_split
+    from ..device import pick_device
+    from ..model import load_run
 
-def ceiling_share(name: str, m: dict | None, modality: str, ceilings: dict | None) -> float | None:
-    """A table row's PMR over its ceiling (:func:`ceiling_of`); None without a ceiling or metrics, and for rows
-    with capture times, which use information the ceilings do not count."""
-    c = (ceilings or {}).get(ceiling_of(name, modality))
-    return None if m is None or not c or "capture times" in name else m["pmr"] / c
-
-
-def metric_rows(report: dict, fused_text: dict | None = None) -> list[tuple[str, dict | None, dict | None, bool]]:
-    """The rows of every metric table (text and HTML): (variant, image metrics, text metrics, val-chosen row?)."""
-    img, txt = report.get("image"), report.get("text")
-    n_rounds = max(len(img["rounds"]) if img else 0, len(txt["rounds"]) if txt else 0)
-
-    def get(d: dict | None, r: int) -> dict | None:
-        return d["rounds"][r] if d and r < len(d["rounds"]) else None
-
-    rows: list[tuple[str, dict | None, dict | None, bool]] = [
-        ("unimodal (round 0)", img and img["unimodal"], txt and txt["unimodal"], False)
-    ]
-    rows += [(f"round {r}", get(img, r), get(txt, r), False) for r in range(1, n_rounds)]
-    if img or txt:
-        ci = f"{img['chosen_round']}" if img else "-"
-        ct = f"{txt['chosen_round']}" if txt else "-"
-        rows.append((f"guided (val-chosen: img {ci}, txt {ct})", img and img["guided"], txt and txt["guided"], True))
-    if "fused" in report:
-        rows.append((FUSED_LABELS[report.get("fusion", "sum")], report["fused"], fused_text or report["fused"], False))
-    ct = report.get("capture_time") or {}
-    if "image" in ct:
-        rows.append(
-            (
-                f"guided + capture times (val-chosen: img {ct['image']['chosen_round']})",
-                ct["image"]["guided"],
-                None,
-                False,
-            )
+    model, meta = load_run(run, pick_device(), **(load_kw or {}))
+    cfg = model.cfg
+    inference = inference_settings(cfg, decoder)
+    capture_chosen = (inference.capture_rounds or None) if capture_time else None
+    need_val = not inference.chosen or (capture_time and not capture_chosen)
+    splits = list(dict.fromkeys([split] + (["val"] if need_val else [])))
+    stories = {sp: load_split(data, sp, fmt=fmt, image_dir=image_dir, text_field=text_field) for sp in splits}
+    with _store(cache) as store:
+        sets, feats = build_features(
+            model.encoders(), stories, where=str(data), progress=progress, cache=store, dtype=cfg.encoder.feature_dtype
         )
-    if "fused" in ct:
-        rows.append(
-            (f"{FUSED_LABELS[report.get('fusion', 'sum')]} + capture times", ct["fused"], ct.get("fused_text"), False)
+        device = next(model.parameters()).device
+        ev = lambda ss, dec=inference.decoder, rounds=None, times=capture_time: Evaluator(  # noqa: E731
+            ss, feats, decoder=dec, rounds=rounds, seed=cfg.train.seed + 2, device=device, capture_time=times
         )
-    return rows
+        val = ev(sets["val"])(model) if need_val else None
+        chosen = inference.rounds if inference.chosen else val.choose_rounds()
+        if capture_time and not capture_chosen:
+            capture_chosen = val.choose_capture_rounds()
+        result = ev(sets[split])(model, keep_orders=keep_orders)
+        if authors:
+            rounds = max(cfg.guidance.max_rounds, max(AUTHORS_ROUNDS))
+            same = inference.decoder == "tsort" and cfg.guidance.max_rounds >= rounds
+            result.authors = authors_protocol(result if same else ev(sets[split], "tsort", rounds, False)(model))
+    return RunEvaluation(result, chosen, capture_chosen, sets[split], meta)
 
 
-def capture_time_line(report: dict) -> str | None:
-    """The table footer saying that (and how much) capture times were used, or None when they were not."""
-    ct = report.get("capture_time")
-    if ct is None:
-        return None
-    return (
-        "rows '+ capture times' order photos by their EXIF capture times where two can be compared "
-        f"({100 * ct['placed_by_time']:.1f}% of the photos placed by time); the other rows and the ceilings ignore them"
-    )
+@contextlib.contextmanager
+def _store(cache):
+    """The shared cache, or a private store in a temporary directory removed afterwards (``--no-cache``)."""
+    if cache is not None:
+        yield cache
+        return
+    import tempfile
 
+    from ..data.cache import FeatureCache
 
-def format_table(report: dict, ceilings: dict | None = None, title: str = "", fused_text: dict | None = None) -> str:
-    """One table: Acc / PMR / tau for images and sentences, one row per variant; with ``ceilings``, each row's
-    PMR as a share of its ceiling (:func:`ceiling_of`)."""
-    rows = metric_rows(report, fused_text)
-    fmt = lambda m: (
-        "   -      -      -  " if m is None else f"{100 * m['acc']:5.1f}  {100 * m['pmr']:5.1f}  {m['tau']:+.3f}"
-    )  # noqa: E731
-
-    def share(name: str, m: dict | None, modality: str) -> str:
-        v = ceiling_share(name, m, modality, ceilings)
-        return "   -" if v is None else f"{100 * v:4.0f}"
-
-    authors = report.get("authors_protocol")
-    w = max([len(r[0]) for r in rows] + [len(_authors_name(authors)) if authors else 0]) + 2
-    lines = []
-    if title:
-        lines.append(title)
-    extra = ("  | PMR / ceiling (%)", "  |   img    txt") if ceilings else ("", "")
-    lines.append((" " * w + "|      images (%)       |     sentences (%)   " + extra[0]).rstrip())
-    lines.append(("variant".ljust(w) + "|  Acc    PMR    tau    |  Acc    PMR    tau  " + extra[1]).rstrip())
-    lines.append("-" * w + "+" + "-" * 23 + "+" + "-" * 22 + ("-+" + "-" * 15 if ceilings else ""))
-    for name, a, b, _ in rows:
-        cells = f"  |  {share(name, a, 'image')}   {share(name, b, 'text')}" if ceilings else ""
-        lines.append((name.ljust(w) + "| " + fmt(a) + "  | " + fmt(b) + cells).rstrip())
-    if authors:
-        lines.append(_authors_line(authors, w, fmt))
-    if "alignment_accuracy" in report:
-        lines.append(
-            f"alignment accuracy (top-1 within story, image->sentence): {100 * report['alignment_accuracy']:.1f}%"
-        )
-    if capture_time_line(report):
-        lines.append(capture_time_line(report))
-    if report.get("position_terms"):
-        lines.append(
-            "round-0 and fused orders are decoded from pair and position terms (rank heads); guided rounds from "
-            "their pair logits alone, as in the paper"
-        )
-    if ceilings:
-        lines.append(
-            "ceilings (Bayes-optimal PMR of the synthetic split): "
-            f"images alone {100 * ceilings['image']:.1f}, sentences alone {100 * ceilings['text']:.1f}, "
-            f"item-level fusion {100 * ceilings['fused']:.1f}; the unimodal row is measured against its own "
-            "modality's, every other row against item-level fusion"
-        )
-    return "\n".join(lines)
-
-
-def _authors_name(a: dict) -> str:
-    rounds = ", ".join(f"{k} {a[m]['round']}" for m, k in (("image", "img"), ("text", "txt")) if m in a)
-    return f"authors' protocol (test-chosen: {rounds})"
-
-
-def _authors_line(a: dict, width: int, fmt) -> str:
-    """The authors' protocol as a labelled row under the table; it never replaces the validation-chosen row."""
-    row = _authors_name(a).ljust(width) + "| " + fmt(a.get("image")) + "  | " + fmt(a.get("text"))
-    note = (
-        "  ^ the authors' released evaluation, for comparison with their published numbers only:\n"
-        "    the round with the best Acc among rounds 1-3 on THIS split (not validation), decoded by tsort"
-    )
-    return "-" * width + "+" + "-" * 23 + "+" + "-" * 22 + "\n" + row + "\n" + note
+    with tempfile.TemporaryDirectory(prefix="iterwego-features-") as d:
+        yield FeatureCache(d)

@@ -49,7 +49,9 @@ async function loadInfo() {
     const mods = info.modalities.map((m) => (m === "image" ? "images" : "sentences")).join(" and ");
     $("run-info").textContent = `Run ${info.run || "(unnamed)"}: orders ${mods}` +
       (info.aligner ? ", aligns images with sentences" : "") + ` (iterwego ${info.version}).`;
+    state.fusion = info.fusion;
     const L = info.limits;
+    $("exact-option").textContent = `exact (beam above ${L.max_exact} items)`;
     $("limits").textContent = `Up to ${L.max_items} images and ${L.max_items} sentences per request, ${mb(L.max_body_bytes)} in all. ` +
       `Up to ${L.max_exact} items are ordered exactly; larger sets use beam search. ` +
       "With different numbers of images and sentences, each is ordered on its own.";
@@ -194,7 +196,10 @@ function drawVariant(key) {
   if (key === "fused") {
     rows = v.image_order.map((i, k) => ({ image: i, sentence: v.sentence_order[k] }));
     conf = v.confidence;
-    help = "Images and sentences ordered together on their summed scores; under each image is the sentence the aligner paired with it.";
+    help = (state.fusion === "sum"
+      ? "Images and sentences ordered together on both orderers' summed pair scores"
+      : "One order from the fused orderer, which reads each image together with the sentence the aligner paired " +
+        "with it") + "; under each image is that paired sentence.";
   } else if (key === "guided") {
     rows = v.image_order.map((i, k) => ({ image: i, sentence: v.sentence_order[k] }));
     conf = v.image_confidence;
