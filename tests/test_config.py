@@ -75,6 +75,8 @@ BAD = [
     ("encoder.image_size=0", "0", ">= 1"),
     ("encoder.text_max_length=0", "0", ">= 1"),
     ("encoder.text_train_layers=-2", "-2", ">= 0"),
+    ("inference.image_rounds=-1", "-1", ">= 0"),
+    ("inference.capture_image_rounds=-2", "-2", ">= 0"),
 ]
 
 

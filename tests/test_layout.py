@@ -93,3 +93,53 @@ def test_public_api_resolves():
     for name in iterwego.__all__:
         assert getattr(iterwego, name) is not None
     assert iterwego.IterWeGO.forward.__doc__ and "figure" in iterwego.model.__doc__
+
+
+BENCHMARKS = PKG.parents[1] / "benchmarks"
+
+
+def _private_uses(path: Path) -> list[str]:
+    """Private iterwego names ``path`` reaches in another module: ``from m import _x`` and ``m._x`` on a module."""
+    name = _module_name(path) if path.is_relative_to(PKG) else path.stem
+    package = name.rsplit(".", 1)[0] if path.name != "__init__.py" else name
+    private = lambda n: n.startswith("_") and not (n.startswith("__") and n.endswith("__"))  # noqa: E731
+    modules, out = {}, []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
+            if node.level:
+                base = package.split(".")
+                mod = ".".join(base[: len(base) - node.level + 1] + ([mod] if mod else []))
+            if not mod.startswith("iterwego") or mod == name:
+                continue
+            for a in node.names:
+                if private(a.name):
+                    out.append(f"from {mod} import {a.name}")
+                sub = f"{mod}.{a.name}"
+                if (PKG.parent / (sub.replace(".", "/") + ".py")).is_file():
+                    modules[a.asname or a.name] = sub
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("iterwego"):
+                    modules[a.asname or a.name.split(".")[0]] = a.name
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and private(node.attr):
+            base = node.value
+            if isinstance(base, ast.Name) and base.id in modules:
+                out.append(f"{modules[base.id]}.{node.attr}")
+    return out
+
+
+def test_no_private_name_crosses_a_module_boundary():
+    """A leading underscore means "this file only": the package and the benchmarks import only public names."""
+    files = [*PKG.rglob("*.py"), *BENCHMARKS.glob("*.py")]
+    bad = {str(p.relative_to(PKG.parents[1])): uses for p in files if (uses := _private_uses(p))}
+    assert not bad, bad
+
+
+def test_the_private_name_check_sees_one(tmp_path):
+    mod = PKG / "decode.py"  # any real module path: the check reads the source it is given
+    src = tmp_path / "x.py"
+    src.write_text("from iterwego.apps.order import _story_batch\nfrom iterwego import decode\ndecode._helper()\n")
+    assert _private_uses(src) == ["from iterwego.apps.order import _story_batch", "iterwego.decode._helper"]
+    assert _private_uses(mod) == []
