@@ -143,3 +143,14 @@ def test_the_private_name_check_sees_one(tmp_path):
     src.write_text("from iterwego.apps.order import _story_batch\nfrom iterwego import decode\ndecode._helper()\n")
     assert _private_uses(src) == ["from iterwego.apps.order import _story_batch", "iterwego.decode._helper"]
     assert _private_uses(mod) == []
+
+
+def test_every_function_fits_on_a_screen_or_two():
+    """No function in the package is longer than 80 lines: a longer one usually hides two."""
+    long = [
+        f"{p.relative_to(PKG)}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)"
+        for p in PKG.rglob("*.py")
+        for n in ast.walk(ast.parse(p.read_text()))
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 80
+    ]
+    assert not long, long
