@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import frozen_bert
 from .config import EncoderConfig
 from .errors import ModelLoadError
 
@@ -97,6 +98,25 @@ def load_pretrained(cls, name: str, local_files_only: bool, what: str):
         raise ModelLoadError(
             f"cannot load {what} {name!r} ({type(err).__name__}: {str(err).splitlines()[0][:160]}); {hint}"
         ) from None
+
+
+def _load_frozen_bert(name: str):
+    """``(model, tokenizer)`` of a local BERT directory through :mod:`iterwego.frozen_bert`; one-line errors."""
+    from safetensors import SafetensorError
+
+    try:
+        model = frozen_bert.load(name)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load text model {name!r} ({type(err).__name__}: {_first_line(err)})") from None
+    try:
+        tokenizer = frozen_bert.FastTokenizer(Path(name) / "tokenizer.json")
+    except Exception as err:  # the tokenizers library raises a bare Exception on a malformed file
+        raise ModelLoadError(f"cannot load tokenizer {name!r} ({type(err).__name__}: {_first_line(err)})") from None
+    return model, tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:160]
 
 
 # --------------------------------------------------------------------------- images
@@ -315,13 +335,21 @@ class BertBackbone:
         model=None,
         tokenizer=None,
     ):
-        from transformers import AutoModel, AutoTokenizer
-
         self.name = name
-        self.tokenizer = (
-            tokenizer if tokenizer is not None else load_pretrained(AutoTokenizer, name, local_files_only, "tokenizer")
-        )
-        self.model = model if model is not None else load_pretrained(AutoModel, name, local_files_only, "text model")
+        if model is None and tokenizer is None and skip_top == 0 and frozen_bert.loadable(name):
+            # a wholly frozen encoder runs without transformers, whose import takes seconds (see frozen_bert)
+            self.model, self.tokenizer = _load_frozen_bert(name)
+        else:
+            from transformers import AutoModel, AutoTokenizer
+
+            self.tokenizer = (
+                tokenizer
+                if tokenizer is not None
+                else load_pretrained(AutoTokenizer, name, local_files_only, "tokenizer")
+            )
+            self.model = (
+                model if model is not None else load_pretrained(AutoModel, name, local_files_only, "text model")
+            )
         self.model.eval().requires_grad_(False)
         n_layers = self.model.config.num_hidden_layers
         if not 0 <= skip_top <= n_layers:
