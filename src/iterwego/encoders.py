@@ -320,6 +320,9 @@ class BertBackbone:
     token-level features (``skip_top > 0``) then end in two channels: the
     attention mask and the positions that padding covers (the ones pooled).
     Masked pooling does not read padding, so there plain sentences are batched freely.
+
+    A wholly frozen encoder (``skip_top == 0``) in a local directory runs through :mod:`iterwego.frozen_bert`
+    when it can (same features, without importing transformers); anything else loads through transformers.
     """
 
     modality = "text"
