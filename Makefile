@@ -29,6 +29,7 @@ test-all: setup
 
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench.py --size tiny
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/coldstart.py --serve
 
 # SIND-size training: 10k, 20k and 40k stories (about 2 hours on 2 CPU cores; see README "Scale").
 scale: setup

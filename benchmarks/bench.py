@@ -59,11 +59,13 @@ from iterwego.data.features import StorySet, build_features, make_batch  # noqa:
 from iterwego.data.readers import Item, Story  # noqa: E402
 from iterwego.data.store import StoredFeatures  # noqa: E402
 from iterwego.decode import decode, pair_logprobs  # noqa: E402
+from iterwego.device import autocast  # noqa: E402
 from iterwego.encoders import (  # noqa: E402
     BertBackbone,
     CLIPTextBackbone,
     CLIPVisionBackbone,
     PixelBackbone,
+    clip_pixel_values,
     minilm_dir,
     tokenize,
 )  # noqa: E402
@@ -236,12 +238,6 @@ class Memory:
         )
 
 
-def autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
 # --------------------------------------------------------------------------- floor
 @torch.no_grad()
 def backbone_forward(backbone, items: list[str], device: torch.device) -> None:
@@ -377,13 +373,6 @@ def synthetic(like: dict[str, torch.Tensor], n: int, k: int, rng: np.random.Gene
             feats[name] = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
     rows = [np.arange(s * n, (s + 1) * n) for s in range(k)]
     return StorySet([Story(f"syn{s}", []) for s in range(k)], rows, list(rows)), feats
-
-
-def clip_pixel_values(paths: list[str], size: int = 224) -> torch.Tensor:
-    """iterwego's CLIP preprocessing (CLIPVisionBackbone.pixel_values) without building a CLIP model."""
-    stub = object.__new__(CLIPVisionBackbone)
-    stub.image_size = size
-    return CLIPVisionBackbone.pixel_values(stub, paths)
 
 
 def preprocessing(paths: list[str], repeats: int) -> dict:

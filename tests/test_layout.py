@@ -20,6 +20,7 @@ CORE = {
     "encoders",
     "images",
     "capture_time",
+    "frozen_bert",
     "batch",
     "device",
     "io",

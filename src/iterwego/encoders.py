@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import frozen_bert
 from .config import EncoderConfig
 from .errors import ModelLoadError
 
@@ -99,6 +100,25 @@ def load_pretrained(cls, name: str, local_files_only: bool, what: str):
         ) from None
 
 
+def _load_frozen_bert(name: str):
+    """``(model, tokenizer)`` of a local BERT directory through :mod:`iterwego.frozen_bert`; one-line errors."""
+    from safetensors import SafetensorError
+
+    try:
+        model = frozen_bert.load(name)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load text model {name!r} ({type(err).__name__}: {_first_line(err)})") from None
+    try:
+        tokenizer = frozen_bert.FastTokenizer(Path(name) / "tokenizer.json")
+    except Exception as err:  # the tokenizers library raises a bare Exception on a malformed file
+        raise ModelLoadError(f"cannot load tokenizer {name!r} ({type(err).__name__}: {_first_line(err)})") from None
+    return model, tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:160]
+
+
 # --------------------------------------------------------------------------- images
 def _pool_map(fn, items: Sequence, workers: int | None = None) -> list:
     """Decode images on a thread pool: PIL releases the GIL while decoding and resizing."""
@@ -172,7 +192,7 @@ class CNNHead(nn.Module):
 
 
 def clip_pixel_values(paths: Sequence[str], size: int = 224) -> Tensor:
-    """CLIP preprocessing, equal to transformers' ``CLIPImageProcessor`` (PIL backend) within 1e-3.
+    """CLIP preprocessing, equal to transformers' ``CLIPImageProcessor`` (PIL backend) up to float32 rounding.
 
     Shorter side to ``size`` (bicubic; the long side truncated as transformers
     does), centre crop, scale to [0, 1], normalise once for the whole batch;
@@ -300,6 +320,9 @@ class BertBackbone:
     token-level features (``skip_top > 0``) then end in two channels: the
     attention mask and the positions that padding covers (the ones pooled).
     Masked pooling does not read padding, so there plain sentences are batched freely.
+
+    A wholly frozen encoder (``skip_top == 0``) in a local directory runs through :mod:`iterwego.frozen_bert`
+    when it can (same features, without importing transformers); anything else loads through transformers.
     """
 
     modality = "text"
@@ -315,13 +338,21 @@ class BertBackbone:
         model=None,
         tokenizer=None,
     ):
-        from transformers import AutoModel, AutoTokenizer
-
         self.name = name
-        self.tokenizer = (
-            tokenizer if tokenizer is not None else load_pretrained(AutoTokenizer, name, local_files_only, "tokenizer")
-        )
-        self.model = model if model is not None else load_pretrained(AutoModel, name, local_files_only, "text model")
+        if model is None and tokenizer is None and skip_top == 0 and frozen_bert.loadable(name):
+            # a wholly frozen encoder runs without transformers, whose import takes seconds (see frozen_bert)
+            self.model, self.tokenizer = _load_frozen_bert(name)
+        else:
+            from transformers import AutoModel, AutoTokenizer
+
+            self.tokenizer = (
+                tokenizer
+                if tokenizer is not None
+                else load_pretrained(AutoTokenizer, name, local_files_only, "tokenizer")
+            )
+            self.model = (
+                model if model is not None else load_pretrained(AutoModel, name, local_files_only, "text model")
+            )
         self.model.eval().requires_grad_(False)
         n_layers = self.model.config.num_hidden_layers
         if not 0 <= skip_top <= n_layers:

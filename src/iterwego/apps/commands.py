@@ -331,16 +331,26 @@ def cmd_order(a: argparse.Namespace) -> int:
     from ..model import load_run
     from .order import order_stories, stories_from_args
 
-    if a.jsonl and (a.images or a.sentences):
-        raise IterWeGOError("give either --jsonl or --images/--sentences, not both")
-    stories = read_jsonl(a.jsonl) if a.jsonl else stories_from_args(a.images, a.sentences)
+    if sum(map(bool, (a.jsonl, a.albums, a.images or a.sentences))) > 1:
+        raise IterWeGOError("give one of --albums, --jsonl or --images/--sentences")
+    if a.albums:
+        from .albums import order_albums, read_albums, timing_line
+
+        stories = read_albums(a.albums)
+    else:
+        stories = read_jsonl(a.jsonl) if a.jsonl else stories_from_args(a.images, a.sentences)
+    t0 = time.perf_counter()
     model, _ = load_run(a.run, pick_device(), **run_load_args(a))
-    results = order_stories(model, stories, decoder=a.decoder, capture_time=a.capture_time)
-    for story, r in zip(stories, results):
-        print(format_order(r, has_gold=bool(a.jsonl)))
+    load_s = time.perf_counter() - t0
+    kw = dict(decoder=a.decoder, capture_time=a.capture_time)  # the run's own inference settings apply
+    results, seconds = order_albums(model, stories, **kw) if a.albums else (order_stories(model, stories, **kw), [])
+    for k, r in enumerate(results):
+        print(format_order(r, has_gold=bool(a.jsonl)) + (f"\n  ordered in {seconds[k]:.3f}s" if seconds else ""))
+    if seconds:
+        print(timing_line(seconds, load_s))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        payload = results[0] if len(results) == 1 and not a.jsonl else results
+        payload = results[0] if len(results) == 1 and not (a.jsonl or a.albums) else results
         Path(a.json).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {a.json}")
     if a.html:
@@ -393,6 +403,11 @@ def register_order(sub) -> None:
     s.add_argument(
         "--jsonl",
         help="stories as JSONL ({'id', 'images', 'sentences'}; listed order is treated as gold for the report)",
+    )
+    s.add_argument(
+        "--albums",
+        help="many albums in one process: a JSONL file of albums (as --jsonl, no gold) or a folder of album folders "
+        "(photos, and their sentences one a line in captions.txt); prints each album's time",
     )
     s.add_argument(
         "--decoder", default=None, choices=["exact", "tsort", "beam"], help="default: the run's train.decoder"
