@@ -104,8 +104,9 @@ def test_a_broken_weights_file_is_one_line(tmp_path, tiny_bert_dir):
 
 
 # The libraries `iterwego order` must not import: transformers' model-loading path pulls torch._dynamo and
-# torch.distributed.tensor in (seconds), and sentence-transformers imports transformers.
-EXCLUDED = ("sentence_transformers", "transformers", "torch._dynamo", "torch.distributed.tensor")
+# torch.distributed.tensor in (seconds), and sentence-transformers imports transformers. scipy.optimize alone costs
+# a third of `import torch`: the aligner's one-to-one mapping solves stories of up to 12 items without it.
+EXCLUDED = ("sentence_transformers", "transformers", "torch._dynamo", "torch.distributed.tensor", "scipy.optimize")
 
 
 def _loaded_after(code: str) -> dict:

@@ -87,7 +87,7 @@ def align(
 
     ``argmax`` takes each row's best column (the paper; two rows may share a
     column). ``hungarian`` is one-to-one within each story
-    (``scipy.optimize.linear_sum_assignment``). Padding rows map to ``-1``.
+    (:func:`best_assignment`). Padding rows map to ``-1``.
     """
     B, m, n = scores.shape
     s = scores.detach().float()
@@ -96,16 +96,13 @@ def align(
     if method == "argmax":
         out = s.argmax(-1)
     elif method == "hungarian":
-        from scipy.optimize import linear_sum_assignment
-
         out = torch.full((B, m), -1, dtype=torch.long)
         s_np = s.cpu().numpy()
         rows_ok = np.ones((B, m), bool) if valid_rows is None else valid_rows.cpu().numpy()
         cols_ok = np.ones((B, n), bool) if valid_cols is None else valid_cols.cpu().numpy()
         for k in range(B):  # one small assignment per story, not per pair
             r_idx, c_idx = np.flatnonzero(rows_ok[k]), np.flatnonzero(cols_ok[k])
-            sub = s_np[k][np.ix_(r_idx, c_idx)]
-            rr, cc = linear_sum_assignment(sub, maximize=True)
+            rr, cc = best_assignment(s_np[k][np.ix_(r_idx, c_idx)])
             out[k, torch.as_tensor(r_idx[rr])] = torch.as_tensor(c_idx[cc])
         out = out.to(scores.device)
     else:
@@ -113,6 +110,48 @@ def align(
     if valid_rows is not None:
         out = out.masked_fill(~valid_rows, -1)
     return out
+
+
+#: Stories up to this many items on the shorter side are assigned by :func:`best_assignment`'s own dynamic
+#: programme; longer ones by scipy, whose import alone costs a third of ``import torch`` (``iterwego order``).
+MAX_SUBSET_ASSIGNMENT = 12
+
+
+def best_assignment(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, cols)`` of a one-to-one assignment with the largest total score, as scipy's
+    ``linear_sum_assignment(scores, maximize=True)`` returns it (rows ascending; ``min(m, n)`` pairs).
+
+    Up to :data:`MAX_SUBSET_ASSIGNMENT` items a dynamic programme over the subsets of the columns (of the rows,
+    when they are fewer) finds it, vectorised over the subsets; longer stories go to scipy.
+    """
+    m, n = scores.shape
+    if m > n:
+        cols, rows = best_assignment(scores.T)
+        order = np.argsort(rows)
+        return rows[order], cols[order]
+    if n > MAX_SUBSET_ASSIGNMENT:
+        from scipy.optimize import linear_sum_assignment
+
+        return linear_sum_assignment(scores, maximize=True)
+    s = scores.astype(np.float64)
+    masks = np.arange(1 << n)
+    best = np.full(1 << n, -np.inf)  # best total of rows 0..i-1 on exactly the columns of the mask
+    best[0] = 0.0
+    choice = np.full((m, 1 << n), -1)  # the column row i took to reach the mask
+    for i in range(m):
+        new = np.full(1 << n, -np.inf)
+        for j in range(n):  # ascending j and a strict > : of equal totals, the lower column wins
+            free = masks[(masks >> j) & 1 == 0]
+            total = best[free] + s[i, j]
+            better = total > new[free | (1 << j)]
+            new[free[better] | (1 << j)] = total[better]
+            choice[i, free[better] | (1 << j)] = j
+        best = new
+    mask, cols = int(np.argmax(best)), np.empty(m, dtype=np.int64)
+    for i in range(m - 1, -1, -1):
+        cols[i] = choice[i, mask]
+        mask &= ~(1 << int(cols[i]))
+    return np.arange(m), cols
 
 
 def alignment_hits(scores: Tensor, batch: Batch) -> tuple[int, int]:
