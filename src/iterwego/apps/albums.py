@@ -16,7 +16,7 @@ from pathlib import Path
 from ..data.readers import Story, read_jsonl
 from ..errors import DataError
 from ..images import IMAGE_SUFFIXES
-from .order import order_stories, stories_from_args
+from .order import check_orderable, order_stories, stories_from_args
 
 #: The file, inside an album folder, whose lines are the album's sentences.
 CAPTIONS = "captions.txt"
@@ -68,14 +68,7 @@ def order_albums(model, albums: list[Story], **kw) -> tuple[list[dict], list[flo
 
     Every album is checked before the first is ordered, so a bad one fails the command before any work.
     """
-    for a in albums:
-        if len(a.items) < 2:
-            raise DataError(
-                f"a story needs at least 2 items to order, got {len(a.items)}",
-                path=a.meta.get("source"),
-                line=a.meta.get("line"),
-                story=a.id,
-            )
+    check_orderable(albums)
     results, seconds = [], []
     for a in albums:
         t0 = time.perf_counter()

@@ -195,6 +195,18 @@ def order_story(model, s: Story, *, inference: Inference | None = None, capture_
     return res
 
 
+def check_orderable(stories: list[Story]) -> None:
+    """Refuse (one-line ``DataError``, naming the file, line and story) a story with fewer than 2 items."""
+    for s in stories:
+        if len(s.items) < 2:
+            raise DataError(
+                f"a story needs at least 2 items to order, got {len(s.items)}",
+                path=s.meta.get("source"),
+                line=s.meta.get("line"),
+                story=s.id,
+            )
+
+
 def order_stories(
     model,
     stories: list[Story],
@@ -226,14 +238,7 @@ def order_stories(
     """
     if capture_time not in MODES:
         raise ValueError(f"capture_time must be one of {', '.join(MODES)}, got {capture_time!r}")
-    for s in stories:
-        if len(s.items) < 2:
-            raise DataError(
-                f"a story needs at least 2 items to order, got {len(s.items)}",
-                path=s.meta.get("source"),
-                line=s.meta.get("line"),
-                story=s.id,
-            )
+    check_orderable(stories)
     inference = inference_settings(model.cfg, decoder)
     if chosen_rounds is not None or capture_rounds is not None:
         inference = replace(
