@@ -26,6 +26,7 @@ CORE = {
     "io",
     "errors",
     "pretrained",
+    "tables",  # the one presentation module: tables and shares that the CLI, reports and model cards print
 }
 OUTER = ("data", "training", "apps", "compat")
 

@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from iterwego.apps.report import PLOT_FILES, THUMB_PX, evaluation_report, order_report
-from iterwego.apps.tables import format_table
 from iterwego.data.readers import Item, Story
+from iterwego.tables import format_table
 from iterwego.training.evaluator import EvalResult
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from iterwego.apps.tables import metrics_json
 from iterwego.capture_time import placed_by_time
 from iterwego.config import Config, InferenceConfig
 from iterwego.decode import MAX_EXACT, combine, decode_story, pair_logprobs
@@ -19,6 +18,7 @@ from iterwego.fusion import sentence_order
 from iterwego.model import ForwardOutput
 from iterwego.pretrained import read_config
 from iterwego.result import VARIANTS, Inference, Variant, decode_output, inference_settings
+from iterwego.tables import metrics_json
 
 V01 = Path(__file__).parent / "data" / "run_v0_1"
 

@@ -109,8 +109,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from ..decode import MAX_EXACT
+    from ..tables import format_table, metrics_json
     from ..training.evaluator import evaluate_run
-    from .tables import format_table, metrics_json
 
     t0 = time.time()
     if a.update_card:
@@ -190,9 +190,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
     """synth -> train --preset tiny -> evaluate on the synthetic test split (the last rows with capture times)."""
     from ..config import preset
     from ..data.synth import SynthConfig, synthesize
+    from ..tables import format_table, metrics_json
     from ..training.evaluator import evaluate_run
     from ..training.recipe import TrainRecipe
-    from .tables import format_table, metrics_json
 
     t0 = time.time()
     out = Path(a.out)

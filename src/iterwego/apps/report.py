@@ -32,8 +32,8 @@ from ..decode import MAX_EXACT
 from ..errors import ImageError
 from ..images import load_image
 from ..result import Variant, orders_key
+from ..tables import FUSED_LABELS, capture_time_line, ceiling_share, metric_rows
 from .order import SCHEMA_VERSION, capture_line, placed_tags
-from .tables import FUSED_LABELS, capture_time_line, ceiling_share, metric_rows
 
 if TYPE_CHECKING:  # evaluate pulls in torch; the report only needs the attributes
     from ..training.evaluator import EvalResult
@@ -119,7 +119,7 @@ def _conf_class(c: float) -> str:
 
 def _fmt_metric(m: dict | None) -> list[str]:
     """Acc / PMR in percent and tau, formatted exactly as
-    :func:`iterwego.apps.tables.format_table` prints them."""
+    :func:`iterwego.tables.format_table` prints them."""
     if m is None:
         return ["-", "-", "-"]
     tau = m["tau"]
@@ -729,7 +729,7 @@ def evaluation_report(
 ) -> Path:
     """Write an HTML evaluation report to ``path`` and its plots to ``<stem>_files/`` next to it.
 
-    Contents: the metric table (the rows of :func:`iterwego.apps.tables.format_table`:
+    Contents: the metric table (the rows of :func:`iterwego.tables.format_table`:
     unimodal, each guidance round, the val-chosen guided row and fused
     decoding, Acc / PMR / tau per modality, alignment accuracy and ceilings if
     given); two plots (metrics per round with the chosen round starred, and

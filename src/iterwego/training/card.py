@@ -4,7 +4,7 @@ The card is rendered with ``huggingface_hub.ModelCard`` from the run's ``config.
 alone, so it can be rewritten anywhere: at the end of training, by ``import-official``, when an evaluation
 is recorded (``iterwego evaluate --update-card``, the demo) and by ``iterwego push`` (naming the repo id).
 Evaluations live in ``meta.json`` under ``evaluation.<split>``; their tables come from
-:func:`iterwego.apps.tables.metric_rows`, the rows every other metric table shows.
+:func:`iterwego.tables.metric_rows`, the rows every other metric table shows.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..apps.tables import FUSED_LABELS, ceiling_share, metric_rows
 from ..config import Config, preset
 from ..decode import MAX_EXACT
 from ..io import atomic_write_bytes, atomic_write_json
 from ..pretrained import read_config
+from ..tables import FUSED_LABELS, ceiling_share, metric_rows
 
 CITATION = """@inproceedings{bin2024iterwego,
   title     = {Leveraging Weak Cross-Modal Guidance for Coherence Modelling via Iterative Learning},
@@ -166,7 +166,7 @@ def _cell(m: dict | None, key: str) -> str:
 
 
 def metric_table_md(report: dict, fused_text: dict | None = None) -> str:
-    """The metric table of :func:`~iterwego.apps.tables.format_table` as Markdown (val-chosen row bold)."""
+    """The metric table of :func:`~iterwego.tables.format_table` as Markdown (val-chosen row bold)."""
     lines = [
         "| variant | images Acc | images PMR | images τ | sentences Acc | sentences PMR | sentences τ |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -5,7 +5,7 @@ scores, every inference round 0..R of the shared guidance step and the fused
 order (one order over the aligned pairs, carried to the sentences), decodes them
 with :func:`iterwego.result.decode_output` (as ``order`` does) and scores the
 orders against gold. :func:`evaluate_run` evaluates a saved run, as ``iterwego evaluate`` does;
-the tables people read live in :mod:`iterwego.apps.tables`.
+the tables people read live in :mod:`iterwego.tables`.
 
 Photos' EXIF capture times are read only when asked (``capture_time=True``):
 they can leak the gold order, so the time-bound orders are kept apart from
