@@ -1,4 +1,4 @@
-"""The one presentation module: metric tables for people: the text table ``iterwego evaluate`` and the demo print, and the rows every other
+"""The one presentation module: the text table ``iterwego evaluate`` and the demo print, and the rows every other
 table (the HTML report, the model card) shows, all read from one metrics JSON (:meth:`EvalResult.report`)."""
 
 from __future__ import annotations
