@@ -192,3 +192,34 @@ def test_evaluate_html_report(data, reference, tmp_path):
     text = html.read_text()
     assert "<table" in text and "http://" not in text and "https://" not in text
     assert (html.parent / "report_files" / "metrics_per_round.png").is_file()
+
+
+def test_a_state_saved_before_the_inference_section_existed_resumes(data, tmp_path):
+    """0.2 saved its training state and train_args.json without the config's `inference` section: 0.3 resumes
+    it (the section takes its defaults), and a state whose config really differs is still refused."""
+    from iterwego.config import preset
+    from iterwego.errors import ModelLoadError
+    from iterwego.training.recipe import TrainRecipe, resume_recipe
+
+    run = tmp_path / "run"
+    cfg = preset("tiny").override([a for a in TRAIN_ARGS[2::2]] + ["train.unimodal_epochs=1"])
+    r = TrainRecipe(cfg, data, run, progress=False, log=lambda *a, **k: None)
+    r.setup()
+    r.fit_unimodal("image")  # one epoch: one checkpoint
+    r.cleanup()
+    state = torch.load(run / "train_state.pt", weights_only=True)
+    saved = json.loads(state["config"])
+    saved.pop("inference")
+    state["config"] = json.dumps(saved)
+    torch.save(state, run / "train_state.pt")
+    args = json.loads((run / "train_args.json").read_text())
+    args["config"].pop("inference")
+    (run / "train_args.json").write_text(json.dumps(args))
+    again = resume_recipe(run, progress=False, log=lambda *a, **k: None)
+    assert again.resumed.stage == "unimodal-image"  # its "done" checkpoint, loaded
+    again.cleanup()
+    saved["train"]["lr"] = 0.5  # a real difference
+    state["config"] = json.dumps(saved)
+    torch.save(state, run / "train_state.pt")
+    with pytest.raises(ModelLoadError, match="different config"):
+        resume_recipe(run, progress=False, log=lambda *a, **k: None)

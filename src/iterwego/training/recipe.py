@@ -41,7 +41,7 @@ from ..data.features import batches, build_features, gather, plan_batches, prefe
 from ..data.readers import load_split, pmr_ceilings
 from ..device import autocast, pick_device
 from ..encoders import CNNHead
-from ..errors import IterWeGOError, ModelLoadError
+from ..errors import ConfigError, IterWeGOError, ModelLoadError
 from ..io import atomic_write_bytes, atomic_write_json
 from ..model import create_model, loss_reduction, loss_units, pair_loss, pairwise_accuracy
 from ..pretrained import save_run
@@ -548,7 +548,8 @@ class TrainRecipe:
         except Exception as err:  # corrupt or foreign file
             first = (str(err).strip().splitlines() or [""])[0][:200]  # torch's unpickling errors span many lines
             raise ModelLoadError(f"{path}: unreadable training state ({type(err).__name__}: {first})") from None
-        if json.loads(st["config"]) != json.loads(self.cfg.to_json()):
+        # read through Config so that a state saved before a section existed (0.2: no `inference`) gets its defaults
+        if Config.from_dict(json.loads(st["config"])).to_dict() != self.cfg.to_dict():
             raise ModelLoadError(f"{path}: the saved training state was made with a different config")
         self.model.load_state_dict(st["model"])
         self.rng.bit_generator.state = json.loads(st["rng_numpy"])
@@ -735,7 +736,7 @@ def resume_recipe(run: str | Path, *, progress: bool = True, log=print, cache=RE
     try:
         a = json.loads(args_path.read_text())
         cfg = Config.from_dict(a["config"])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ModelLoadError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ModelLoadError, ConfigError) as err:
         raise ModelLoadError(f"{args_path}: unusable ({type(err).__name__}: {err})") from None
     for tmp in Path(run).glob(".*.tmp"):  # atomic writes cut short by the kill that interrupted the run
         tmp.unlink(missing_ok=True)
