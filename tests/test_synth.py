@@ -672,3 +672,43 @@ def test_default_dataset_generates_fast(tmp_path):
     summary = synthesize(tmp_path / "default", SynthConfig())
     assert sum(summary["stories"].values()) == 600
     assert summary["seconds"] < 20
+
+
+# --------------------------------------------------------------------------- narrating sentences (weak alignment)
+@pytest.mark.parametrize("family", ["tank", "sky"])
+def test_narrating_sentences_name_nothing_pictured_and_keep_everything_else(tmp_path, family):
+    """synth --narrate P: about P of the sentences name no object and no colour; the time phrase stays where the
+    item shows it, and every other sentence, every image and every hidden time are those of narrate=0."""
+    from iterwego.data.readers import load_split
+    from iterwego.data.synth import COLOURS, KINDS
+
+    base, weak = tmp_path / "base", tmp_path / "weak"
+    synthesize(base, SynthConfig.for_family(family, stories=60, seed=3))
+    synthesize(weak, SynthConfig.for_family(family, stories=60, seed=3, narrate=0.5))
+    meta_b = json.loads((base / "synth_meta.json").read_text())["stories"]
+    meta_w = json.loads((weak / "synth_meta.json").read_text())["stories"]
+    assert all("narrating" not in v for v in meta_b.values())  # narrate=0 writes what it always wrote
+    narrating = {sid: v.pop("narrating") for sid, v in meta_w.items()}
+    assert meta_w == meta_b  # times, visibility, identities, photo ids: unchanged
+    assert 0.4 < np.mean([x for v in narrating.values() for x in v]) < 0.6
+    pictured, cue = set(KINDS) | set(COLOURS), "hour" if family == "tank" else "bell"
+    for split in ("train", "val", "test"):
+        for sb, sw in zip(load_split(base, split), load_split(weak, split)):
+            for j, (ib, iw) in enumerate(zip(sb.items, sw.items)):
+                assert Path(ib.image).read_bytes() == Path(iw.image).read_bytes()
+                words = set(iw.sentence.replace(".", " ").replace(",", " ").split())
+                if not narrating[sw.id][j]:
+                    assert iw.sentence == ib.sentence
+                    continue
+                assert not words & pictured, iw.sentence  # nothing pictured
+                assert (cue in words) == meta_b[sw.id]["text_visible"][j], iw.sentence  # the time cue stays
+
+
+def test_narrate_out_of_range_is_one_line(capsys):
+    from iterwego.apps.cli import main
+
+    assert main(["demo", "--out", "/nonexistent/never-made", "--narrate", "1.5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "narrate must be in [0, 1], got 1.5" in err[0]
+    with pytest.raises(ValueError, match="narrate"):
+        SynthConfig(narrate=-0.1)

@@ -90,6 +90,7 @@ def _synth_config(SynthConfig, a: argparse.Namespace):
         hide_image=a.hide_image,
         hide_text=a.hide_text,
         time_steps=a.time_steps,
+        narrate=a.narrate,
     )
 
 
@@ -149,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_synth(sub) -> None:
-    from .commands import SYNTH_FAMILIES
+    from .commands import NARRATE_HELP, SYNTH_FAMILIES
 
     s = sub.add_parser("synth", help="write a synthetic visual-story dataset (the embedded default data)")
     s.add_argument("out", help="output directory (SIND layout)")
@@ -171,6 +172,7 @@ def _register_synth(sub) -> None:
         "--hide-text", type=_rate, default=None, metavar="P", help="share of sentences that hide their cue (family's)"
     )
     s.add_argument("--time-steps", type=int, default=None, metavar="T", help="hidden time steps (family's: 12 / 16)")
+    s.add_argument("--narrate", type=_rate, default=0.0, metavar="P", help=NARRATE_HELP)
     s.add_argument(
         "--exif-rate",
         type=_rate,

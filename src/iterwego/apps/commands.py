@@ -182,6 +182,12 @@ def _record(run, split: str, report: dict, result, decoder: str, ceilings: dict 
     )
 
 
+#: ``synth --narrate`` and ``demo --narrate``: how weak the alignment of the synthetic stories is.
+NARRATE_HELP = (
+    "share of sentences that narrate, naming nothing pictured (no object, no colour; the time cue stays): "
+    "weakens what an aligner can match, e.g. 0.5 (default 0)"
+)
+
 #: Share of the demo's photos that carry an EXIF capture time (for its "+ capture times" rows).
 DEMO_EXIF_RATE = 0.5
 
@@ -190,6 +196,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     """synth -> train --preset tiny -> evaluate on the synthetic test split (the last rows with capture times)."""
     from ..config import preset
     from ..data.synth import SynthConfig, synthesize
+    from ..errors import ConfigError
     from ..tables import format_table, metrics_json
     from ..training.evaluator import evaluate_run
     from ..training.recipe import TrainRecipe
@@ -198,8 +205,13 @@ def cmd_demo(a: argparse.Namespace) -> int:
     out = Path(a.out)
     data, run = out / "data", out / "run"
     cfg = preset("tiny").override([f"train.seed={a.seed}"] + (a.set or []))  # a typo stops here, before any work
+    try:
+        synth = SynthConfig.for_family(
+            a.family, stories=a.stories, seed=a.seed, exif_rate=DEMO_EXIF_RATE, narrate=a.narrate
+        )
+    except ValueError as err:  # a bad option value: one line, before any work
+        raise ConfigError(f"demo: {err}") from None
     print(f"[1/3] synthesising {a.stories} stories of the {a.family} family into {data}", flush=True)
-    synth = SynthConfig.for_family(a.family, stories=a.stories, seed=a.seed, exif_rate=DEMO_EXIF_RATE)
     synthesize(data, synth, progress=not a.quiet)
     print("[2/3] training the tiny preset (unimodal orderers, aligner, iterative guidance, heads)", flush=True)
     recipe = TrainRecipe(cfg, data, run, progress=not a.quiet, cache=_cache(a))
@@ -317,6 +329,7 @@ def register(sub, add_data_args) -> None:
         choices=SYNTH_FAMILIES,
         help="synthetic family (iterwego synth --family; default tank)",
     )
+    s.add_argument("--narrate", type=float, default=0.0, metavar="P", help=NARRATE_HELP)
     add_set_arg(s, "override a tiny-preset config field")
     _add_cache_args(s)
     s.add_argument("--quiet", action="store_true")

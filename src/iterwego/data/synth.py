@@ -95,6 +95,22 @@ SKY_TEMPLATES = (
     "our {colour} {kind} plays in the meadow{post}.",
     "{pre}the {colour} {kind} waits near the old fence.",
 )
+# Narrating sentences (SynthConfig.narrate): they tell the story without naming anything pictured, no object and
+# no colour, as real captions often do ("then it started to rain"); the time phrase stays where the item shows it.
+NARRATING_TEMPLATES = (
+    "{pre}we had a great time.",
+    "then it started to rain{post}.",
+    "everyone was happy{post}.",
+    "{pre}we talked for a while.",
+    "the day went on{post}.",
+)
+SKY_NARRATING_TEMPLATES = (
+    "{pre}we walked on.",
+    "it got warmer{post}.",
+    "{pre}nobody said a word.",
+    "we stopped to rest{post}, then went on.",
+    "the afternoon passed slowly{post}.",
+)
 SKY_TOP_RGB, SKY_BOTTOM_RGB = (120, 170, 235), (200, 225, 250)
 SUN_RGB, SUN_RIM_RGB = (255, 255, 240), (255, 150, 40)
 CLOUD_RGB = (205, 205, 210)
@@ -130,6 +146,7 @@ class SynthConfig:
     exif_rate: float = 0.0  # share of photos whose PNG carries an EXIF capture time (DateTimeOriginal, hidden time)
     clock_shift: float = 0.0  # hours; non-zero: a second camera, this far off, takes about half the timed photos
     family: str = "tank"  # generator: "tank" (water level, "hour seven") or "sky" (sun on an arc, "ninth bell")
+    narrate: float = 0.0  # share of sentences that narrate: no object, no colour, the time cue kept where shown
 
     @classmethod
     def for_family(cls, family: str = "tank", **overrides: Any) -> "SynthConfig":
@@ -161,7 +178,7 @@ class SynthConfig:
             raise ValueError(f"HI={hi} exceeds the {len(KINDS) * len(COLOURS)} distinct identities")
         if not math.isfinite(self.clock_shift):
             raise ValueError(f"clock_shift must be a finite number of hours, got {self.clock_shift}")
-        for name in ("hide_image", "hide_text", "train_frac", "val_frac", "test_frac", "exif_rate"):
+        for name in ("hide_image", "hide_text", "train_frac", "val_frac", "test_frac", "exif_rate", "narrate"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")
@@ -311,13 +328,21 @@ def _story_content(cfg: SynthConfig, k: int, rng: np.random.Generator) -> dict:
     # Ids are random slots inside the story's block, so sorting by id says nothing about the order.
     slots = rng.permutation(_ID_BLOCK)[:n]
     file_order = rng.permutation(n)
+    narrating = np.zeros(n, bool)
+    if cfg.narrate > 0:  # drawn last, so every other draw (and every image) is that of narrate=0
+        narrating = rng.random(n) < cfg.narrate
+        narrations = NARRATING_TEMPLATES if cfg.family == "tank" else SKY_NARRATING_TEMPLATES
+        templates = np.where(narrating, rng.integers(0, len(narrations), size=n), templates)
     texts, originals = [], []
     for j in range(n):
         hour = int(times[j]) + 1 if text_visible[j] else None
-        t, o = _sentence(family_templates[templates[j]], colours[j], kinds[j], hour, cfg.family)
+        template = (narrations if narrating[j] else family_templates)[templates[j]]
+        t, o = _sentence(template, colours[j], kinds[j], hour, cfg.family)
         texts.append(t)
         originals.append(o)
+    extra = {"narrating": [bool(x) for x in narrating]} if cfg.narrate > 0 else {}
     return {
+        **extra,
         "story_id": str(k),
         "times": [int(t) for t in times],
         "image_visible": [bool(x) for x in image_visible],
@@ -522,6 +547,8 @@ def _write_story(out: Path, cfg: SynthConfig, k: int, split: str, doc: dict, buf
         doc["images"].append({"id": pid, "album_id": album, "title": "", "tags": ""})
         doc["annotations"].append([_annotation(st, j, album)])
     truth = {key: st[key] for key in ("times", "image_visible", "text_visible", "kinds", "colours", "photo_ids")}
+    if "narrating" in st:  # which sentences name nothing pictured (SynthConfig.narrate)
+        truth["narrating"] = st["narrating"]
     if cfg.exif_rate > 0:  # the EXIF written, in gold order (None: no capture time)
         truth["capture_times"] = [c and c[0] for c in capture]
         truth["cameras"] = [c and c[1] for c in capture]
