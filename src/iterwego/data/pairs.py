@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..io import atomic_write_bytes
-from .readers import Item, Story
+from .readers import Item, Story, read_text
 
 MODALITIES = ("sentence", "image")
 
@@ -146,23 +146,6 @@ class _Pending:
         return Story(id=self.key, items=[make(t) for t in self.tokens], meta=meta)
 
 
-def _read_text(p: Path) -> str:
-    """The file's text (UTF-8, an optional byte-order mark dropped)."""
-    try:
-        raw = p.read_bytes()
-    except FileNotFoundError:
-        raise DataError("file not found", path=str(p)) from None
-    except OSError as err:
-        raise DataError(f"cannot read file ({err.strerror or err})", path=str(p)) from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise DataError(
-            f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start})", path=str(p), line=line
-        ) from None
-
-
 def _parse_docid(docid: str, p: Path, ln: int) -> tuple[str, int, int]:
     """``(key, n, npairs)`` of a docid ``K-N-NPAIRS``, checked to agree with each other."""
     parts = docid.split("-")
@@ -199,7 +182,7 @@ def read_pairs(path: str | os.PathLike, *, modality: str = "sentence") -> list[S
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; expected one of {', '.join(MODALITIES)}")
     p = Path(path)
-    reader = csv.reader(io.StringIO(_read_text(p), newline=""), delimiter="\t")
+    reader = csv.reader(io.StringIO(read_text(p), newline=""), delimiter="\t")
     stories: list[Story] = []
     done: set[str] = set()
     cur: _Pending | None = None

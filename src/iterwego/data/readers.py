@@ -104,7 +104,7 @@ def _read_bytes(path: Path, expected: str = "a file") -> bytes:
         raise DataError(f"cannot read file ({err.strerror or err})", path=str(path)) from None
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     """The file's text, strict UTF-8 (a BOM is tolerated)."""
     raw = _read_bytes(path)
     try:
@@ -296,7 +296,7 @@ def read_vist(
 def _vist_groups(path: Path, text_field: str) -> dict[str, list[tuple[str, str, int, str, dict]]]:
     """The file's annotation records (:func:`_vist_record`) grouped by story, stories in first-seen order."""
     try:
-        doc = json.loads(_read_text(path), object_pairs_hook=_slim_annotation(text_field))
+        doc = json.loads(read_text(path), object_pairs_hook=_slim_annotation(text_field))
     except json.JSONDecodeError as err:
         raise DataError(f"malformed JSON: {err.msg} (column {err.colno})", path=str(path), line=err.lineno) from None
     if not isinstance(doc, dict):
