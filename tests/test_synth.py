@@ -712,3 +712,59 @@ def test_narrate_out_of_range_is_one_line(capsys):
     assert len(err) == 1 and "narrate must be in [0, 1], got 1.5" in err[0]
     with pytest.raises(ValueError, match="narrate"):
         SynthConfig(narrate=-0.1)
+
+
+def test_one_split_alone_is_byte_for_byte_that_split_of_the_whole_dataset(tmp_path):
+    """synthesize(splits=("test",)): the demo's narrating test split without rendering the rest again."""
+    whole, alone = tmp_path / "whole", tmp_path / "alone"
+    cfg = SynthConfig.for_family("tank", stories=40, seed=5, narrate=0.5)
+    synthesize(whole, cfg)
+    summary = synthesize(alone, cfg, splits=("test",))
+    assert summary["stories"] == {"test": cfg.split_sizes()["test"]}
+    assert not (alone / "train.story-in-sequence.json").exists() and not any((alone / "images").glob("train/*"))
+    name = "test.story-in-sequence.json"
+    assert (alone / name).read_bytes() == (whole / name).read_bytes()
+    pngs = sorted(p.name for p in (whole / "images" / "test").iterdir())
+    assert pngs == sorted(p.name for p in (alone / "images" / "test").iterdir()) and pngs
+    assert all(
+        (alone / "images" / "test" / n).read_bytes() == (whole / "images" / "test" / n).read_bytes() for n in pngs
+    )
+    test_ceilings = json.loads((whole / "ceilings.json").read_text())["test"]
+    assert json.loads((alone / "ceilings.json").read_text()) == {"test": test_ceilings}
+
+
+def test_narrating_bounds_by_hand():
+    """Exchangeable narrating items cap the bounds at 1/u!; never above the item-level fusion ceiling."""
+    from iterwego.data.synth import narrating_bounds
+
+    times, T = [0, 3, 5, 8], 10
+    every = [True] * 4
+    # nothing narrates: both bounds are the fusion ceiling (every time visible: 1)
+    assert narrating_bounds(times, every, every, [False] * 4, T) == (1.0, 1.0)
+    # two narrating sentences hide their time: they are exchangeable (1/2); the images all show theirs (1)
+    text = [True, False, False, True]
+    assert narrating_bounds(times, every, text, [False, True, True, False], T) == (1.0, 0.5)
+    # three images hide their time and their sentences narrate: 1/3! for the images, and never above fusion
+    img = [True, False, False, False]
+    fused = story_ceiling(times, [a or b for a, b in zip(img, text)], T)
+    got = narrating_bounds(times, img, text, [False, True, True, True], T)
+    assert got == (min(fused, 1 / 6), min(fused, 1 / 2))
+
+
+def test_ceilings_file_holds_the_narrating_bounds_only_when_sentences_narrate(tmp_path):
+    from iterwego.data.readers import pmr_ceilings
+    from iterwego.data.synth import ceilings_from_meta
+
+    plain, weak = tmp_path / "plain", tmp_path / "weak"
+    synthesize(plain, SynthConfig.for_family("sky", stories=60, seed=2))
+    synthesize(weak, SynthConfig.for_family("sky", stories=60, seed=2, narrate=0.5))
+    c0, c5 = (json.loads((d / "ceilings.json").read_text()) for d in (plain, weak))
+    assert "fused_text_bound_pmr" not in c0["test"] and set(pmr_ceilings(plain, "test")) == {"image", "text", "fused"}
+    for split in ("train", "val", "test"):
+        assert {k: c5[split][k] for k in c0[split]} == c0[split]  # the other ceilings do not change
+        assert c5[split]["fused_text_bound_pmr"] <= c5[split]["fused_pmr"]
+        assert c5[split]["fused_image_bound_pmr"] <= c5[split]["fused_pmr"]
+    assert c5["train"]["fused_text_bound_pmr"] < c5["train"]["fused_pmr"]  # 40 stories: some pair of loose sentences
+    assert ceilings_from_meta(weak) == c5
+    got = pmr_ceilings(weak, "test")
+    assert got["fused_text"] == c5["test"]["fused_text_bound_pmr"] and got["fused"] == c5["test"]["fused_pmr"]

@@ -561,13 +561,19 @@ def load_ceilings(data_dir: str | os.PathLike) -> dict | None:
 
 def pmr_ceilings(data_dir: str | os.PathLike, split: str) -> dict | None:
     """``{"image", "text", "fused"}`` Bayes-optimal PMRs of ``split`` for metric tables, or None (real data,
-    or an unreadable ``ceilings.json``: a table without ceilings is still a table)."""
+    or an unreadable ``ceilings.json``: a table without ceilings is still a table). Data with narrating sentences
+    adds ``"fused_image"`` and ``"fused_text"``: upper bounds for orders that use both modalities."""
     try:
         c = (load_ceilings(data_dir) or {}).get(split) or {}
     except DataError:
         return None
     out = {k: float(c[f"{k}_pmr"]) for k in ("image", "text", "fused") if isinstance(c.get(f"{k}_pmr"), (int, float))}
-    return out if len(out) == 3 else None
+    if len(out) < 3:
+        return None
+    for m in ("image", "text"):  # narrating sentences: tighter upper bounds per modality (synth.narrating_bounds)
+        if isinstance(c.get(f"fused_{m}_bound_pmr"), (int, float)):
+            out[f"fused_{m}"] = float(c[f"fused_{m}_bound_pmr"])
+    return out
 
 
 # ----------------------------------------------------------------- stats

@@ -232,17 +232,36 @@ def story_ceiling(times: Sequence[int], visible: Sequence[bool], T: int) -> floa
     return best[h] / (math.comb(T - v, h) * math.factorial(h))
 
 
+def narrating_bounds(times: Sequence[int], image_visible, text_visible, narrating, T: int) -> tuple[float, float]:
+    """Upper bounds on the PMR of any order of one story's images and of its sentences when some sentences
+    narrate (:attr:`SynthConfig.narrate`): ``(image bound, sentence bound)``.
+
+    Both are at most the item-level fusion ceiling (which knows the true pairing). Beyond it, exchangeability:
+    a narrating sentence whose time cue is hidden shows nothing that depends on its place (its template is
+    drawn independently), so ``u`` such sentences are exchangeable given everything observable and no order of
+    them is right with probability above ``1/u!``. Likewise an image that hides its time and whose sentence
+    narrates cannot be linked to any sentence by content: ``u`` such images are exchangeable. The bounds are
+    not tight (elimination and the other items' cues are not counted beyond the fusion ceiling).
+    """
+    iv, tv, nar = (np.asarray(x, dtype=bool) for x in (image_visible, text_visible, narrating))
+    fused = story_ceiling(times, iv | tv, T)
+    loose_images, loose_sentences = int((nar & ~iv).sum()), int((nar & ~tv).sum())
+    return min(fused, 1 / math.factorial(loose_images)), min(fused, 1 / math.factorial(loose_sentences))
+
+
 def _split_ceilings(records: list[dict], T: int) -> dict[str, Any]:
     if not records:
         return {"stories": 0, "items": 0, "image_pmr": None, "text_pmr": None, "fused_pmr": None, "chance_pmr": None}
-    img, txt, fus, chance = [], [], [], []
+    img, txt, fus, chance, bounds = [], [], [], [], []
     for r in records:
         iv, tv = np.asarray(r["image_visible"]), np.asarray(r["text_visible"])
         img.append(story_ceiling(r["times"], iv, T))
         txt.append(story_ceiling(r["times"], tv, T))
         fus.append(story_ceiling(r["times"], iv | tv, T))
         chance.append(1.0 / math.factorial(len(r["times"])))
-    return {
+        if "narrating" in r:
+            bounds.append(narrating_bounds(r["times"], iv, tv, r["narrating"], T))
+    out = {
         "stories": len(records),
         "items": int(sum(len(r["times"]) for r in records)),
         "image_pmr": float(np.mean(img)),  # images alone
@@ -250,6 +269,20 @@ def _split_ceilings(records: list[dict], T: int) -> dict[str, Any]:
         "fused_pmr": float(np.mean(fus)),  # an item's time known when either modality shows it
         "chance_pmr": float(np.mean(chance)),  # a uniform random order, for scale
     }
+    if bounds:  # narrating sentences: upper bounds per modality for orders that use both (narrating_bounds)
+        out["fused_image_bound_pmr"] = float(np.mean([b[0] for b in bounds]))
+        out["fused_text_bound_pmr"] = float(np.mean([b[1] for b in bounds]))
+    return out
+
+
+def ceilings_from_meta(data_dir: str | Path) -> dict[str, dict]:
+    """The per-split ceilings of a synthetic dataset recomputed from its ``synth_meta.json`` (what
+    ``ceilings.json`` holds, with the narrating bounds for data written before they were)."""
+    meta = json.loads((Path(data_dir) / META_FILE).read_text())
+    by_split: dict[str, list[dict]] = {}
+    for v in meta["stories"].values():
+        by_split.setdefault(v["split"], []).append(v)
+    return {s: _split_ceilings(r, meta["config"]["time_steps"]) for s, r in by_split.items()}
 
 
 # -------------------------------------------------------------- generation
@@ -555,29 +588,36 @@ def _write_story(out: Path, cfg: SynthConfig, k: int, split: str, doc: dict, buf
     return truth
 
 
-def synthesize(out: str | Path, cfg: SynthConfig | None = None, progress: bool = False) -> dict:
+def synthesize(
+    out: str | Path, cfg: SynthConfig | None = None, progress: bool = False, splits: Sequence[str] = SPLITS
+) -> dict:
     """Write a synthetic dataset in the SIND layout under ``out`` and return a JSON-able summary.
 
     Refuses (``DataError``) a non-empty directory unless it holds a previous
     synth output, which is then replaced. Output bytes depend only on ``cfg``.
+    ``splits`` writes only those splits: their stories are byte for byte those of the whole dataset (each story
+    draws from generators of its own), e.g. the demo's test split again with narrating sentences.
     """
     cfg = cfg or SynthConfig()
     out = Path(out)
     start = time.perf_counter()
+    splits = [s for s in SPLITS if s in splits]
     _prepare_out(out)
     sizes = cfg.split_sizes()
     split_of = [s for s in SPLITS for _ in range(sizes[s])]  # stories are iid, so contiguous blocks are fine
-    files = {s: _split_file(cfg, s) for s in SPLITS}
-    records: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    files = {s: _split_file(cfg, s) for s in splits}
+    records: dict[str, list[dict]] = {s: [] for s in splits}
     meta_stories: dict[str, dict] = {}
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.stories, desc="synth", unit="story")
+        bar = tqdm(total=sum(sizes[s] for s in splits), desc="synth", unit="story")
     buf = io.BytesIO()
     for k in range(cfg.stories):
         split = split_of[k]
+        if split not in files:
+            continue
         truth = _write_story(out, cfg, k, split, files[split], buf)
         meta_stories[str(k)] = {"split": split, **truth}
         records[split].append(truth)
@@ -586,9 +626,9 @@ def synthesize(out: str | Path, cfg: SynthConfig | None = None, progress: bool =
     if bar is not None:
         bar.close()
 
-    for s in SPLITS:
+    for s in splits:
         _dump(out / f"{s}.story-in-sequence.json", files[s])
-    ceilings = {s: _split_ceilings(records[s], cfg.time_steps) for s in SPLITS}
+    ceilings = {s: _split_ceilings(records[s], cfg.time_steps) for s in splits}
     _dump(out / CEILINGS_FILE, ceilings)
     _dump(
         out / META_FILE,
@@ -596,11 +636,11 @@ def synthesize(out: str | Path, cfg: SynthConfig | None = None, progress: bool =
     )
     return {
         "out": str(out),
-        "stories": {s: sizes[s] for s in SPLITS},
-        "items": {s: ceilings[s]["items"] for s in SPLITS},
+        "stories": {s: sizes[s] for s in splits},
+        "items": {s: ceilings[s]["items"] for s in splits},
         "image_size": cfg.image_size,
         "seed": cfg.seed,
         "time_steps": cfg.time_steps,
-        "ceilings": ceilings["test"],
+        "ceilings": ceilings.get("test"),
         "seconds": round(time.perf_counter() - start, 3),
     }
