@@ -20,7 +20,15 @@ from .batch import Batch, scatter_items
 from .config import MAPPINGS, AlignerConfig
 from .encoders import Encoder
 
-__all__ = ["CLIPAligner", "LearnedAligner", "align", "alignment_hits", "build_aligner"]
+__all__ = [
+    "CLIPAligner",
+    "LearnedAligner",
+    "align",
+    "alignment_hits",
+    "best_assignment",
+    "build_aligner",
+    "pairing_marginals",
+]
 
 
 class LearnedAligner(nn.Module):
@@ -51,6 +59,10 @@ class LearnedAligner(nn.Module):
         et = scatter_items(self.embed_texts(text_feats), txt_index)
         return ei @ et.transpose(1, 2)
 
+    def pairing_logits(self, scores: Tensor) -> Tensor:
+        """``scores`` (cosines) on the temperature the aligner learned: the logits its InfoNCE was trained on."""
+        return self.log_scale.detach().exp().clamp(max=100) * scores
+
 
 def _mlp(d_in: int, d: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d), nn.ReLU(), nn.Linear(d, d))
@@ -66,6 +78,10 @@ class CLIPAligner(nn.Module):
     def scores(self, image_feats: Tensor, text_feats: Tensor, img_index: Tensor, txt_index: Tensor) -> Tensor:
         ei, et = scatter_items(image_feats, img_index), scatter_items(text_feats, txt_index)
         return self.logit_scale * ei @ et.transpose(1, 2)
+
+    def pairing_logits(self, scores: Tensor) -> Tensor:
+        """CLIP's scores already carry its logit scale."""
+        return scores
 
 
 def build_aligner(
@@ -152,6 +168,57 @@ def best_assignment(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         cols[i] = choice[i, mask]
         mask &= ~(1 << int(cols[i]))
     return np.arange(m), cols
+
+
+def pairing_marginals(logits: np.ndarray) -> np.ndarray:
+    """``(m, n)`` probability that row i pairs with column j, under the distribution over one-to-one pairings
+    ``P(pairing) ∝ exp(sum of its logits)``: the soft counterpart of :func:`best_assignment`, exact.
+
+    Up to :data:`MAX_SUBSET_ASSIGNMENT` items on the shorter side, a forward-backward pass over the subsets of the
+    columns (the sum-product form of :func:`best_assignment`'s programme); longer stories get Sinkhorn's scaling,
+    which approximates it. Each row of the shorter side sums to 1.
+    """
+    m, n = logits.shape
+    if m > n:
+        return pairing_marginals(logits.T).T
+    s = logits.astype(np.float64)
+    if n > MAX_SUBSET_ASSIGNMENT:
+        return _sinkhorn(s)
+    masks = np.arange(1 << n)
+    bits = ((masks[:, None] >> np.arange(n)) & 1).astype(bool)  # (2^n, n)
+    size = bits.sum(1)
+    fwd = np.full(1 << n, -np.inf)  # log-sum over pairings of rows 0..|mask|-1 onto exactly the columns of mask
+    fwd[0] = 0.0
+    for i in range(m):
+        layer = masks[size == i]
+        for j in range(n):
+            free = layer[~bits[layer, j]]
+            fwd[free | (1 << j)] = np.logaddexp(fwd[free | (1 << j)], fwd[free] + s[i, j])
+    bwd = np.full(1 << n, -np.inf)  # log-sum over pairings of rows |mask|..m-1 onto columns outside mask
+    bwd[size == m] = 0.0
+    for i in range(m - 1, -1, -1):
+        layer = masks[size == i]
+        for j in range(n):
+            free = layer[~bits[layer, j]]
+            bwd[free] = np.logaddexp(bwd[free], s[i, j] + bwd[free | (1 << j)])
+    out = np.zeros((m, n))
+    for i in range(m):
+        layer = masks[size == i]
+        for j in range(n):
+            free = layer[~bits[layer, j]]
+            if len(free):
+                out[i, j] = np.exp(np.logaddexp.reduce(fwd[free] + s[i, j] + bwd[free | (1 << j)]) - bwd[0])
+    return out
+
+
+def _sinkhorn(s: np.ndarray, iters: int = 200) -> np.ndarray:
+    """Rows summing to 1 and columns to ``m / n``: the doubly stochastic scaling of ``exp(s)`` (m <= n)."""
+    m, n = s.shape
+    x = s - s.max()
+    for _ in range(iters):
+        x = x - np.logaddexp.reduce(x, axis=1, keepdims=True)
+        x = x - (np.logaddexp.reduce(x, axis=0, keepdims=True) - np.log(m / n))
+    return np.exp(x - np.logaddexp.reduce(x, axis=1, keepdims=True))
 
 
 def alignment_hits(scores: Tensor, batch: Batch) -> tuple[int, int]:

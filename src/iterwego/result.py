@@ -21,7 +21,7 @@ import numpy as np
 from .capture_time import pin_logits, placed_by_time
 from .config import Config
 from .decode import combine, decode_story, pair_logprobs
-from .fusion import sentence_order
+from .fusion import pairing_positions, sentence_order
 
 __all__ = [
     "Variant",
@@ -64,6 +64,8 @@ class Inference:
     decoder: str  # "exact" (beam above decode.MAX_EXACT items) | "tsort" | "beam"
     rank_weight: float  # weight of the rank heads' position terms (orderer.rank_weight)
     chosen: bool = True  # whether validation chose ``rounds`` (False: an imported checkpoint, rounds 0)
+    sentences: str = "carried"  # how the fused order reaches the sentences (fusion.sentences)
+    pairing_weight: float = 1.0  # weight of the soft pairing's position term when ``sentences`` is "decoded"
 
     def guided_rounds(self, timed: bool) -> dict[str, int]:
         """The guided variant's rounds per modality; with capture times the image round chosen with them."""
@@ -76,7 +78,10 @@ def inference_settings(cfg: Config, decoder: str | None = None) -> Inference:
     i = cfg.inference
     rounds = {m: r for m, r in (("image", i.image_rounds), ("text", i.text_rounds)) if r is not None}
     timed = {} if i.capture_image_rounds is None else {"image": i.capture_image_rounds}
-    return Inference(rounds, timed, decoder or cfg.train.decoder, cfg.orderer.rank_weight, i.chosen())
+    f = cfg.fusion
+    return Inference(
+        rounds, timed, decoder or cfg.train.decoder, cfg.orderer.rank_weight, i.chosen(), f.sentences, f.pairing_weight
+    )
 
 
 @dataclass
@@ -98,7 +103,7 @@ class StoryOrders:
     image: dict[int, Ordered] = field(default_factory=dict)  # guidance rounds -> the image order
     text: dict[int, Ordered] = field(default_factory=dict)  # guidance rounds -> the sentence order
     fused: Ordered | None = None  # the fused order on the image slots
-    fused_sentences: list[int] | None = None  # the fused order carried to the sentence slots
+    fused_sentences: list[int] | None = None  # the fused order on the sentence slots (carried or decoded)
     pairing: list[int] | None = None  # sentence slot paired with each image slot (-1: none)
     pairing_score: list[float | None] | None = None  # the aligner's score of each image's pair (None: unpaired)
 
@@ -175,4 +180,30 @@ def decode_output(
             s.fused, s.fused_sentences = o, sentence_order(o.order, a, lengths["text"][b])
             s.pairing = [int(t) for t in a]
             s.pairing_score = [float(scores[b, k, t]) if t >= 0 else None for k, t in enumerate(a.tolist())]
+        if inference.sentences == "decoded":
+            _decode_fused_sentences(fw, out, lengths, inference)
     return out or []
+
+
+def _decode_fused_sentences(fw, out: list[StoryOrders], lengths: dict[str, list[int]], inf: Inference) -> None:
+    """Replace each story's carried fused sentence order by one decoded in the sentences' own items: the sentence
+    orderer's round-0 pair and position terms, plus ``pairing_weight`` times the soft pairing's pull of each
+    sentence to its image's step in the fused order (:func:`iterwego.fusion.pairing_positions`).
+
+    Stories whose counts differ keep the carried order (a step without an image has no pull), and so does
+    ``tsort``, which reads no position terms."""
+    if not fw.text or fw.soft_pairing is None or inf.decoder == "tsort":
+        return
+    lp = pair_logprobs(fw.text[0]).float().cpu().numpy()
+    own = fw.unary("text", inf.rank_weight)
+    own = None if own is None else own.double().cpu().numpy()
+    soft = fw.soft_pairing.cpu().numpy()
+    for b, s in enumerate(out):
+        n, m = lengths["image"][b], lengths["text"][b]
+        if n != m or s.fused is None:
+            continue
+        u = inf.pairing_weight * pairing_positions(s.fused.order, soft[b, :n, :m])
+        if own is not None and own.shape[-1] >= m:
+            u = u + own[b, :m, :m]
+        order, _ = decode_story(lp[b, :m, :m], inf.decoder, unary=u)
+        s.fused_sentences = [int(k) for k in order]

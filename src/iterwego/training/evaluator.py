@@ -277,7 +277,10 @@ class Evaluator:
                 positions=self.positions,
             )
         lengths = {m: batch.valid(m).sum(1).tolist() for m in batch.index}
-        inference = Inference({}, {}, self.decoder, model.cfg.orderer.rank_weight)
+        f = model.cfg.fusion
+        inference = Inference(
+            {}, {}, self.decoder, model.cfg.orderer.rank_weight, sentences=f.sentences, pairing_weight=f.pairing_weight
+        )
         stories = decode_output(fw, lengths, inference, modalities=mods, fused=cross)
         pos = {m: batch.pos[m].cpu().numpy() for m in batch.index}
         gold = lambda m, b, slots: [int(pos[m][b, k]) for k in slots]  # noqa: E731
