@@ -1,24 +1,34 @@
-"""Fusion and decoding variants on both synthetic families, measured on validation: what does each part buy?
+"""Fusion and decoding variants on both synthetic families and several alignment strengths: mean ± spread of seeds.
 
-Trains (or reuses) one ``iterwego demo`` run per family and seed, then evaluates every run under each
-variant below. A variant is a set of load-time overrides of the same trained run, so the orderers, the
-aligner and the guided rounds are the same in every variant; only what reads them changes:
+Trains (or reuses) one ``iterwego demo`` run per family, narrating share (``--narrate``: the share of sentences
+that name nothing pictured, docs/synthetic.md) and training seed, then evaluates every run under each variant
+below. The seeds vary training only: every run of a family and share reads the same stories (the demo's data
+of ``--seed 0``), so the spread is the lottery of one training run.
+A variant is a set of load-time overrides of the same trained run, so the orderers, the aligner and the guided
+rounds are the same in every variant; only what reads them changes:
 
 - ``0.2``: fused decoding as iterwego 0.2 did it (sum of both round-0 pair log-odds on aligned items) and
   pairwise decoding everywhere (``fusion.method=sum``, ``orderer.rank_head=false``);
 - ``positions``: 0.2 plus the rank heads' position terms in the unimodal orders (fusion still a sum);
 - ``fused orderer``: the fused orderer, pair terms only (``orderer.rank_head=false``);
-- ``default``: the fused orderer with its rank head, and position terms in the unimodal orders (the ``tiny``
-  preset as trained);
-- ``weight W``: the default with the position terms weighted W (``orderer.rank_weight``).
+- ``carried``: the fused orderer with its rank head, the fused order carried to the sentences through the
+  one-to-one pairing (0.3.0's ``tiny`` as trained);
+- ``decoded``: the same fused image order; the sentences decoded in their own items, pulled to their image's
+  step by the soft pairing (``fusion.sentences=decoded``), at weights 0.5, 1 and 2 (``fusion.pairing_weight``);
+- ``plus sum W``: the fused orderer's logits plus W times 0.2's sum of both orderers' log-odds
+  (``fusion.sum_weight``): two fusions of one run averaged, at no training cost.
 
-Each row is the mean over seeds of PMR as a share of the split's Bayes ceiling: unimodal orders against
-their own modality's ceiling, guided and fused orders against item-level fusion. Choices are made on the
-validation split; ``--split test`` prints the same table on test, for the record only.
+Each cell is PMR on the split (mean over seeds, and the spread: max − min). Guided rounds are chosen on
+validation; every choice between variants is made on ``--split val`` (the default); ``--split test`` prints the
+same table on test, for the record. Beside them: the aligner's top-1 accuracy, and each fused order's PMR as a
+share of its bound: the item-level fusion ceiling, or once sentences narrate the tighter bound of each side
+(``synth.narrating_bounds``).
 
-    python benchmarks/fusion.py [--work DIR] [--families tank sky] [--seeds 0 1 2] [--split val] [--json OUT]
+    python benchmarks/fusion.py [--work DIR] [--families tank sky] [--narrate 0 0.5] [--seeds 0 1 2 3 4]
+                                [--variants carried decoded] [--split val] [--json OUT]
 
-A demo run takes about 2 minutes on 2 CPU cores (``--threads 1`` per run); evaluations take seconds.
+A demo run takes about 2 minutes on one core of an AMD EPYC (``--threads 1`` per run, ``--jobs 2`` runs at
+once); evaluating a run under a variant takes a few seconds.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import json
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -36,57 +47,132 @@ VARIANTS = {
     "0.2": ["fusion.method=sum", "orderer.rank_head=false"],
     "positions": ["fusion.method=sum"],
     "fused orderer": ["orderer.rank_head=false"],
-    "default": [],
-    "weight 0.5": ["orderer.rank_weight=0.5"],
-    "weight 2": ["orderer.rank_weight=2.0"],
-    "weight 3": ["orderer.rank_weight=3.0"],
-    "weight 4": ["orderer.rank_weight=4.0"],
+    "carried": ["fusion.sentences=carried"],
+    "plus sum 0.5": ["fusion.sum_weight=0.5"],
+    "plus sum 1": ["fusion.sum_weight=1.0"],
+    "decoded 0.5": ["fusion.sentences=decoded", "fusion.pairing_weight=0.5"],
+    "decoded": ["fusion.sentences=decoded", "fusion.pairing_weight=1.0"],
+    "decoded 2": ["fusion.sentences=decoded", "fusion.pairing_weight=2.0"],
 }
-COLUMNS = ("unimodal img", "unimodal txt", "guided img", "guided txt", "fused")
+DEFAULT_VARIANTS = ("carried", "decoded 0.5", "decoded", "decoded 2", "plus sum 0.5", "plus sum 1")
+COLUMNS = ("unimodal img", "unimodal txt", "guided img", "guided txt", "fused img", "fused txt")
 
 
-def train(out: Path, family: str, seed: int, threads: int) -> None:
+def run_dir(work: Path, family: str, narrate: float, seed: int) -> Path:
+    return work / f"{family}-n{narrate:g}-s{seed}"
+
+
+def train(out: Path, family: str, narrate: float, seed: int, threads: int, sets: list[str]) -> None:
+    """One demo run: the data of ``--seed 0`` (the same stories for every seed), trained with ``train.seed``."""
     if (out / "run" / "model.safetensors").is_file():
         return
-    cmd = [sys.executable, "-m", "iterwego", "demo", "--out", str(out), "--family", family, "--seed", str(seed)]
-    cmd += ["--quiet", "--set", f"train.num_threads={threads}"]
+    cmd = [sys.executable, "-m", "iterwego", "demo", "--out", str(out), "--family", family, "--seed", "0"]
+    cmd += [
+        "--narrate",
+        str(narrate),
+        "--quiet",
+        "--set",
+        f"train.seed={seed}",
+        "--set",
+        f"train.num_threads={threads}",
+    ]
+    for s in sets:
+        cmd += ["--set", s]
     print(f"training {out} ...", flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
-def shares(run: Path, data: Path, split: str, overrides: list[str]) -> dict:
-    """PMR shares of one run on ``split`` under ``overrides``; guided rounds chosen on validation."""
+def measure(run: Path, data: Path, variants: dict[str, list[str]]) -> dict:
+    """Per variant and split (val, test): PMR of each column, fusion shares and alignment; rounds chosen on val."""
     from iterwego.data.cache import FeatureCache
     from iterwego.data.features import build_features
     from iterwego.data.readers import load_split
-    from iterwego.data.synth import pmr_ceilings
+    from iterwego.data.synth import ceilings_from_meta
     from iterwego.model import load_run
     from iterwego.training.evaluator import Evaluator
 
-    model, _ = load_run(run, overrides=overrides)
-    splits = list(dict.fromkeys(["val", split]))
+    splits = ("val", "test")
     stories = {s: load_split(data, s) for s in splits}
-    cache = FeatureCache(FeatureCache.default_root())
-    sets, feats = build_features(model.encoders(), stories, cache=cache, dtype=model.cfg.encoder.feature_dtype)
-    ev = {s: Evaluator(sets[s], feats, seed=model.cfg.train.seed + 2)(model) for s in splits}
-    rep = ev[split].report(ev["val"].choose_rounds())
-    c = pmr_ceilings(data, split)
-    return {
-        "unimodal img": rep["image"]["unimodal"]["pmr"] / c["image"],
-        "unimodal txt": rep["text"]["unimodal"]["pmr"] / c["text"],
-        "guided img": rep["image"]["guided"]["pmr"] / c["fused"],
-        "guided txt": rep["text"]["guided"]["pmr"] / c["fused"],
-        "fused": rep["fused"]["pmr"] / c["fused"],
-    }
+    ceilings = {s: _ceilings(c) for s, c in ceilings_from_meta(data).items() if s in splits}
+    out: dict = {}
+    for name, ov in variants.items():
+        model, _ = load_run(run, overrides=ov)
+        sets, feats = build_features(
+            model.encoders(),
+            stories,
+            cache=FeatureCache(FeatureCache.default_root()),
+            dtype=model.cfg.encoder.feature_dtype,
+        )
+        ev = {s: Evaluator(sets[s], feats, seed=model.cfg.train.seed + 2)(model) for s in splits}
+        chosen = ev["val"].choose_rounds()
+        out[name] = {}
+        for s in splits:
+            rep = ev[s].report(chosen)
+            pmr = {
+                "unimodal img": rep["image"]["unimodal"]["pmr"],
+                "unimodal txt": rep["text"]["unimodal"]["pmr"],
+                "guided img": rep["image"]["guided"]["pmr"],
+                "guided txt": rep["text"]["guided"]["pmr"],
+                "fused img": rep["fused"]["pmr"],
+                "fused txt": rep["fused_text"]["pmr"],
+            }
+            c = ceilings[s]
+            out[name][s] = {
+                "pmr": pmr,
+                "ceilings": c,
+                "fused share img": pmr["fused img"] / c["fused_image"],
+                "fused share txt": pmr["fused txt"] / c["fused_text"],
+                "unimodal share img": pmr["unimodal img"] / c["image"],
+                "unimodal share txt": pmr["unimodal txt"] / c["text"],
+                "alignment": ev[s].alignment_accuracy,
+            }
+    return out
+
+
+def _ceilings(c: dict) -> dict:
+    """A split's ceilings: each modality alone, item-level fusion, and the bounds for orders using both
+    modalities per side (the fusion ceiling, or with narrating sentences synth.narrating_bounds)."""
+    out = {"image": c["image_pmr"], "text": c["text_pmr"], "fused": c["fused_pmr"]}
+    for m in ("image", "text"):
+        out[f"fused_{m}"] = c.get(f"fused_{m}_bound_pmr", c["fused_pmr"])
+    return out
+
+
+def summary(per_seed: list[dict], key) -> tuple[float, float]:
+    """(mean, max − min) over seeds of ``key(entry)``."""
+    xs = np.array([key(e) for e in per_seed], dtype=float)
+    return float(xs.mean()), float(xs.max() - xs.min())
+
+
+def print_table(results: dict, split: str, variants: list[str]) -> None:
+    head = f"{'family':6s} {'narr':>5s} {'variant':13s} {'align':>6s}" + "".join(f"{c:>14s}" for c in COLUMNS)
+    print(f"\n{split} split: PMR, mean over seeds (spread: max - min); fused PMR as a share of its bound\n{head}")
+    for key, runs in results.items():
+        fam, narrate = key.split("/")
+        for v in variants:
+            per = [r[v][split] for r in runs.values()]
+            al, _ = summary(per, lambda e: 100 * e["alignment"])
+            cells = []
+            for c in COLUMNS:
+                m, sp = summary(per, lambda e: 100 * e["pmr"][c])
+                cells.append(f"{m:7.1f} ±{sp:4.1f}")
+            si, _ = summary(per, lambda e: 100 * e["fused share img"])
+            st, _ = summary(per, lambda e: 100 * e["fused share txt"])
+            print(f"{fam:6s} {narrate:>5s} {v:13s} {al:6.1f}" + "".join(f"{c:>14s}" for c in cells)
+                  + f"   share {si:5.1f} / {st:5.1f}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", default="fusion-work", help="demo runs live here, reused (default ./fusion-work)")
     p.add_argument("--families", nargs="+", default=["tank", "sky"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--split", default="val", choices=["val", "test"])
+    p.add_argument("--narrate", nargs="+", type=float, default=[0.0, 0.5], help="narrating shares (default 0 0.5)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--split", default="val", choices=["val", "test"], help="the split the table prints")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training (default 1)")
+    p.add_argument("--jobs", type=int, default=2, help="trainings at once (default 2)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training overrides")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     import torch
@@ -94,24 +180,18 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     t0 = time.time()
     work = Path(a.work)
-    out: dict = {"split": a.split, "seeds": a.seeds, "variants": VARIANTS, "families": {}}
-    for fam in a.families:
-        runs = [work / f"{fam}-{s}" for s in a.seeds]
-        for r, s in zip(runs, a.seeds):
-            train(r, fam, s, a.threads)
-        table = {}
-        for name, ov in VARIANTS.items():
-            per_seed = [shares(r / "run", r / "data", a.split, ov) for r in runs]
-            table[name] = {k: float(np.mean([x[k] for x in per_seed])) for k in COLUMNS}
-            table[name]["per_seed"] = per_seed
-        out["families"][fam] = table
-        print(f"\n{fam} family, {a.split} split, mean of seeds {a.seeds}: PMR as % of its ceiling")
-        print(f"{'variant':15s}" + "".join(f"{c:>14s}" for c in COLUMNS))
-        for name, row in table.items():
-            print(f"{name:15s}" + "".join(f"{100 * row[c]:14.1f}" for c in COLUMNS))
+    todo = [(f, n, s) for n in a.narrate for f in a.families for s in a.seeds]
+    with ThreadPoolExecutor(a.jobs) as pool:
+        list(pool.map(lambda x: train(run_dir(work, *x), *x, a.threads, a.set), todo))
+    variants = {v: VARIANTS[v] for v in a.variants}
+    results: dict = {}
+    for f, n, s in todo:
+        r = run_dir(work, f, n, s)
+        results.setdefault(f"{f}/{n:g}", {})[str(s)] = measure(r / "run", r / "data", variants)
+    print_table(results, a.split, a.variants)
     print(f"\ntotal {time.time() - t0:.0f} s")
     if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+        Path(a.json).write_text(json.dumps({"variants": variants, "results": results}, indent=2) + "\n")
     return 0
 
 

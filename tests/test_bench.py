@@ -113,32 +113,33 @@ def test_scale_prints_the_table_and_writes_json(tmp_path):
 
 
 def test_fusion_benchmark_evaluates_every_variant_of_a_trained_run(trained_run, tmp_path):
-    """benchmarks/fusion.py on the session's run (as one family's seed): every variant, shares of the ceilings."""
-    work = tmp_path / "work" / "tank-0"
+    """benchmarks/fusion.py on the session's run (as one family's seed, narrate 0): every variant, PMR per column
+    on both splits, bounds, and the printed mean ± spread table."""
+    work = tmp_path / "work" / "tank-n0-s0"
     work.mkdir(parents=True)
     (work / "run").symlink_to(trained_run.run)
     (work / "data").symlink_to(trained_run.data)
     out = tmp_path / "fusion.json"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     argv = [str(BENCH.with_name("fusion.py")), "--work", str(work.parent), "--families", "tank", "--seeds", "0"]
+    argv += ["--narrate", "0", "--variants", "0.2", "fused orderer", "carried", "decoded", "plus sum 1"]
     proc = subprocess.run(
         [sys.executable, *argv, "--json", str(out)], capture_output=True, text=True, timeout=600, env=env
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "tank family, val split" in proc.stdout
-    table = json.loads(out.read_text())["families"]["tank"]
-    assert set(table) == {
-        "0.2",
-        "positions",
-        "fused orderer",
-        "default",
-        "weight 0.5",
-        "weight 2",
-        "weight 3",
-        "weight 4",
-    }
+    assert "val split: PMR, mean over seeds (spread: max - min)" in proc.stdout
+    runs = json.loads(out.read_text())["results"]["tank/0"]
+    table = runs["0"]
+    assert set(table) == {"0.2", "fused orderer", "carried", "decoded", "plus sum 1"}
+    columns = ("unimodal img", "unimodal txt", "guided img", "guided txt", "fused img", "fused txt")
     for row in table.values():
-        assert all(0.0 <= row[c] <= 6.0 for c in ("unimodal img", "unimodal txt", "guided img", "guided txt", "fused"))
+        for split in ("val", "test"):
+            assert set(row[split]["pmr"]) == set(columns) and all(0.0 <= v <= 1.0 for v in row[split]["pmr"].values())
+            c = row[split]["ceilings"]
+            assert c["fused_image"] == c["fused_text"] == c["fused"]  # no narrating sentences: the fusion ceiling
     # the variants share the trained orderers: guided rows never change, and 0.2 has no position terms
-    assert len({(r["guided img"], r["guided txt"]) for r in table.values()}) == 1
-    assert table["0.2"]["unimodal img"] == table["fused orderer"]["unimodal img"]
+    assert len({(r["test"]["pmr"]["guided img"], r["test"]["pmr"]["guided txt"]) for r in table.values()}) == 1
+    assert table["0.2"]["val"]["pmr"]["unimodal img"] == table["fused orderer"]["val"]["pmr"]["unimodal img"]
+    assert table["carried"]["test"]["pmr"]["fused img"] == table["decoded"]["test"]["pmr"]["fused img"]
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("tank") and " carried " in line)
+    assert f"{100 * table['carried']['val']['pmr']['fused img']:7.1f} ± 0.0" in row  # one seed: no spread

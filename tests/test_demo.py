@@ -44,6 +44,17 @@ def test_demo_runs_end_to_end_small_and_fills_the_feature_cache(tmp_path, capsys
     assert 0.2 < rep["capture_time"]["placed_by_time"] < 0.6
     assert (out / "report.html").is_file() and (out / "run" / "model.safetensors").is_file()
     assert any(cache.rglob("*.safetensors"))
+    # the last table: the same test stories with half of the sentences narrating, beside the first
+    assert "[4/4] the same run on the test split again, 50% of its sentences narrating" in printed
+    table = printed[printed.index("[4/4]") :]
+    weak = json.loads((out / "test_metrics_narrating.json").read_text())
+    row = lambda r: f"{100 * r['pmr']:5.1f}"  # noqa: E731
+    fused_row = next(line for line in table.splitlines() if line.startswith("fused orderer"))
+    assert fused_row.split("|")[1].split() == [row(rep["fused"]).strip(), row(rep["fused_text"]).strip()]
+    assert fused_row.split("|")[2].split() == [row(weak["fused"]).strip(), row(weak["fused_text"]).strip()]
+    assert f"{100 * weak['alignment_accuracy']:.1f}%" in table
+    narrating = json.loads((out / "data-narrating" / "synth_meta.json").read_text())["stories"]
+    assert {v["split"] for v in narrating.values()} == {"test"} and any(any(v["narrating"]) for v in narrating.values())
     # the run's model card renders the demo's test table, ceilings included, beside the validation table
     from huggingface_hub import ModelCard
 
@@ -104,6 +115,10 @@ def test_demo_on_the_sky_family_prints_its_table_with_ceilings(tmp_path, capsys)
     assert main(["demo", "--out", str(out), "--family", "sky", "--stories", "20", "--quiet", *FAST]) == 0
     printed = capsys.readouterr().out
     assert "synthetic test split (sky family)" in printed and "PMR / ceiling (%)" in printed
+    assert "50% narrating" in printed  # the weak-alignment table, in both families
+    # a demo whose own sentences already narrate that much prints no second table
+    assert main(["demo", "--out", str(tmp_path / "weak"), "--stories", "20", "--narrate", "0.5", "--quiet", *FAST]) == 0
+    assert "[3/3]" in capsys.readouterr().out and not (tmp_path / "weak" / "data-narrating").exists()
     meta = json.loads((out / "data" / "synth_meta.json").read_text())
     assert meta["config"]["family"] == "sky" and meta["config"]["hide_text"] == 0.45
     ceil = json.loads((out / "data" / "ceilings.json").read_text())["test"]

@@ -217,3 +217,58 @@ def test_a_run_without_a_fused_orderer_refuses_one_with_a_clear_message(trained_
     assert load_run(run)[0].fuser is None
     with pytest.raises(ModelLoadError, match=r"no fused orderer.*fusion.method=sum"):
         load_run(run, overrides=["fusion.method=orderer"])
+
+
+def build_ensemble(k: int = 3) -> IterWeGO:
+    cfg = build(True, "orderer").cfg.override([f"fusion.ensemble={k}"])
+    torch.manual_seed(0)  # as build() seeds
+    return IterWeGO(cfg, stand_in("image", D_IMG), stand_in("text", D_TXT)).eval()
+
+
+def test_an_ensemble_of_fused_orderers_whose_first_member_initialises_as_the_single_one():
+    """fusion.ensemble=K: K fused orderers; the first initialises as the single one would, nothing else moves,
+    and the members differ."""
+    from iterwego.model import FusedEnsemble
+
+    single, many = build(True, "orderer"), build_ensemble(3)
+    assert isinstance(many.fuser, FusedEnsemble) and len(many.fuser) == 3
+    s1, s3 = single.state_dict(), many.state_dict()
+    assert all(torch.equal(v, s3[k]) for k, v in s1.items() if not k.startswith("fuser."))
+    assert all(torch.equal(v, s3["fuser.0." + k[len("fuser.") :]]) for k, v in s1.items() if k.startswith("fuser."))
+    assert not torch.equal(s3["fuser.0.proj.weight"], s3["fuser.1.proj.weight"])
+
+
+def test_the_ensemble_forward_and_loss_are_the_members_mean_and_sum(batch):
+    model = build_ensemble(3)
+    with torch.no_grad():
+        fw = model(batch, 0)
+        states = {m: model.orderer(m).states(batch.feats[m], batch.index[m]) for m in ("image", "text")}
+        iv = batch.valid("image")
+        outs = [m(states["image"], states["text"], fw.pairing, iv) for m in model.fuser]
+    logits = torch.stack([lg for lg, _ in outs])
+    assert_float32_close(fw.fused, logits.mean(0), ulps=REFERENCE_ULPS)
+    assert_beyond_rounding(fw.fused - logits[0], logits.mean(0), ulps=REFERENCE_ULPS)  # not one member
+    probs = torch.stack([r.exp() for _, r in outs]).mean(0)
+    assert_float32_close(within(fw.ranks["fused"].exp()), within(probs), ulps=SOFTMAX_ULPS)
+    valid = {m: batch.valid(m) for m in ("image", "text")}
+    pairing = gold_pairing(batch.pos["image"], batch.pos["text"], iv, valid["text"])
+    with torch.no_grad():
+        members = sum(m.loss(states["image"], states["text"], pairing, batch.pos["image"], iv) for m in model.fuser)
+        ranks = sum(rank_loss(model.orderer(m).ranker(states[m], valid[m]), batch.pos[m], valid[m]) for m in valid)
+        got = model.heads_loss(states, batch.pos, valid)
+    assert_float32_close(got, members + ranks, ulps=SOFTMAX_ULPS)  # the same 5 sums, added in another order
+    assert_beyond_rounding(got - members / 3, members + ranks, ulps=SOFTMAX_ULPS)  # every member's loss counts
+
+
+def test_fusion_sum_weight_adds_the_product_of_both_pair_experts(batch):
+    """fusion.sum_weight=W: the fused orderer's logits plus W times 0.2's sum of both round-0 log-odds."""
+    from iterwego.fusion import fuse_logits
+
+    plain = build(True, "orderer")
+    plus = build(True, "orderer")
+    plus.cfg = plus.cfg.override(["fusion.sum_weight=0.5"])
+    with torch.no_grad():
+        a, b = plain(batch, 0), plus(batch, 0)
+    want = a.fused + 0.5 * fuse_logits(a.image[0], a.text[0], a.pairing)
+    assert_float32_close(b.fused, want, ulps=REFERENCE_ULPS)
+    assert_beyond_rounding(b.fused - a.fused, want, ulps=REFERENCE_ULPS)

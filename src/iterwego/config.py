@@ -27,6 +27,7 @@ MAPPINGS = ("argmax", "hungarian")  # the aligner's mappings of images to senten
 GUIDANCE_RULES = ("any", "class0", "class1")  # which confident source pairs guide (iterwego.guidance.select_pairs)
 ALIGNER_KINDS = ("learned", "clip")
 FUSION_METHODS = ("sum", "orderer")
+FUSED_SENTENCES = ("carried", "decoded")  # how the fused order reaches the sentences (iterwego.fusion)
 FEATURE_DTYPES = ("float16", "bfloat16", "float32")  # iterwego.data.store.STORAGE maps each to its torch dtype
 AMP_MODES = ("auto", "bf16", "off")
 LOSS_AVERAGES = ("pair", "story")
@@ -231,6 +232,27 @@ class FusionConfig(Section):
         within=NON_NEGATIVE,
     )
     lr: float = setting(1e-3, "its learning rate (Adam, cosine decay as train.cosine)", within=POSITIVE)
+    ensemble: int = setting(
+        1,
+        "fused orderers trained side by side from different initialisations (method orderer); their pair "
+        "logits and position probabilities are averaged",
+        within=AT_LEAST_ONE,
+    )
+    sum_weight: float = setting(
+        0.0,
+        "method orderer: add this times the sum of both orderers' round-0 pair log-odds (method sum) to the fused "
+        "orderer's logits",
+        within=NON_NEGATIVE,
+    )
+    sentences: str = setting(
+        "carried",
+        "carried: the fused order goes to the sentences through the one-to-one pairing (0.2); decoded: each "
+        "sentence placed by its own orderer's evidence plus the soft pairing's pull towards its image's step",
+        choices=FUSED_SENTENCES,
+    )
+    pairing_weight: float = setting(
+        1.0, "weight of the soft pairing's position term in decoded fused sentences", within=NON_NEGATIVE
+    )
 
 
 @dataclass

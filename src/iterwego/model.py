@@ -21,6 +21,7 @@ last training stage, on the fixed orderers (:meth:`IterWeGO.heads_loss`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from .batch import Batch, scatter_items
 from .config import Config, GuidanceConfig, OrdererConfig
 from .encoders import Encoder
 from .errors import ModelLoadError
-from .fusion import fuse_logits, gather_items, gold_pairing
+from .fusion import fuse_logits, gather_items, gold_pairing, soft_pairing
 from .guidance import guide, iterate
 from .layers import (  # noqa: F401  (re-exported: the losses and heads are part of the model's API)
     PairHead,
@@ -94,6 +95,47 @@ class FusedOrderer(nn.Module):
         x = torch.cat([h_image, gather_items(h_text, i2t)], -1)
         return self.encoder(self.drop(self.proj(x)), image_valid)
 
+    def forward(
+        self, h_image: Tensor, h_text: Tensor, i2t: Tensor, image_valid: Tensor, positions: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        """Fused pair logits ``(B, n_img, n_img, 2)`` and, with ``positions`` and a rank head, position
+        log-probabilities ``(B, n_img, P)``, on the image slots."""
+        h = self.states(h_image, h_text, i2t, image_valid)
+        ranks = self.ranker(h, image_valid) if positions and self.ranker is not None else None
+        return self.classifier(h), ranks
+
+    def loss(self, h_image: Tensor, h_text: Tensor, i2t: Tensor, pos: Tensor, valid: Tensor) -> Tensor:
+        """Summed pair (and position) loss on gold positions ``pos`` of the image slots."""
+        h = self.states(h_image, h_text, i2t, valid)
+        total = pair_loss(self.classifier(h), pos, valid, "sum")
+        return total if self.ranker is None else total + rank_loss(self.ranker(h, valid), pos, valid)
+
+
+class FusedEnsemble(nn.ModuleList):
+    """``fusion.ensemble`` fused orderers from different initialisations, trained side by side on the same
+    batches; their pair logits are averaged (a geometric mean of their probabilities), their position
+    probabilities too. One training run then depends less on one head's initialisation."""
+
+    def forward(
+        self, h_image: Tensor, h_text: Tensor, i2t: Tensor, image_valid: Tensor, positions: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        outs = [m(h_image, h_text, i2t, image_valid, positions) for m in self]
+        logits = torch.stack([lg for lg, _ in outs]).mean(0)
+        if outs[0][1] is None:
+            return logits, None
+        return logits, torch.logsumexp(torch.stack([r for _, r in outs]), 0) - math.log(len(outs))
+
+    def loss(self, h_image: Tensor, h_text: Tensor, i2t: Tensor, pos: Tensor, valid: Tensor) -> Tensor:
+        return sum(m.loss(h_image, h_text, i2t, pos, valid) for m in self)
+
+
+def _fuser(cfg: Config) -> FusedOrderer | FusedEnsemble:
+    """The fused orderer (``fusion.ensemble`` 1), or an ensemble whose first member initialises as it would."""
+    k = cfg.fusion.ensemble
+    if k == 1:
+        return _off_stream(lambda: FusedOrderer(cfg.orderer), 4)
+    return _off_stream(lambda: FusedEnsemble([FusedOrderer(cfg.orderer) for _ in range(k)]), 4)
+
 
 def _off_stream(build, salt: int):
     """``build()`` initialised from a seed drawn from (and salted off) the global stream, which is then restored:
@@ -123,6 +165,7 @@ class ForwardOutput:
     i2t: Tensor | None = None  # (B, n_img) sentence slot guiding each image under the config's mapping, -1 padding
     t2i: Tensor | None = None  # (B, n_txt) image slot guiding each sentence
     pairing: Tensor | None = None  # (B, n_img) one-to-one image -> sentence pairing used by fusion
+    soft_pairing: Tensor | None = None  # (B, n_img, n_txt) Sinkhorn pairing probabilities (decoded fused sentences)
     fused: Tensor | None = None  # (B, n_img, n_img, 2) fused pair logits on the image slots
     # rank heads' position log-probabilities (B, n, P) per "image" / "text" / "fused" (image slots); with
     # ``positions=False`` or without rank heads, empty
@@ -178,9 +221,7 @@ class IterWeGO(
         self.aligner = (
             build_aligner(cfg.aligner, image_encoder, text_encoder, align_encoders is not None) if both else None
         )
-        self.fuser = None
-        if both and cfg.fusion.method == "orderer":
-            self.fuser = _off_stream(lambda: FusedOrderer(cfg.orderer), 4)
+        self.fuser = _fuser(cfg) if both and cfg.fusion.method == "orderer" else None
         self.meta: dict = {}
         self.run_dir: Path | None = None  # the run directory this model was loaded from
         self.card_text: str | None = None  # its model card (README.md), saved and pushed along
@@ -222,11 +263,15 @@ class IterWeGO(
         out.image, out.text = [s[0] for s in steps], [s[1] for s in steps]
         if fuse:
             out.pairing = align(out.scores, "hungarian", iv, tv)
+            out.soft_pairing = soft_pairing(self.aligner.pairing_logits(out.scores), iv, tv)
             if self.fuser is not None:
-                h = self.fuser.states(states["image"], states["text"], out.pairing, iv)
-                out.fused = _full_precision(self.fuser.classifier(h))
-                if positions and self.fuser.ranker is not None:
-                    out.ranks["fused"] = self.fuser.ranker(h, iv)
+                fused, ranks = self.fuser(states["image"], states["text"], out.pairing, iv, positions)
+                out.fused = _full_precision(fused)
+                if self.cfg.fusion.sum_weight:  # and the product of both orderers' pair experts, weighted
+                    pair_sum = fuse_logits(logits["image"], logits["text"], out.pairing)
+                    out.fused = out.fused + self.cfg.fusion.sum_weight * pair_sum
+                if ranks is not None:
+                    out.ranks["fused"] = ranks
             else:
                 out.fused = fuse_logits(logits["image"], logits["text"], out.pairing)
         return out
@@ -255,12 +300,8 @@ class IterWeGO(
                 total = total + rank_loss(self.orderer(m).ranker(states[m], valid[m]), pos[m], valid[m])
         if self.fuser is not None:
             iv = valid["image"]
-            h = self.fuser.states(
-                states["image"], states["text"], gold_pairing(pos["image"], pos["text"], iv, valid["text"]), iv
-            )
-            total = total + pair_loss(self.fuser.classifier(h), pos["image"], iv, "sum")
-            if self.fuser.ranker is not None:
-                total = total + rank_loss(self.fuser.ranker(h, iv), pos["image"], iv)
+            pairing = gold_pairing(pos["image"], pos["text"], iv, valid["text"])
+            total = total + self.fuser.loss(states["image"], states["text"], pairing, pos["image"], iv)
         return total
 
     def heads(self) -> nn.ModuleDict:
