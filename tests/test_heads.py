@@ -253,7 +253,9 @@ def test_the_ensemble_forward_and_loss_are_the_members_mean_and_sum(batch):
     valid = {m: batch.valid(m) for m in ("image", "text")}
     pairing = gold_pairing(batch.pos["image"], batch.pos["text"], iv, valid["text"])
     with torch.no_grad():
-        members = sum(m.loss(states["image"], states["text"], pairing, batch.pos["image"], iv) for m in model.fuser)
+        members = sum(
+            sum(m.losses(states["image"], states["text"], pairing, batch.pos["image"], iv)) for m in model.fuser
+        )
         ranks = sum(rank_loss(model.orderer(m).ranker(states[m], valid[m]), batch.pos[m], valid[m]) for m in valid)
         got = model.heads_loss(states, batch.pos, valid)
     assert_float32_close(got, members + ranks, ulps=SOFTMAX_ULPS)  # the same 5 sums, added in another order

@@ -104,11 +104,12 @@ class FusedOrderer(nn.Module):
         ranks = self.ranker(h, image_valid) if positions and self.ranker is not None else None
         return self.classifier(h), ranks
 
-    def loss(self, h_image: Tensor, h_text: Tensor, i2t: Tensor, pos: Tensor, valid: Tensor) -> Tensor:
-        """Summed pair (and position) loss on gold positions ``pos`` of the image slots."""
+    def losses(self, h_image: Tensor, h_text: Tensor, i2t: Tensor, pos: Tensor, valid: Tensor) -> list[Tensor]:
+        """The summed pair loss (and position loss) on gold positions ``pos`` of the image slots, as terms: the
+        caller adds them to its running total one by one (the order 0.3's training summed them in)."""
         h = self.states(h_image, h_text, i2t, valid)
-        total = pair_loss(self.classifier(h), pos, valid, "sum")
-        return total if self.ranker is None else total + rank_loss(self.ranker(h, valid), pos, valid)
+        terms = [pair_loss(self.classifier(h), pos, valid, "sum")]
+        return terms if self.ranker is None else [*terms, rank_loss(self.ranker(h, valid), pos, valid)]
 
 
 class FusedEnsemble(nn.ModuleList):
@@ -125,8 +126,8 @@ class FusedEnsemble(nn.ModuleList):
             return logits, None
         return logits, torch.logsumexp(torch.stack([r for _, r in outs]), 0) - math.log(len(outs))
 
-    def loss(self, h_image: Tensor, h_text: Tensor, i2t: Tensor, pos: Tensor, valid: Tensor) -> Tensor:
-        return sum(m.loss(h_image, h_text, i2t, pos, valid) for m in self)
+    def losses(self, h_image: Tensor, h_text: Tensor, i2t: Tensor, pos: Tensor, valid: Tensor) -> list[Tensor]:
+        return [t for m in self for t in m.losses(h_image, h_text, i2t, pos, valid)]
 
 
 def _fuser(cfg: Config) -> FusedOrderer | FusedEnsemble:
@@ -301,7 +302,8 @@ class IterWeGO(
         if self.fuser is not None:
             iv = valid["image"]
             pairing = gold_pairing(pos["image"], pos["text"], iv, valid["text"])
-            total = total + self.fuser.loss(states["image"], states["text"], pairing, pos["image"], iv)
+            for term in self.fuser.losses(states["image"], states["text"], pairing, pos["image"], iv):
+                total = total + term
         return total
 
     def heads(self) -> nn.ModuleDict:
