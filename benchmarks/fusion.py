@@ -82,6 +82,28 @@ def train(out: Path, family: str, narrate: float, seed: int, threads: int, sets:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
 
+def measure_cached(work_run: Path, variants: dict[str, list[str]]) -> dict:
+    """:func:`measure`, reusing the results kept in ``work_run/fusion-eval.json`` for a variant of the same
+    overrides measured after the run was saved (the iterwego version is recorded with them)."""
+    import iterwego
+
+    path, run = work_run / "fusion-eval.json", work_run / "run"
+    kept = json.loads(path.read_text()) if path.is_file() else {}
+    saved = (run / "model.safetensors").stat().st_mtime
+
+    def fresh(name: str) -> bool:
+        k = kept.get(name, {})
+        return k.get("overrides") == variants[name] and k.get("version") == iterwego.__version__ and k["at"] > saved
+
+    todo = {name: ov for name, ov in variants.items() if not fresh(name)}
+    if todo:
+        got = measure(run, work_run / "data", todo)
+        for name, ov in todo.items():
+            kept[name] = {"overrides": ov, "version": iterwego.__version__, "at": time.time(), "result": got[name]}
+        path.write_text(json.dumps(kept, indent=1) + "\n")
+    return {name: kept[name]["result"] for name in variants}
+
+
 def measure(run: Path, data: Path, variants: dict[str, list[str]]) -> dict:
     """Per variant and split (val, test): PMR of each column, fusion shares and alignment; rounds chosen on val."""
     from iterwego.data.cache import FeatureCache
@@ -173,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per training (default 1)")
     p.add_argument("--jobs", type=int, default=2, help="trainings at once (default 2)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training overrides")
+    p.add_argument("--no-train", action="store_true", help="measure the runs already trained, train none")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     import torch
@@ -181,13 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     work = Path(a.work)
     todo = [(f, n, s) for n in a.narrate for f in a.families for s in a.seeds]
+    if a.no_train:
+        todo = [x for x in todo if (run_dir(work, *x) / "run" / "model.safetensors").is_file()]
     with ThreadPoolExecutor(a.jobs) as pool:
         list(pool.map(lambda x: train(run_dir(work, *x), *x, a.threads, a.set), todo))
     variants = {v: VARIANTS[v] for v in a.variants}
     results: dict = {}
     for f, n, s in todo:
-        r = run_dir(work, f, n, s)
-        results.setdefault(f"{f}/{n:g}", {})[str(s)] = measure(r / "run", r / "data", variants)
+        results.setdefault(f"{f}/{n:g}", {})[str(s)] = measure_cached(run_dir(work, f, n, s), variants)
     print_table(results, a.split, a.variants)
     print(f"\ntotal {time.time() - t0:.0f} s")
     if a.json:

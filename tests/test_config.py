@@ -256,7 +256,7 @@ def test_version_is_written_once(capsys):
         main(["--version"])
     assert stop.value.code == 0
     assert capsys.readouterr().out == f"iterwego {iterwego.__version__}\n"
-    assert iterwego.__version__ == "0.3.0"
+    assert iterwego.__version__ == "0.4.0"
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'dynamic = ["version"]' in pyproject and 'version = { attr = "iterwego.__version__" }' in pyproject
     assert importlib.metadata.version("iterwego") == iterwego.__version__  # what pip reports (re-run `make setup`)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.3.0"  # the one place: pyproject reads it, and so do --version, the web page and run metadata
+__version__ = "0.4.0"  # the one place: pyproject reads it, and so do --version, the web page and run metadata
 
 _EXPORTS = {
     "Config": "config",
