@@ -25,7 +25,7 @@ share of its bound: the item-level fusion ceiling, or once sentences narrate the
 (``synth.narrating_bounds``).
 
     python benchmarks/fusion.py [--work DIR] [--families tank sky] [--narrate 0 0.5] [--seeds 0 1 2 3 4]
-                                [--variants carried decoded] [--split val] [--json OUT]
+                                [--variants carried decoded] [--split val] [--json OUT] [--markdown OUT]
 
 A demo run takes about 2 minutes on one core of an AMD EPYC (``--threads 1`` per run, ``--jobs 2`` runs at
 once); evaluating a run under a variant takes a few seconds.
@@ -184,6 +184,23 @@ def print_table(results: dict, split: str, variants: list[str]) -> None:
                   + f"   share {si:5.1f} / {st:5.1f}")  # fmt: skip
 
 
+def markdown(results: dict, split: str, variants: list[str]) -> str:
+    """The table as Markdown: one row per family, narrating share and variant; mean ± spread of PMR per column."""
+    cols = ("align", *COLUMNS, "fused / bound img", "fused / bound txt")
+    lines = ["| family | narrate | variant | " + " | ".join(cols) + " |", "|---|---:|---|" + "---:|" * len(cols)]
+    for key, runs in results.items():
+        fam, narrate = key.split("/")
+        for v in variants:
+            per = [r[v][split] for r in runs.values()]
+            cells = [f"{summary(per, lambda e: 100 * e['alignment'])[0]:.1f}"]
+            for c in COLUMNS:
+                m, sp = summary(per, lambda e: 100 * e["pmr"][c])
+                cells.append(f"{m:.1f} ± {sp:.1f}")
+            cells += [f"{summary(per, lambda e: 100 * e[f'fused share {m}'])[0]:.1f}" for m in ("img", "txt")]
+            lines.append(f"| {fam} | {narrate} | {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", default="fusion-work", help="demo runs live here, reused (default ./fusion-work)")
@@ -197,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training overrides")
     p.add_argument("--no-train", action="store_true", help="measure the runs already trained, train none")
     p.add_argument("--json", default=None)
+    p.add_argument("--markdown", default=None, metavar="FILE", help="also write the table as Markdown")
     a = p.parse_args(argv)
     import torch
 
@@ -216,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotal {time.time() - t0:.0f} s")
     if a.json:
         Path(a.json).write_text(json.dumps({"variants": variants, "results": results}, indent=2) + "\n")
+    if a.markdown:
+        Path(a.markdown).write_text(markdown(results, a.split, a.variants))
     return 0
 
 

@@ -123,8 +123,13 @@ def test_fusion_benchmark_evaluates_every_variant_of_a_trained_run(trained_run, 
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     argv = [str(BENCH.with_name("fusion.py")), "--work", str(work.parent), "--families", "tank", "--seeds", "0"]
     argv += ["--narrate", "0", "--variants", "0.2", "fused orderer", "carried", "decoded", "plus sum 1"]
+    md = tmp_path / "fusion.md"
     proc = subprocess.run(
-        [sys.executable, *argv, "--json", str(out)], capture_output=True, text=True, timeout=600, env=env
+        [sys.executable, *argv, "--json", str(out), "--markdown", str(md)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "val split: PMR, mean over seeds (spread: max - min)" in proc.stdout
@@ -143,3 +148,4 @@ def test_fusion_benchmark_evaluates_every_variant_of_a_trained_run(trained_run, 
     assert table["carried"]["test"]["pmr"]["fused img"] == table["decoded"]["test"]["pmr"]["fused img"]
     row = next(line for line in proc.stdout.splitlines() if line.startswith("tank") and " carried " in line)
     assert f"{100 * table['carried']['val']['pmr']['fused img']:7.1f} ± 0.0" in row  # one seed: no spread
+    assert f"| tank | 0 | carried | {100 * table['carried']['val']['alignment']:.1f} |" in md.read_text()
