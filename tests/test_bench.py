@@ -149,3 +149,22 @@ def test_fusion_benchmark_evaluates_every_variant_of_a_trained_run(trained_run, 
     row = next(line for line in proc.stdout.splitlines() if line.startswith("tank") and " carried " in line)
     assert f"{100 * table['carried']['val']['pmr']['fused img']:7.1f} ± 0.0" in row  # one seed: no spread
     assert f"| tank | 0 | carried | {100 * table['carried']['val']['alignment']:.1f} |" in md.read_text()
+
+
+def test_heads_refit_retrains_only_the_last_stage(trained_run, tmp_path):
+    """benchmarks/heads_refit.py: the orderers and aligner of the run, the heads trained again (here an ensemble
+    of 2 for one epoch); the unimodal orders' pair terms and the guided rounds are those of the run."""
+    work = tmp_path / "demo"
+    work.mkdir()
+    (work / "run").symlink_to(trained_run.run)
+    (work / "data").symlink_to(trained_run.data)
+    out = tmp_path / "refit.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    argv = [str(BENCH.with_name("heads_refit.py")), str(work), "--head-seeds", "0", "--json", str(out)]
+    argv += ["--set", "fusion.ensemble=2", "--set", "fusion.epochs=1"]
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (got,) = json.loads(out.read_text())
+    assert got["set"] == ["fusion.ensemble=2", "fusion.epochs=1"] and got["heads_cpu_s"] > 0
+    assert set(got["test"]) == {"unimodal img", "unimodal txt", "fused img", "fused txt"}
+    assert all(0.0 <= v <= 1.0 for v in got["test"].values()) and "head seed 0: test" in proc.stdout
