@@ -4,7 +4,7 @@ Each demo runs in a fresh process with a fresh feature cache (the README's "cold
 trees alternating (A B B A ...), so a machine that slows down mid-run weighs on both alike. Prints each time, the
 means and the ratio this tree / baseline; ``--json`` writes them.
 
-    git worktree add /tmp/iterwego-0.3 83d1bfa   # 0.3.0, or any checkout: its src/ goes first on PYTHONPATH
+    git worktree add /tmp/iterwego-0.3 760d455   # 0.3.0, or any checkout: its src/ goes first on PYTHONPATH
     python benchmarks/demo_time.py --baseline /tmp/iterwego-0.3/src [--repeats 1] [--json OUT]
 """
 
