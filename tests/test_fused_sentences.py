@@ -170,3 +170,23 @@ def test_a_trained_run_orders_and_evaluates_under_either_setting(trained_run):
     got = order_stories(model, [story])[0]
     sentences = got["variants"]["fused"]["sentence_order"]
     assert sorted(sentences) == list(range(len(story.sentences)))
+
+
+def test_the_soft_pairing_is_computed_only_when_the_sentences_are_decoded(trained_run):
+    """Its exact marginals cost a loop over stories in every forward (validation each epoch included): a run that
+    carries its fused order to the sentences never pays for them, and orders exactly as before."""
+    from iterwego.data.features import build_features
+    from iterwego.data.readers import load_split
+    from iterwego.model import load_run
+    from iterwego.training.evaluator import Evaluator
+
+    stories = load_split(trained_run.data, "test")
+    got = {}
+    for setting in ("carried", "decoded"):
+        model, _ = load_run(trained_run.run, overrides=[f"fusion.sentences={setting}"])
+        seen = []
+        model.register_forward_hook(lambda _m, _a, out: seen.append(out.soft_pairing))
+        sets, feats = build_features(model.encoders(), {"test": stories}, progress=False)
+        got[setting] = Evaluator(sets["test"], feats, seed=0)(model).report({"image": 1, "text": 1})
+        assert seen and all((p is None) == (setting == "carried") for p in seen)
+    assert got["carried"]["fused"] == got["decoded"]["fused"]

@@ -264,7 +264,8 @@ class IterWeGO(
         out.image, out.text = [s[0] for s in steps], [s[1] for s in steps]
         if fuse:
             out.pairing = align(out.scores, "hungarian", iv, tv)
-            out.soft_pairing = soft_pairing(self.aligner.pairing_logits(out.scores), iv, tv)
+            if self.cfg.fusion.sentences == "decoded":  # exact marginals loop over stories: only when read
+                out.soft_pairing = soft_pairing(self.aligner.pairing_logits(out.scores), iv, tv)
             if self.fuser is not None:
                 fused, ranks = self.fuser(states["image"], states["text"], out.pairing, iv, positions)
                 out.fused = _full_precision(fused)
