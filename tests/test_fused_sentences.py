@@ -180,13 +180,13 @@ def test_the_soft_pairing_is_computed_only_when_the_sentences_are_decoded(traine
     from iterwego.model import load_run
     from iterwego.training.evaluator import Evaluator
 
-    stories = load_split(trained_run.data, "test")
+    models = {s: load_run(trained_run.run, overrides=[f"fusion.sentences={s}"])[0] for s in ("carried", "decoded")}
+    # the setting changes no encoder: one feature build serves both models
+    sets, feats = build_features(models["carried"].encoders(), {"test": load_split(trained_run.data, "test")})
     got = {}
-    for setting in ("carried", "decoded"):
-        model, _ = load_run(trained_run.run, overrides=[f"fusion.sentences={setting}"])
+    for setting, model in models.items():
         seen = []
         model.register_forward_hook(lambda _m, _a, out: seen.append(out.soft_pairing))
-        sets, feats = build_features(model.encoders(), {"test": stories}, progress=False)
         got[setting] = Evaluator(sets["test"], feats, seed=0)(model).report({"image": 1, "text": 1})
         assert seen and all((p is None) == (setting == "carried") for p in seen)
     assert got["carried"]["fused"] == got["decoded"]["fused"]
